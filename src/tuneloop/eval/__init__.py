@@ -1,0 +1,1 @@
+"""Evaluation: task metrics, predictions from each system, side-by-side reports."""

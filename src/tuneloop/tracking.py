@@ -1,0 +1,50 @@
+"""MLflow tracking with a SQLite store inside the workspace, so projects never mix."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def log_to_mlflow(
+    workspace: Path,
+    experiment: str,
+    run_name: str,
+    params: dict[str, Any],
+    metrics: dict[str, float],
+    artifacts: list[Path] = (),
+    tags: dict[str, str] | None = None,
+) -> str:
+    """Log one finished run; returns the MLflow run id."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    logging.getLogger("mlflow").setLevel(logging.ERROR)
+    logging.getLogger("alembic").setLevel(logging.ERROR)
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{workspace / 'mlflow.db'}")
+    exp = mlflow.get_experiment_by_name(experiment)
+    if exp is None:
+        exp_id = mlflow.create_experiment(experiment, artifact_location=(workspace / "mlartifacts").as_uri())
+    else:
+        exp_id = exp.experiment_id
+    flat = {k: ("" if v is None else str(v)[:500]) for k, v in _flatten(params).items()}
+    with mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=tags or {}) as run:
+        mlflow.log_params(flat)
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+        for a in artifacts:
+            if Path(a).exists():
+                mlflow.log_artifact(str(a))
+        return run.info.run_id

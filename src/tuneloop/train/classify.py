@@ -1,0 +1,219 @@
+"""Recipe `classify`: a classification head over a pretrained encoder or decoder, LoRA or full.
+
+Reads top to bottom: data → model → loop → save. The run folder ends up holding the recipe, the data
+fingerprint, the adapter (or full weights), the label map and the training metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import Progress
+
+from ..config import Recipe, recipe_to_yaml
+from ..data.validate import load_classification, stratified_sample
+from ..fileio import atomic_dir, write_json_atomic, write_text_atomic
+from ..zoo import resolve_model
+from .common import (
+    device,
+    length_bucketed_batches,
+    pad_batch,
+    pick_dtype,
+    progress_columns,
+    seed_everything,
+    set_threads,
+)
+
+console = Console(stderr=True)
+
+
+def load_tokenizer(model_path: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    if tok.pad_token_id is None:
+        # Decoders often ship without a pad token; any id works because padded positions are masked.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def build_classifier(model_path: str, labels: list[str], method, dtype: torch.dtype, pad_id: int):
+    """The base model with a fresh head, wrapped with LoRA (or left whole for full fine-tuning)."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_path,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={l: i for i, l in enumerate(labels)},
+        dtype=dtype if method.name == "lora" else torch.float32,
+    )
+    model.config.pad_token_id = pad_id
+    if method.name == "full":
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    n_layers = getattr(model.config, "num_hidden_layers", None)
+    layers = None
+    if method.top_layers is not None and n_layers:
+        layers = list(range(max(0, n_layers - method.top_layers), n_layers))
+    cfg = LoraConfig(
+        task_type="SEQ_CLS",
+        r=method.r,
+        lora_alpha=method.alpha,
+        lora_dropout=method.dropout,
+        target_modules=method.target_modules,
+        layers_to_transform=layers,
+    )
+    model = get_peft_model(model, cfg)
+    # Frozen weights stay in bf16; what is trained (adapters, head) keeps fp32 master copies.
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    return model
+
+
+def _schedule(optimizer, kind: str, warmup: int, total: int):
+    from transformers import get_scheduler
+
+    name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[kind]
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total)
+
+
+def train_classifier(recipe: Recipe, run_dir: Path, show_progress: bool = True) -> dict:
+    t0 = time.time()
+    tc, dc = recipe.train, recipe.data
+    set_threads(tc.threads)
+    seed_everything(tc.seed)
+    dev = device()
+
+    # ---- data
+    loaded = load_classification(recipe.resolve_path(dc.train), dc.text_field, dc.label_field, dc.labels, dc.format)
+    records = loaded.records
+    if dc.max_train_examples:
+        records = stratified_sample(records, dc.max_train_examples, tc.seed)
+    labels = loaded.labels
+    label_id = {l: i for i, l in enumerate(labels)}
+
+    # ---- model
+    model_path = resolve_model(recipe.model)
+    tok = load_tokenizer(model_path)
+    dtype = pick_dtype(tc.precision, dev)
+    model = build_classifier(model_path, labels, recipe.method, dtype, tok.pad_token_id).to(dev)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total_params = sum(p.numel() for p in model.parameters())
+
+    enc = tok([r.text for r in records], truncation=True, max_length=tc.max_length)["input_ids"]
+    ys = [label_id[r.label] for r in records]
+    lengths = [len(e) for e in enc]
+    batches_per_epoch = math.ceil(len(enc) / tc.batch_size)
+    steps_per_epoch = max(1, batches_per_epoch // tc.grad_accum)
+    total_steps = tc.max_steps or max(1, math.ceil(steps_per_epoch * tc.epochs))
+
+    head_names = ("score", "classifier", "pre_classifier")
+    head = [p for n, p in model.named_parameters() if p.requires_grad and any(h in n for h in head_names)]
+    body = [p for n, p in model.named_parameters() if p.requires_grad and not any(h in n for h in head_names)]
+    groups = [{"params": body, "lr": tc.lr}]
+    if head:
+        groups.append({"params": head, "lr": tc.head_lr or tc.lr})
+    optimizer = torch.optim.AdamW(groups, weight_decay=tc.weight_decay)
+    scheduler = _schedule(optimizer, tc.scheduler, int(tc.warmup_ratio * total_steps), total_steps)
+    use_autocast = dtype == torch.bfloat16
+
+    # ---- loop
+    model.train()
+    history: list[dict] = []
+    step, micro, seen_tokens, epoch = 0, 0, 0, 0
+    t_train = time.time()
+    with Progress(*progress_columns(), console=console, disable=not show_progress) as progress:
+        task = progress.add_task("train", total=total_steps, info="")
+        while step < total_steps:
+            for batch in length_bucketed_batches(lengths, tc.batch_size, tc.seed + epoch):
+                ids, mask = pad_batch([enc[i] for i in batch], tok.pad_token_id)
+                y = torch.tensor([ys[i] for i in batch])
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_autocast):
+                    out = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), labels=y.to(dev))
+                (out.loss / tc.grad_accum).backward()
+                seen_tokens += int(mask.sum())
+                micro += 1
+                if micro % tc.grad_accum:
+                    continue
+                torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                loss = out.loss.detach().item()
+                history.append({"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0]})
+                tps = seen_tokens / max(1e-9, time.time() - t_train)
+                progress.update(task, advance=1, info=f"loss {loss:.4f} · {tps:,.0f} tok/s")
+                if step >= total_steps:
+                    break
+            epoch += 1
+    train_seconds = time.time() - t_train
+
+    # ---- save (each piece atomically; the folder is complete only once train_metrics.json exists)
+    model.eval()
+    with atomic_dir(run_dir / "model") as tmp:
+        model.save_pretrained(tmp)
+    write_json_atomic(run_dir / "labels.json", labels)
+    write_text_atomic(run_dir / "recipe.yaml", recipe_to_yaml(recipe))
+    write_json_atomic(
+        run_dir / "data.json",
+        {"train": dc.train, "fingerprint": loaded.fingerprint, "records": len(loaded.records),
+         "used": len(records), "labels": labels},
+    )
+    tail = history[-max(1, len(history) // 10):]
+    metrics = {
+        "task": "classify",
+        "method": recipe.method.name,
+        "base_model": recipe.model,
+        "model_path": model_path,
+        "dtype": str(dtype).replace("torch.", ""),
+        "steps": step,
+        "examples": len(records),
+        "train_tokens": seen_tokens,
+        "train_seconds": round(train_seconds, 2),
+        "tokens_per_second": round(seen_tokens / max(1e-9, train_seconds), 1),
+        "first_loss": history[0]["loss"] if history else None,
+        "final_loss": sum(h["loss"] for h in tail) / len(tail) if tail else None,
+        "trainable_params": trainable,
+        "total_params": total_params,
+        "wall_seconds": round(time.time() - t0, 2),
+    }
+    write_json_atomic(run_dir / "history.json", history)
+    write_json_atomic(run_dir / "train_metrics.json", metrics)
+    return metrics
+
+
+def load_trained(run_dir: Path, dev: torch.device | None = None):
+    """(model, tokenizer, labels) of a finished classify run, ready for inference."""
+    from transformers import AutoModelForSequenceClassification
+
+    dev = dev or device()
+    labels = json.loads((run_dir / "labels.json").read_text())
+    metrics = json.loads((run_dir / "train_metrics.json").read_text())
+    model_path = metrics["model_path"]
+    if not Path(model_path).exists() and "/" not in model_path:
+        model_path = resolve_model(metrics["base_model"])
+    tok = load_tokenizer(model_path)
+    dtype = getattr(torch, metrics.get("dtype", "float32"))
+    mdir = run_dir / "model"
+    if (mdir / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        base = AutoModelForSequenceClassification.from_pretrained(
+            model_path, num_labels=len(labels), id2label=dict(enumerate(labels)),
+            label2id={l: i for i, l in enumerate(labels)}, dtype=dtype,
+        )
+        base.config.pad_token_id = tok.pad_token_id
+        model = PeftModel.from_pretrained(base, str(mdir))
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(str(mdir))
+        model.config.pad_token_id = tok.pad_token_id
+    return model.to(dev).eval(), tok, labels, dtype
