@@ -208,10 +208,18 @@ def clean_records(
             hits = near_duplicates([r.all_text() for r in kept], near_threshold, num_perm, advance)
         out = []
         for r, hit in zip(kept, hits):
-            if hit is None:
+            other = kept[hit[0]] if hit is not None else None
+            # Rows rendered through one template read alike; with another target value they are different
+            # examples, not copies.
+            if other is None or (r.value is not None and r.value != other.value):
                 out.append(r)
+            elif r.label != other.label and conflicts == "keep":
+                # a different label makes it a (near) conflict, which the user asked to keep
+                out.append(r)
+                log.append({"source": r.source, "action": "flagged", "reason": "near duplicate, other label",
+                            "duplicate_of": other.source, "similarity": round(hit[1], 3)})
+                stats["near duplicate, other label flagged"] += 1
             else:
-                other = kept[hit[0]]
                 extra = {"label_differs": f"{other.label} vs {r.label}"} if r.label != other.label else {}
                 drop(r, "near duplicate", duplicate_of=other.source, similarity=round(hit[1], 3), **extra)
         kept = out

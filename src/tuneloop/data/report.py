@@ -80,7 +80,8 @@ def build_report(res: ReadResult, tokenizer: Any = None, model: str | None = Non
     near = []
     if recs:
         for r, hit in zip(recs, near_duplicates([r.all_text() for r in recs], near_threshold)):
-            if hit is not None and recs[hit[0]].all_text() != r.all_text():
+            other = recs[hit[0]] if hit is not None else None
+            if other is not None and other.all_text() != r.all_text() and other.value == r.value:
                 near.append({"source": r.source, "duplicate_of": recs[hit[0]].source, "similarity": round(hit[1], 3)})
     groups: dict[str, list] = defaultdict(list)
     for r in recs:
