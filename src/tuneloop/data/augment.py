@@ -12,6 +12,7 @@ a new record. Every new record carries `augmented_from` (written as `"source": "
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -21,8 +22,8 @@ from .records import Record
 
 PARAPHRASE_PROMPT = ("Rewrite the following text in different words. Keep its meaning, tone and language. "
                      "Reply with the rewritten text only.\n\nText: {text}")
-QUESTION_PROMPT = ("Write one question that the following document answers. Reply with the question only."
-                   "\n\nDocument: {text}")
+QUESTION_PROMPT = ("Here is an answer from a FAQ. Write the question a customer asked to get this answer. "
+                   "Reply with the question only, ending with a question mark.\n\nAnswer: {text}")
 
 
 def _paraphrase_source(r: Record) -> str | None:
@@ -56,17 +57,29 @@ def _question_build(r: Record, out: str) -> Record:
     return Record(messages=[{"role": "user", "content": out}, {"role": "assistant", "content": _document(r)}])
 
 
+def _first_paragraph(s: str) -> str | None:
+    return s.strip().split("\n\n")[0].strip() or None
+
+
+def _first_question(s: str) -> str | None:
+    """Small models wrap the question in chatter ("What a great question! ..."): keep the first sentence
+    that is a question."""
+    m = re.search(r"[^.!?\n]*\?", s)
+    return m.group().strip() if m and len(m.group().strip()) > 3 else None
+
+
 @dataclass(frozen=True)
 class Method:
     prompt: str
     source: Callable[[Record], str | None]  # the text the prompt is about
     build: Callable[[Record, str], Record]  # record + model output → new record
     keeps_shape: bool  # True: new records have the input's shape, so originals are written alongside
+    extract: Callable[[str], str | None]  # the usable part of the model's answer, or None
 
 
 METHODS: dict[str, Method] = {
-    "paraphrase": Method(PARAPHRASE_PROMPT, _paraphrase_source, _paraphrase_build, True),
-    "questions": Method(QUESTION_PROMPT, _document, _question_build, False),
+    "paraphrase": Method(PARAPHRASE_PROMPT, _paraphrase_source, _paraphrase_build, True, _first_paragraph),
+    "questions": Method(QUESTION_PROMPT, _document, _question_build, False, _first_question),
 }
 
 
@@ -119,15 +132,17 @@ def augment_records(records: list[Record], method: str, model: str = "smollm2-13
                                                tokenize=False, add_generation_prompt=True) for _, src in chunk]
             enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
             with torch.no_grad():
-                gen = lm.generate(**enc, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+                # min_new_tokens: an immediate end-of-turn is an empty record, never useful
+                gen = lm.generate(**enc, max_new_tokens=max_new_tokens, min_new_tokens=min(4, max_new_tokens),
+                                  do_sample=temperature > 0,
                                   temperature=temperature if temperature > 0 else None, top_p=0.95 if temperature > 0 else None,
                                   pad_token_id=tok.pad_token_id)
             outs = tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
             for (r, src), out in zip(chunk, outs):
-                out = _clean_output(out)
+                out = m.extract(_clean_output(out)) or ""
                 if not out or out.strip().lower() == src.strip().lower():
                     log.append({"source": r.source, "action": "skipped",
-                                "reason": "model gave an empty answer" if not out else "model repeated the input"})
+                                "reason": "no usable answer" if not out else "model repeated the input"})
                     continue
                 rec = m.build(r, out)
                 new.append(dataclasses.replace(rec, augmented_from=r.source, source=r.source, meta=dict(r.meta)
