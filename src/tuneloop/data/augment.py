@@ -22,8 +22,9 @@ from .records import Record
 
 PARAPHRASE_PROMPT = ("Rewrite the following text in different words. Keep its meaning, tone and language. "
                      "Reply with the rewritten text only.\n\nText: {text}")
-QUESTION_PROMPT = ("Here is an answer from a FAQ. Write the question a customer asked to get this answer. "
-                   "Reply with the question only, ending with a question mark.\n\nAnswer: {text}")
+# Text first, instruction last: the 135M model follows the last line; an instruction before a long text
+# gets the text echoed back.
+QUESTION_PROMPT = "{text}\n\nWhat question does the text above answer? Write only the question."
 
 
 def _paraphrase_source(r: Record) -> str | None:
@@ -65,7 +66,11 @@ def _first_question(s: str) -> str | None:
     """Small models wrap the question in chatter ("What a great question! ..."): keep the first sentence
     that is a question."""
     m = re.search(r"[^.!?\n]*\?", s)
-    return m.group().strip() if m and len(m.group().strip()) > 3 else None
+    q = m.group().strip() if m else ""
+    # "What question does the text answer?" restates the task rather than asking about the document
+    if len(q) <= 3 or re.search(r"\b(question|text above|this text|the document)\b", q, re.I):
+        return None
+    return q
 
 
 @dataclass(frozen=True)
