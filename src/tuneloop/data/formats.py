@@ -73,7 +73,10 @@ def _check_file(path: str) -> None:
 
 def _open_text(path: str, encoding: str) -> str:
     _check_file(path)
-    raw = Path(path).read_bytes()
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
     try:
         text = raw.decode(encoding)
     except UnicodeDecodeError as e:

@@ -54,6 +54,7 @@ def build_report(res: ReadResult, tokenizer: Any = None, model: str | None = Non
         vals = [r.value for r in recs]
         rep["values"] = {"min": min(vals), "max": max(vals), "mean": statistics.fmean(vals),
                          "median": statistics.median(vals)}
+        rep["_values"] = vals
     rep["size_warnings"] = warnings
 
     # token lengths
@@ -186,6 +187,13 @@ def plots(rep: dict[str, Any]) -> dict[str, str]:
         ax.set_title("Label balance")
         ax.legend()
         out["labels"] = _png(fig)
+    if rep.get("_values"):
+        fig, ax = plt.subplots(figsize=(6, 3))
+        ax.hist(rep["_values"], bins=40, color="#8172b3")
+        ax.set_xlabel("target value")
+        ax.set_ylabel("records")
+        ax.set_title("Target values")
+        out["values"] = _png(fig)
     if rep["_lengths"]:
         fig, ax = plt.subplots(figsize=(6, 3))
         ax.hist(rep["_lengths"], bins=40, color="#55a868")
@@ -236,6 +244,7 @@ def render_html(rep: dict[str, Any], images: dict[str, str]) -> str:
         parts.append(f'<img alt="label balance" src="data:image/png;base64,{images["labels"]}">')
     if "values" in rep:
         parts.append("<h2>Target values</h2>" + _table(list(rep["values"].items()), ("statistic", "value")))
+        parts.append(f'<img alt="target values" src="data:image/png;base64,{images["values"]}">')
     if "tokens" in rep:
         t = {k: v for k, v in rep["tokens"].items() if k != "over_max"}
         parts.append("<h2>Token lengths</h2>" + _table(list(t.items()), ("statistic", "tokens")))
