@@ -59,4 +59,4 @@ def test_report_on_chicago_template(tmp_path, smol_dir):
     assert rep["task"] == "regress" and rep["counts"]["usable"] == 5698
     assert 0 < rep["values"]["min"] < rep["values"]["median"] < rep["values"]["max"] < 30  # thousands of riders
     html = (tmp_path / "rep" / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 2  # target values, token lengths
+    assert html.count("data:image/png;base64,") == 3  # target values, token lengths, protected-attribute terms
