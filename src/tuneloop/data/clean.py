@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .near import near_duplicates
-from .pii import PATTERNS, count_pii, scrub
+from .pii import count_pii, scrub
 from .progress import progress
 from .records import Record
 
@@ -262,5 +262,3 @@ def write_jsonl(path: str, records: list[Record]) -> None:
 
     write_text_atomic(path, "".join(json.dumps(r.to_json(), ensure_ascii=False, default=str) + "\n" for r in records))
 
-
-__all__ = ["clean_records", "normalize_text", "CleanResult", "PATTERNS", "write_jsonl", "load_tokenizer"]

@@ -52,7 +52,7 @@ def build_report(res: ReadResult, tokenizer: Any = None, model: str | None = Non
             warnings.append(f"{len(recs)} examples; aim for at least {MIN_GENERATION} for a generation task")
     if kind == "regress":
         vals = [r.value for r in recs]
-        rep["values"] = {"min": min(vals), "max": max(vals), "mean": statistics.fmean(vals),
+        rep["values"] = {"min": min(vals), "max": max(vals), "mean": round(statistics.fmean(vals), 4),
                          "median": statistics.median(vals)}
         rep["_values"] = vals
     rep["size_warnings"] = warnings
