@@ -47,3 +47,29 @@ def test_malformed_files_fail_cleanly_naming_a_line(goods, bads, data, crlf):
     assert "Traceback" not in out
     assert code == 1, out
     assert re.search(r"gen\.jsonl:\d+: ", out), out
+
+
+csv_cell = st.text(alphabet=st.characters(blacklist_categories=("Cs", "Cc"), blacklist_characters=',"\r\n'),
+                   min_size=1, max_size=12).filter(str.strip)
+csv_bad = st.one_of(
+    st.lists(csv_cell, min_size=3, max_size=5).map(lambda cs: ",".join(cs).encode()),  # ragged: too many fields
+    csv_cell.map(lambda c: c.encode()),  # ragged: one field
+    csv_cell.map(lambda c: f"{c},".encode()),  # empty label
+    st.binary(min_size=1, max_size=10).map(lambda b: b"\xfe" + b.replace(b"\n", b"").replace(b"\r", b"") + b",a"),
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(goods=st.lists(st.builds(lambda c, l: f"{c},{l}".encode(), csv_cell, st.sampled_from("ab")), min_size=1,
+                      max_size=5), bads=st.lists(csv_bad, min_size=1, max_size=2), data=st.data())
+def test_malformed_csv_fails_cleanly_naming_a_line(goods, bads, data):
+    lines = list(goods)
+    for b in bads:
+        lines.insert(data.draw(st.integers(0, len(lines))), b)
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "gen.csv"
+        p.write_bytes(b"text,label\n" + b"\n".join(lines) + b"\n")
+        code, out = run_cli("data", "check", str(p))
+    assert "Traceback" not in out
+    assert code == 1, out
+    assert re.search(r"gen\.csv:\d+: ", out), out

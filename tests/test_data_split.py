@@ -61,3 +61,14 @@ def test_split_cli(tmp_path):
     assert (tmp_path / "again" / "test.jsonl").read_text() == (d / "test.jsonl").read_text()
     code, out = run_cli("data", "split", p, "--test", "0.6", "--val", "0.5")
     assert code == 2 and "fractions must be" in out
+
+
+def test_templated_regression_rows_are_not_leaks_unless_the_target_matches():
+    rs = [Record(text=f"Day {i % 7}: temperature mild, no games.", value=float(i), source=f"t:{i + 2}") for i in range(60)]
+    s = split_records(rs, 0.2, 0.0, seed=0)
+    assert s.leaks == []  # same prompt shape, different ridership: not a leak
+    rs.append(Record(text=rs[0].text, value=rs[0].value, source="t:999"))  # a true copy, target included
+    s = split_records(rs, 0.2, 0.0, seed=0)
+    sides = {r.source for r in s.test}
+    if ("t:2" in sides) != ("t:999" in sides):
+        assert any({x["source"], x["train_source"]} == {"t:2", "t:999"} for x in s.leaks)

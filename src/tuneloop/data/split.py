@@ -83,7 +83,10 @@ def _key(source: str) -> tuple[str, str]:
 
 def find_leaks(train: list[Record], others: dict[str, list[Record]], threshold: float,
                num_perm: int = 64) -> list[dict[str, Any]]:
-    """Val/test records whose input nearly duplicates a training record's input."""
+    """Val/test records whose input nearly duplicates a training record's input.
+
+    Regression rows rendered through one template read alike by construction; one counts as leaked only
+    when a training row with a near-identical input also has the same target."""
     index = NearIndex(threshold, num_perm)
     exact: dict[str, int] = {}
     for i, (r, sig) in enumerate(zip(train, signatures((r.input_text() for r in train), num_perm))):
@@ -94,6 +97,8 @@ def find_leaks(train: list[Record], others: dict[str, list[Record]], threshold: 
         for r, sig in zip(recs, signatures((r.input_text() for r in recs), num_perm)):
             j = exact.get(r.input_text().strip().lower())
             hit = (j, 1.0) if j is not None else index.match(sig)
+            if hit is not None and r.value is not None and train[hit[0]].value != r.value:
+                hit = None
             if hit is not None:
                 leaks.append({"split": name, "source": r.source, "train_source": train[hit[0]].source,
                               "similarity": round(hit[1], 3)})
