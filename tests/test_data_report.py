@@ -79,3 +79,10 @@ def test_report_plots_show_in_headless_chromium(tmp_path, smol_dir):
     for rgb in ((0x4C, 0x72, 0xB0), (0x55, 0xA8, 0x68)):
         close = np.abs(img - np.array(rgb) / 255).max(axis=-1) < 0.03
         assert close.sum() > 500, f"colour {rgb} not found: plot not rendered"
+
+
+def test_unknown_model_is_one_line(tmp_path):
+    p = write_jsonl(tmp_path / "d.jsonl", _rows())
+    code, out = run_cli("data", "report", p, "-o", tmp_path / "rep", "--model", "no-such-org/no-such-model")
+    assert code == 3 and "--model no-such-org/no-such-model: cannot load its tokenizer" in out and "Traceback" not in out
+    assert not (tmp_path / "rep").exists()

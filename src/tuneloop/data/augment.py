@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
-from ..errors import DataError
+from ..errors import DataError, NotFoundError
 from .progress import progress
 from .records import Record
 
@@ -111,13 +111,16 @@ def augment_records(records: list[Record], method: str, model: str = "smollm2-13
     from ..zoo import resolve_model
 
     where = resolve_model(model)
-    tok = AutoTokenizer.from_pretrained(where)
+    try:
+        tok = AutoTokenizer.from_pretrained(where)
+        lm = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32)
+    except (OSError, ValueError) as e:  # not on disk and no network, or not a causal LM
+        raise NotFoundError(f"--model {model}: cannot load it ({str(e).splitlines()[0]})") from None
     if tok.chat_template is None:
         raise DataError(f"{model}: the tokenizer has no chat template; augmentation needs an instruct model")
     tok.padding_side = "left"  # generation continues at the right end of every row
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    lm = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32)
     lm.eval()
     torch.manual_seed(seed)
 

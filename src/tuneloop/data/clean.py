@@ -12,6 +12,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from ..errors import NotFoundError
 from .near import near_duplicates
 from .pii import count_pii, scrub
 from .progress import progress
@@ -254,7 +255,10 @@ def load_tokenizer(model: str):
         return Tokenizer.from_file(str(Path(where) / "tokenizer.json"))
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(where)
+    try:
+        return AutoTokenizer.from_pretrained(where)
+    except (OSError, ValueError) as e:  # not on disk and no network, or not a model at all
+        raise NotFoundError(f"--model {model}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
 
 
 def write_jsonl(path: str, records: list[Record]) -> None:
