@@ -108,6 +108,7 @@ BAD = [
      r"d.jsonl:3: record: mixed formats: this record is sharegpt .* but the file is alpaca"),
     ("empty-file", "d.jsonl", b"\n  \n", r"d.jsonl:1: record: empty file"),
     ("ragged-csv", "d.csv", b"text,label\nok,a\nx,a,extra\n", r"d.csv:3: row: has 3 fields, the header has 2"),
+    ("csv-repeated-header", "d.csv", b"text,text,label\nok,a,b\n", r"d.csv:1: header: column names repeat: text"),
     ("broken-json-array", "d.json", b'[\n{"text": "a", "label": "b"},\n{"text": }\n]', r"d.json:3: json: broken JSON"),
     ("no-known-shape", "d.jsonl", _lines({"foo": 1}), r"d.jsonl:1: record: no known shape in keys \(foo\)"),
 ]
@@ -164,3 +165,14 @@ def test_missing_file_and_unknown_options(tmp_path):
     assert code == 1 and "nope.jsonl: file not found" in out
     code, out = run_cli("data", "check", write_jsonl(tmp_path / "d.jsonl", [OK]), "--shape", "weird")
     assert code == 1 and "unknown shape 'weird'" in out
+
+
+def test_parquet_with_nested_messages(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"messages": CHAT, "topic": "greeting"}, {"messages": CHAT[1:], "topic": None}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "chat.parquet")
+    res = read_records(str(tmp_path / "chat.parquet"))
+    assert res.shape == "openai" and not res.problems
+    assert res.records[0].messages == CHAT and res.records[0].meta == {"topic": "greeting"}

@@ -204,6 +204,9 @@ def _read_csv(path: str, encoding: str, delimiter: str) -> Iterator[Row]:
             header = [h.strip() for h in row]
             if any(not h for h in header):
                 raise DataError(f"{path}:{start}: header: column {header.index('') + 1} has no name")
+            dupes = sorted({h for h in header if header.count(h) > 1})
+            if dupes:  # a dict would silently keep the last of them
+                raise DataError(f"{path}:{start}: header: column names repeat: {', '.join(dupes)}")
             continue
         if not row or all(not c.strip() for c in row):
             continue
