@@ -177,14 +177,54 @@ def _prompt_completion(row: dict, typed: bool) -> Record:
                             {"role": "assistant", "content": _text(row, "completion")}])
 
 
+def _turn_list(v: Any, key: str) -> list[dict[str, str]]:
+    """A list of OpenAI-style turns (TRL's conversational preference format), roles checked, order not."""
+    out = []
+    for j, turn in enumerate(v):
+        if not isinstance(turn, dict):
+            raise Bad(f"{key}[{j}]", f"expected an object with 'role' and 'content', got {_type(turn)}")
+        role = turn.get("role")
+        if role not in ROLES:
+            raise Bad(f"{key}[{j}].role", f"unknown role {role!r} (known: {', '.join(ROLES)})")
+        out.append({"role": role, "content": _text(turn, "content")})
+    if not out:
+        raise Bad(key, "empty")
+    return out
+
+
+def _pref_side(row: dict, key: str) -> tuple[list[dict[str, str]], str]:
+    """(turns before the answer, answer) of `chosen` / `rejected`: text, or a conversation ending with the
+    assistant's answer."""
+    v = row.get(key)
+    if isinstance(v, list):
+        turns = _turn_list(v, key)
+        if turns[-1]["role"] != "assistant":
+            raise Bad(key, "the last turn must be the assistant's answer")
+        return turns[:-1], turns[-1]["content"]
+    return [], _text(row, key)
+
+
 def _preference(row: dict, typed: bool) -> Record:
-    prompt = None
-    if "prompt" in row and not _missing(row["prompt"]):
-        prompt = _text(row, "prompt")
-    chosen, rejected = _text(row, "chosen"), _text(row, "rejected")
+    before_c, chosen = _pref_side(row, "chosen")
+    before_r, rejected = _pref_side(row, "rejected")
+    if before_c and before_r and before_c != before_r:
+        raise Bad("rejected", "the conversation before the answer differs from chosen's")
+    p = row.get("prompt")
+    if isinstance(p, list):
+        turns = _turn_list(p, "prompt")
+    elif not _missing(p):
+        turns = [{"role": "user", "content": _text(row, "prompt")}]
+    else:
+        turns = before_c or before_r
+    meta = {}
+    if turns and turns[0]["role"] == "system":
+        meta["system"] = turns[0]["content"]
+        turns = turns[1:]
+    if len(turns) > 1 or (turns and turns[0]["role"] != "user"):
+        raise Bad("prompt", "only a single user turn (after an optional system turn) is supported as a preference prompt")
     if chosen.strip() == rejected.strip():
         raise Bad("rejected", "same as chosen (a preference pair needs two different answers)")
-    return Record(prompt=prompt, chosen=chosen, rejected=rejected)
+    return Record(prompt=turns[0]["content"] if turns else None, chosen=chosen, rejected=rejected, meta=meta)
 
 
 def _classify(row: dict, typed: bool) -> Record:
@@ -349,7 +389,7 @@ def read_records(
         if data.get("source") == "augmented":
             rec.augmented_from = str(data.get("origin") or "")
             used |= set(PROVENANCE_KEYS)
-        rec.meta = {k: v for k, v in data.items() if k not in used}
+        rec.meta = {**rec.meta, **{k: v for k, v in data.items() if k not in used}}
         rec.source = where
         records.append(rec)
     return ReadResult(path=path, format=kind, shape=file_shape, records=records, problems=problems,
