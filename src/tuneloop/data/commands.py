@@ -254,7 +254,8 @@ def augment(
     res = _read_usable(file, format, encoding, shape, map_, template, lenient)
     new, log = augment_records(res.records, method, model, n, max_new_tokens, temperature, seed, batch_size, limit,
                                show_progress=not no_progress)
-    keep = METHODS[method].keeps_shape
+    # questions from chat records are chat records too: keep the originals so the file stays whole
+    keep = METHODS[method].keeps_shape or all(r.kind == "chat" for r in res.records)
     with _writing(out):
         written = write_augmented(str(out), res.records, new, keep)
     console.print(f"{len(new)} new records ({method}) → {escape(str(out))} ({written} records in all)")
