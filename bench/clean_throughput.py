@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -71,6 +72,8 @@ def main() -> None:
           "edit of a short record can fall below the similarity threshold, by design of the threshold)")
     print(f"clean: {args.n} records → {kept} kept in {wall:.1f} s wall "
           f"({args.n / wall:,.0f} records/s; target < 60 s) {'PASS' if wall < 60 else 'FAIL'}")
+    if args.keep is None:
+        shutil.rmtree(folder)
 
 
 if __name__ == "__main__":
