@@ -19,6 +19,9 @@ models_app = typer.Typer(no_args_is_help=True, help="The model zoo.")
 recipe_app = typer.Typer(no_args_is_help=True, help="Recipes: the typed training configuration.")
 app.add_typer(models_app, name="models")
 app.add_typer(recipe_app, name="recipe")
+from .data.commands import data_app  # noqa: E402  (the data studio's commands live with the data layer)
+
+app.add_typer(data_app, name="data")
 
 console = Console()
 
@@ -138,7 +141,10 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except TuneloopError as e:
-        Console(stderr=True).print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        from rich.markup import escape
+
+        # escape: messages quote user data, and `[x]` in a record must not be read as rich markup
+        Console(stderr=True).print(f"[red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         Console(stderr=True).print("[yellow]interrupted[/]")

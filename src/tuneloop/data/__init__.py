@@ -1,7 +1,8 @@
-"""The data layer: read files in common shapes into canonical records, naming every bad record."""
+"""The data layer: read files in common shapes into canonical records, naming every bad record; clean,
+report, split and augment them (one module each)."""
 
-from .formats import read_rows
+from .formats import iter_rows, read_rows
 from .records import Record
-from .validate import load_classification
+from .validate import SHAPES, ReadResult, load_classification, read_records
 
-__all__ = ["Record", "read_rows", "load_classification"]
+__all__ = ["Record", "ReadResult", "SHAPES", "iter_rows", "read_rows", "read_records", "load_classification"]

@@ -9,8 +9,10 @@ from typing import Any
 @dataclass
 class Record:
     """One training/evaluation example. Which fields are set depends on the task:
-    classify → text + label; regress → text + value; sft → messages; preference → prompt/chosen/rejected.
-    `source` is `file:line` so every later problem can point back to the input."""
+    classify → text + label; regress → text + value; sft → messages; preference → prompt/chosen/rejected;
+    plain documents → text alone.
+    `source` is `file:line` so every later problem can point back to the input. `augmented_from` is the
+    `source` of the record an augmented record was made from (None for original records)."""
 
     text: str | None = None
     label: str | None = None
@@ -21,3 +23,56 @@ class Record:
     rejected: str | None = None
     source: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
+    augmented_from: str | None = None
+
+    @property
+    def kind(self) -> str:
+        """classify | regress | chat | preference | text"""
+        if self.messages is not None:
+            return "chat"
+        if self.chosen is not None:
+            return "preference"
+        if self.label is not None:
+            return "classify"
+        if self.value is not None:
+            return "regress"
+        return "text"
+
+    def input_text(self) -> str:
+        """What the model is given: the text, the user/system turns, or the preference prompt. Leakage and
+        label-conflict checks compare this side."""
+        if self.messages is not None:
+            return "\n".join(m["content"] for m in self.messages if m["role"] != "assistant")
+        if self.chosen is not None:
+            return self.prompt or ""
+        return self.text or ""
+
+    def all_text(self) -> str:
+        """Every piece of text in the record (PII scans, lengths, near-duplicates)."""
+        if self.messages is not None:
+            return "\n".join(m["content"] for m in self.messages)
+        if self.chosen is not None:
+            return "\n".join(t for t in (self.prompt, self.chosen, self.rejected) if t)
+        return self.text or ""
+
+    def to_json(self) -> dict[str, Any]:
+        """The canonical JSONL form, readable back by `read_records` (meta keys ride along)."""
+        k = self.kind
+        if k == "chat":
+            out: dict[str, Any] = {"messages": self.messages}
+        elif k == "preference":
+            out = {"chosen": self.chosen, "rejected": self.rejected}
+            if self.prompt is not None:
+                out = {"prompt": self.prompt, **out}
+        elif k == "classify":
+            out = {"text": self.text, "label": self.label}
+        elif k == "regress":
+            out = {"text": self.text, "value": self.value}
+        else:
+            out = {"text": self.text}
+        for key, v in self.meta.items():
+            out.setdefault(key, v)
+        if self.augmented_from is not None:
+            out["source"] = "augmented"
+            out["origin"] = self.augmented_from
+        return out
