@@ -45,7 +45,8 @@ def from_tuneloop(e: TuneloopError, param: str | None = None) -> APIError:
     if isinstance(e, QueueFull):
         return APIError(429, str(e), "rate_limit_exceeded", None, "queue_full", {"Retry-After": "1"})
     if isinstance(e, NotFoundError):
-        return APIError(404, str(e), "invalid_request_error", param, "model_not_found")
+        return APIError(404, str(e), "invalid_request_error", param, "model_not_found" if param == "model" else
+                        "not_found")
     return APIError(400, str(e), "invalid_request_error", param, "invalid_value")
 
 
@@ -443,8 +444,11 @@ def create_app(engine: Engine, settings: ServeSettings, store: FeedbackStore | N
             raise APIError(400, "give a rating, a correction, or both", param="rating")
         if store is None:
             raise APIError(404, "this server has no feedback store", code="not_found")
-        fid = await run_in_threadpool(store.add_feedback, body.response_id, body.rating, body.correction,
-                                      body.comment, body.user)
+        try:
+            fid = await run_in_threadpool(store.add_feedback, body.response_id, body.rating, body.correction,
+                                          body.comment, body.user)
+        except NotFoundError as e:
+            raise from_tuneloop(e, "response_id") from None
         return {"id": fid, "object": "feedback", "response_id": body.response_id}
 
     # ---- admin: hot-swap

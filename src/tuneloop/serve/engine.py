@@ -122,7 +122,7 @@ def read_run_info(path: Path) -> dict:
         if kind == "generate" and not (model_dir / "adapter_config.json").exists():
             raise ConfigError(
                 f"{model_dir}: full fine-tuned weights, not a LoRA adapter; serve it as the base "
-                f"(tuneloop serve --base {model_dir})"
+                f"(tuneloop serve --model {path})"
             )
         return {"kind": kind, "adapter_dir": model_dir, "labels": labels, "run_dir": path,
                 "base_model": metrics.get("base_model"), "model_path": metrics.get("model_path")}
