@@ -24,6 +24,7 @@ import queue
 import re
 import threading
 import time
+import warnings
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -335,7 +336,10 @@ class Engine:
                 self._retired.discard(a)
                 self._refs.pop(a, None)
         for a in free:
-            self.peft.delete_adapter(a)
+            with warnings.catch_warnings():
+                # PEFT re-points its "active" adapter; irrelevant here, every forward names its adapters.
+                warnings.simplefilter("ignore", UserWarning)
+                self.peft.delete_adapter(a)
 
     def classify(self, name: str, texts: list[str], max_length: int = 512) -> Future:
         kind, info = self.resolve(name)
