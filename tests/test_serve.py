@@ -152,6 +152,31 @@ def test_openai_client_models_chat_stream_completions(client):
                                                  temperature=0).choices[0].text
 
 
+def test_greedy_matches_transformers_generate(live, runs, tiny_llama_dir, client):
+    """Parity with the reference: the engine's greedy answers are what `generate` gives, base and adapter."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    tok = live.engine.tok
+    ids = tok.apply_chat_template(CHAT, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+
+    def hf(model) -> str:
+        out = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.eos_token_id)
+        return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    assert _chat(client, "tiny") == hf(base)
+    assert _chat(client, "rb") == hf(PeftModel.from_pretrained(base, runs["rb"] / "model").eval())
+
+    # A plain PEFT folder (not a run) loads too, and min_tokens (vLLM's extension) holds off end-of-sequence.
+    live.engine.load_adapter("plain", runs["rb"] / "model").result()
+    assert _chat(client, "plain") == _chat(client, "rb")
+    r = client.chat.completions.create(model="plain", messages=CHAT, max_tokens=7, temperature=0,
+                                       extra_body={"min_tokens": 7})
+    assert r.usage.completion_tokens == 7 and r.choices[0].finish_reason == "length"
+    live.engine.unload_adapter("plain").result()
+
+
 def test_stop_strings_cut_the_answer(client):
     full = _chat(client, "ra", n=16)
     stop = full[len(full) // 2: len(full) // 2 + 3]

@@ -93,6 +93,8 @@ class _GenParams(_Req):
     max_tokens: Optional[int] = Field(None, ge=1, description="New tokens at most (capped by the server).")
     stop: Union[str, list[str], None] = Field(None, description="Up to 4 strings that end the answer.")
     seed: Optional[int] = Field(None, description="Makes sampling reproducible.")
+    min_tokens: Optional[int] = Field(None, ge=0, description="Extension (as in vLLM): no end-of-sequence before "
+                                      "this many tokens.")
     n: Optional[int] = Field(1, description="Only 1 is supported.")
     stream: Optional[bool] = Field(False, description="Server-sent events, ending in `data: [DONE]`.")
     stream_options: Optional[StreamOptions] = None
@@ -221,7 +223,8 @@ def create_app(engine: Engine, settings: ServeSettings, store: FeedbackStore | N
             raise APIError(400, "stop: at most 4 non-empty strings", param="stop", code="invalid_value")
         return SamplingParams(max_new_tokens=max_tokens or settings.max_new_tokens,
                               temperature=1.0 if body.temperature is None else body.temperature,
-                              top_p=1.0 if body.top_p is None else body.top_p, seed=body.seed)
+                              top_p=1.0 if body.top_p is None else body.top_p, seed=body.seed,
+                              min_tokens=min(body.min_tokens or 0, max_tokens or settings.max_new_tokens))
 
     def check_prompt(ids: list[int], param: str) -> None:
         if len(ids) > settings.max_prompt_tokens:
@@ -359,8 +362,10 @@ def create_app(engine: Engine, settings: ServeSettings, store: FeedbackStore | N
             yield sse({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                             "logprobs": None, "finish_reason": None}]})
             parts = []
-            async for item in _chain(first, gen):
-                if item[0] is None:
+            async for item in _guard(_chain(first, gen)):
+                if isinstance(item, str):
+                    yield item
+                elif item[0] is None:
                     reason, n = item[1], item[2]
                     yield sse({**base, "choices": [{"index": 0, "delta": {}, "logprobs": None,
                                                     "finish_reason": reason}]})
@@ -405,8 +410,10 @@ def create_app(engine: Engine, settings: ServeSettings, store: FeedbackStore | N
             parts = []
             if echo:
                 yield sse({**base, "choices": [{"index": 0, "text": echo, "logprobs": None, "finish_reason": None}]})
-            async for item in _chain(first, gen):
-                if item[0] is None:
+            async for item in _guard(_chain(first, gen)):
+                if isinstance(item, str):
+                    yield item
+                elif item[0] is None:
                     yield sse({**base, "choices": [{"index": 0, "text": "", "logprobs": None,
                                                     "finish_reason": item[1]}]})
                     await log(rid, body.model, "completion", prompt, "".join(parts), item[1])
@@ -507,6 +514,15 @@ async def _first(gen):
         return _END
     except TuneloopError as e:
         raise from_tuneloop(e, "model") from None
+
+
+async def _guard(items):
+    """Inside a stream the status line is gone: an error becomes an `error` event (as OpenAI sends)."""
+    try:
+        async for item in items:
+            yield item
+    except APIError as e:
+        yield f"data: {json.dumps(_error_body(e.message, e.type, e.param, e.code))}\n\n"
 
 
 async def _chain(first, gen):

@@ -59,6 +59,7 @@ class SamplingParams:
     temperature: float = 1.0  # 0 means greedy
     top_p: float = 1.0
     seed: int | None = None
+    min_tokens: int = 0  # end-of-sequence is suppressed until this many tokens (as in vLLM)
 
 
 @dataclass
@@ -138,7 +139,7 @@ def read_run_info(path: Path) -> dict:
 def _same_model(a: str | None, b: str) -> bool:
     if not a:
         return True  # nothing recorded to compare against
-    from ..zoo import ZOO, resolve_model
+    from ..zoo import ZOO, converted_dir, resolve_model
 
     try:
         ra = resolve_model(a) if a in ZOO else a
@@ -147,6 +148,10 @@ def _same_model(a: str | None, b: str) -> bool:
     pa, pb = Path(ra).expanduser(), Path(b).expanduser()
     if pa.exists() and pb.exists():
         return pa.resolve() == pb.resolve()
+    # An adapter trained against the hub copy of a bundled model fits the bundled one.
+    for spec in ZOO.values():
+        if ra == spec.hub_id and Path(b).expanduser().resolve() == converted_dir(spec).resolve():
+            return True
     return ra == b
 
 
@@ -482,6 +487,9 @@ class Engine:
                 self._finish(r, "length")
 
     def _sample(self, rows: list[GenRequest], logits: torch.Tensor) -> list[int]:
+        early = [i for i, r in enumerate(rows) if len(r.generated) < r.params.min_tokens]
+        if early and self.stop_ids:
+            logits[torch.tensor(early).unsqueeze(1), torch.tensor(sorted(self.stop_ids)).unsqueeze(0)] = float("-inf")
         out = logits.argmax(-1).tolist()
         for i, r in enumerate(rows):
             p = r.params

@@ -97,7 +97,10 @@ def build_engine(specs: list[str], workspace: Path | None, dtype: str = "auto", 
     engine = Engine(base[1], base_name=base[0], dtype=pick_dtype(names[dtype], torch.device("cpu")), **limits)
     try:
         for name, path in adapters:
-            engine.load_adapter(name, path).result()
+            try:
+                engine.load_adapter(name, path).result()
+            except (OSError, ValueError, KeyError, RuntimeError) as e:  # unreadable or mismatched adapter files
+                raise ConfigError(f"--model {name}: could not load {path}: {type(e).__name__}: {e}") from None
     except BaseException:
         engine.close()
         raise
