@@ -273,6 +273,9 @@ def test_classify_and_feedback_store(live, client, runs):
     data = r.json()["data"]
     assert [d["index"] for d in data] == [0, 1] and data[0]["label"] in ("great", "other")
     assert abs(sum(data[0]["probabilities"].values()) - 1) < 1e-4
+    one = httpx.post(live.url + "/v1/classify", json={"model": "clf", "texts": ["good food"]}).json()["data"][0]
+    # Batched or alone, the same probabilities.
+    assert one["probabilities"] == pytest.approx(data[0]["probabilities"], abs=1e-4)
     r = httpx.post(live.url + "/v1/classify", json={"model": "ra", "input": "x"})
     assert r.status_code == 400 and "not a classification run" in r.json()["error"]["message"]
 

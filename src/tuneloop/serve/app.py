@@ -18,7 +18,7 @@ from typing import Literal, Optional, Union
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -112,7 +112,8 @@ class CompletionRequest(_GenParams):
 
 class ClassifyRequest(_Req):
     model: str = Field(max_length=256, description="A classification run's name.")
-    input: Union[str, list[str]] = Field(description="One text or a list of texts.")
+    input: Union[str, list[str]] = Field(validation_alias=AliasChoices("input", "texts"),
+                                         description="One text or a list of texts (`texts` is accepted too).")
 
 
 class FeedbackRequest(_Req):

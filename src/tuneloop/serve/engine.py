@@ -272,11 +272,12 @@ class Engine:
         if name == self.base_name:
             raise ConfigError(f"adapter name {name!r} is the base model's name")
         info = read_run_info(Path(path))
+        if info["kind"] == "classify":
+            # A classifier carries its own head and is loaded beside the shared base, so any base fits.
+            return self.call(lambda: self._load_classifier(name, info))
         if not _same_model(info["model_path"], self.base_path) and not _same_model(info["base_model"], self.base_path):
             raise ConfigError(f"{path}: trained on {info['base_model'] or info['model_path']}, but this server's "
                               f"base model is {self.base_path}")
-        if info["kind"] == "classify":
-            return self.call(lambda: self._load_classifier(name, info))
         _check_lora(info["adapter_dir"])
         return self.call(lambda: self._load_lora(name, info))
 
@@ -401,6 +402,11 @@ class Engine:
                 fut.set_exception(e)
 
     def _admit(self) -> None:
+        with self._lock:  # a client that left while waiting frees its queue place at once
+            gone = [r for r in self._waiting if r.cancelled]
+            self._waiting = [r for r in self._waiting if not r.cancelled]
+        for r in gone:
+            self._finish(r, "cancelled")
         b = self._batch
         free = self.max_batch - (len(b.rows) if b else 0)
         if free <= 0 or not self._waiting:
@@ -410,11 +416,8 @@ class Engine:
             time.sleep(self.batch_window)
         with self._lock:
             new = [r for r in self._waiting if not r.cancelled][:free]
-            gone = [r for r in self._waiting if r.cancelled]
-            taken = set(map(id, new + gone))
+            taken = set(map(id, new))
             self._waiting = [r for r in self._waiting if id(r) not in taken]
-        for r in gone:
-            self._finish(r, "cancelled")
         if new:
             self._prefill(new)
 
