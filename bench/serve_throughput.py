@@ -40,7 +40,7 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
 
 
-def baseline(model_path: str, dtype, n: int, tokens: int) -> dict:
+def baseline(model_path: str, dtype, n: int, tokens: int, clients: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -69,9 +69,9 @@ def baseline(model_path: str, dtype, n: int, tokens: int) -> dict:
     del model
     # N clients arriving together, served one at a time: the k-th waits for the k-1 before it.
     queued = []
-    for start in range(0, n, 16):
+    for start in range(0, n, clients):
         acc = 0.0
-        for s in service[start:start + 16]:
+        for s in service[start:start + clients]:
             acc += s
             queued.append(acc)
     return {"tokens": made, "seconds": wall, "tokens_per_s": made / wall, "p50_s": pct(service, .5),
@@ -177,7 +177,7 @@ def main() -> None:
         torch.set_num_threads(a.threads)
     dtype = pick_dtype({"auto": "auto", "bfloat16": "bf16", "float32": "fp32"}[a.dtype], torch.device("cpu"))
     path = resolve_model(a.model)
-    base = baseline(path, dtype, a.baseline_requests, a.tokens)
+    base = baseline(path, dtype, a.baseline_requests, a.tokens, a.clients)
     srv = served(a.model, a.clients, a.requests, a.tokens, a.dtype, a.threads)
     ratio = srv["tokens_per_s"] / base["tokens_per_s"]
 
