@@ -221,6 +221,22 @@ def test_client_disconnect_frees_the_slot(live):
         time.sleep(0.02)
 
 
+def test_client_disconnect_without_streaming_frees_the_slot(tiny_llama_dir):
+    engine = Engine(str(tiny_llama_dir), base_name="tiny", max_new_tokens=100_000)
+    srv = LiveServer(engine, ServeSettings(max_new_tokens=100_000), None)
+    try:
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(srv.url + "/v1/chat/completions", timeout=0.1, json={
+                "model": "tiny", "messages": CHAT, "max_tokens": 100_000, "min_tokens": 100_000})
+        deadline = time.time() + 10
+        while engine.running() or engine.stats["cancelled"] < 1:
+            assert time.time() < deadline, "the slot was not freed"
+            time.sleep(0.02)
+        assert engine.stats["tokens"] < 505  # stopped by the disconnect, not by the 512-position limit
+    finally:
+        srv.close()
+
+
 # ------------------------------------------------------------------------------ hot-swap
 def test_hot_swap_under_load_and_rollback(live, runs, client):
     e = live.engine

@@ -8,6 +8,7 @@ OpenAI's shape `{"error": {"message", "type", "param", "code"}}` with a 4xx stat
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import time
@@ -171,17 +172,8 @@ def create_app(engine: Engine, settings: ServeSettings, store: FeedbackStore | N
         return JSONResponse(_error_body(str(e.detail), "invalid_request_error", None, None),
                             status_code=e.status_code, headers=getattr(e, "headers", None))
 
-    @app.middleware("http")
-    async def _observe(request: Request, call_next):
-        t0 = time.perf_counter()
-        status = 500
-        try:
-            response = await call_next(request)
-            status = response.status_code
-            return response
-        finally:
-            route = request.scope.get("route")
-            metrics.observe(getattr(route, "path", "other"), status, time.perf_counter() - t0)
+    # A plain ASGI middleware: Starlette's BaseHTTPMiddleware would hide client disconnects from handlers.
+    app.add_middleware(_Observe, metrics=metrics)
 
     def auth(request: Request) -> None:
         if not keys:
@@ -315,15 +307,17 @@ def create_app(engine: Engine, settings: ServeSettings, store: FeedbackStore | N
 
         async def gone():
             while not await request.is_disconnected():
-                await asyncio.sleep(0.25)
+                await asyncio.sleep(0.1)
 
         task, watch = asyncio.ensure_future(collect()), asyncio.ensure_future(gone())
         try:
             done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
             if task in done:
                 return task.result()
+            # Cancelling the collector unwinds the generator, whose `finally` frees the engine slot.
             task.cancel()
-            await gen.aclose()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
             raise APIError(499, "client disconnected", code="client_closed")
         finally:
             watch.cancel()
@@ -491,6 +485,29 @@ def create_app(engine: Engine, settings: ServeSettings, store: FeedbackStore | N
 
 
 # ---------------------------------------------------------------------------- helpers
+class _Observe:
+    """Counts requests by route and status and times them until the last byte (streams included)."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0, status = time.perf_counter(), [500]
+
+        async def send_and_note(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            route = getattr(scope.get("route"), "path", "other")
+            self.metrics.observe(route, status[0], time.perf_counter() - t0)
+
+
 def _check_model(engine: Engine, name: str) -> None:
     try:
         engine.resolve(name)

@@ -194,7 +194,7 @@ class Engine:
         self._rng = torch.Generator().manual_seed(0)
         # Observability: read by /metrics and by tests.
         self.token_times: deque = deque(maxlen=100_000)  # (time, rows) per decode step, for tokens/s
-        self.stats = {"steps": 0, "rows": 0, "tokens": 0, "batch_sizes": {}, "prefills": 0, "max_batch_seen": 0}
+        self.stats = {"steps": 0, "rows": 0, "tokens": 0, "cancelled": 0, "batch_sizes": {}, "prefills": 0, "max_batch_seen": 0}
         self._thread = threading.Thread(target=self._loop, name="tuneloop-engine", daemon=True)
         self._thread.start()
 
@@ -541,6 +541,7 @@ class Engine:
         if r.finished:
             return
         r.finished = True
+        self.stats["cancelled"] += reason == "cancelled"
         with self._lock:
             self._refs[r.adapter] = max(0, self._refs.get(r.adapter, 1) - 1)
         try:

@@ -11,8 +11,8 @@ class Metrics:
         self.registry = r = CollectorRegistry()
         self.requests = Counter("tuneloop_requests", "HTTP requests by route and status", ["route", "status"],
                                 registry=r)
-        self.latency = Histogram("tuneloop_request_latency_seconds", "HTTP request latency (streams: until the "
-                                 "response starts)", ["route"], registry=r,
+        self.latency = Histogram("tuneloop_request_latency_seconds", "HTTP request latency, to the last byte",
+                                 ["route"], registry=r,
                                  buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
         self.generations = Counter("tuneloop_generations", "Generation requests accepted, by model", ["model"],
                                    registry=r)
@@ -25,6 +25,8 @@ class Metrics:
         Gauge("tuneloop_adapters_loaded", "Adapters served over the base", registry=r).set_function(
             lambda: len(engine.adapters))
         Gauge("tuneloop_decode_steps", "Decode steps run", registry=r).set_function(lambda: engine.stats["steps"])
+        Gauge("tuneloop_cancelled_requests", "Requests whose client left (or hit a stop string) before the end",
+              registry=r).set_function(lambda: engine.stats["cancelled"])
         Gauge("tuneloop_decode_rows", "Rows summed over decode steps (÷ steps = mean batch size)",
               registry=r).set_function(lambda: engine.stats["rows"])
 
