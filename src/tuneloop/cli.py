@@ -102,6 +102,8 @@ def serve(
     batch_window_ms: Annotated[float, typer.Option(help="Wait this long to group requests into an idle engine.")] = 5.0,
     dtype: Annotated[str, typer.Option(help="auto (bf16 where the CPU/GPU has it), bfloat16 or float32.")] = "auto",
     threads: Annotated[Optional[int], typer.Option(help="CPU threads for the model (default: all).")] = None,
+    log_responses: Annotated[bool, typer.Option(help="Keep each answer and its prompt in <workspace>/feedback.db "
+                                                "(feedback needs them).")] = True,
     workspace: Workspace = None,
 ) -> None:
     """Serve an OpenAI-compatible API: one base model, many LoRA adapters, batching, hot-swap."""
@@ -109,6 +111,7 @@ def serve(
     from .serve.launch import serve as run_server
 
     run_server(model, host, port, api_key or [], workspace_path(workspace), dtype=dtype, threads=threads,
+               log_responses=log_responses,
                max_batch=max_batch, max_queue=max_queue, max_prompt_tokens=max_prompt_tokens,
                max_new_tokens=max_new_tokens, batch_window_ms=batch_window_ms)
 

@@ -158,11 +158,13 @@ def _same_model(a: str | None, b: str) -> bool:
 class Engine:
     def __init__(self, base: str, *, base_name: str | None = None, dtype: torch.dtype = torch.float32,
                  max_batch: int = 16, max_queue: int = 64, batch_window_ms: float = 5.0,
-                 max_prompt_tokens: int = 2048, max_new_tokens: int = 512):
+                 max_prompt_tokens: int = 2048, max_new_tokens: int = 512, device: torch.device | None = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from ..train.common import device as default_device
         from ..zoo import resolve_model
 
+        self.device = device or default_device()
         self.base_path = resolve_model(base)
         self.base_name = validate_name(base_name or _default_base_name(base))
         self.dtype = dtype
@@ -171,9 +173,8 @@ class Engine:
         self.max_prompt_tokens, self.max_new_tokens = max_prompt_tokens, max_new_tokens
         self.tok = AutoTokenizer.from_pretrained(self.base_path)
         base_model = AutoModelForCausalLM.from_pretrained(self.base_path, dtype=dtype)
-        self.model = base_model.eval()
+        self.model = base_model.to(self.device).eval()
         self.peft = None  # becomes a PeftModel wrapping `model` when the first adapter is loaded
-        self.device = torch.device("cpu")
         cfg = self.model.generation_config
         eos = cfg.eos_token_id if cfg is not None and cfg.eos_token_id is not None else self.tok.eos_token_id
         self.stop_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
@@ -440,6 +441,7 @@ class Engine:
             n = len(r.prompt_ids)
             ids[i, width - n:] = torch.tensor(r.prompt_ids)
             mask[i, width - n:] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
         logits = self._forward(rows, ids, mask, pos, cache)
@@ -456,9 +458,10 @@ class Engine:
         if b is None:
             return
         n = len(b.rows)
-        ids = torch.tensor(b.last, dtype=torch.long).unsqueeze(1)
-        b.mask = torch.cat([b.mask, torch.ones((n, 1), dtype=torch.long)], dim=1)
-        pos = torch.tensor(b.pos, dtype=torch.long).unsqueeze(1)
+        dev = self.device
+        ids = torch.tensor(b.last, dtype=torch.long, device=dev).unsqueeze(1)
+        b.mask = torch.cat([b.mask, torch.ones((n, 1), dtype=torch.long, device=dev)], dim=1)
+        pos = torch.tensor(b.pos, dtype=torch.long, device=dev).unsqueeze(1)
         logits = self._forward(b.rows, ids, b.mask, pos, b.cache)
         self.stats["steps"] += 1
         self.stats["rows"] += n
@@ -490,6 +493,7 @@ class Engine:
                 self._finish(r, "length")
 
     def _sample(self, rows: list[GenRequest], logits: torch.Tensor) -> list[int]:
+        logits = logits.cpu()  # per-request seeded generators live on the CPU
         early = [i for i, r in enumerate(rows) if len(r.generated) < r.params.min_tokens]
         if early and self.stop_ids:
             logits[torch.tensor(early).unsqueeze(1), torch.tensor(sorted(self.stop_ids)).unsqueeze(0)] = float("-inf")
@@ -521,7 +525,7 @@ class Engine:
             self._batch = None
             return
         if len(keep) < len(b.rows):
-            idx = torch.tensor(keep)
+            idx = torch.tensor(keep, device=b.mask.device)
             for layer in b.cache.layers:
                 layer.keys = layer.keys.index_select(0, idx)
                 layer.values = layer.values.index_select(0, idx)
@@ -567,7 +571,7 @@ def _merge(a: _Batch, b: _Batch) -> _Batch:
             return x
         shape = list(x.shape)
         shape[dim] = n
-        return torch.cat([torch.zeros(shape, dtype=x.dtype), x], dim=dim)
+        return torch.cat([torch.zeros(shape, dtype=x.dtype, device=x.device), x], dim=dim)
 
     for la, lb in zip(a.cache.layers, b.cache.layers):
         la.keys = torch.cat([lpad(la.keys, t - ta, 2), lpad(lb.keys, t - tb, 2)], dim=0)

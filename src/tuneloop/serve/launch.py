@@ -81,9 +81,7 @@ def base_for(adapters: list[tuple[str, str]]) -> tuple[str, str]:
 
 
 def build_engine(specs: list[str], workspace: Path | None, dtype: str = "auto", **limits):
-    import torch
-
-    from ..train.common import pick_dtype
+    from ..train.common import device, pick_dtype
     from .engine import Engine
 
     if not specs:
@@ -94,7 +92,7 @@ def build_engine(specs: list[str], workspace: Path | None, dtype: str = "auto", 
     names = {"auto": "auto", "bfloat16": "bf16", "bf16": "bf16", "float32": "fp32", "fp32": "fp32"}
     if dtype not in names:
         raise ConfigError(f"--dtype {dtype!r}: known: auto, bfloat16, float32")
-    engine = Engine(base[1], base_name=base[0], dtype=pick_dtype(names[dtype], torch.device("cpu")), **limits)
+    engine = Engine(base[1], base_name=base[0], dtype=pick_dtype(names[dtype], device()), **limits)
     try:
         for name, path in adapters:
             try:
