@@ -282,6 +282,23 @@ def test_hot_swap_under_load_and_rollback(live, runs, client):
     admin.close()
 
 
+def test_a_bad_adapter_is_refused_and_the_served_one_stays(live, runs, tmp_path, client):
+    """An adapter whose shapes do not fit the base: 400 naming the path, and `rb` keeps its weights."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    before = _chat(client, "rb")
+    wide = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2))
+    pm = get_peft_model(wide, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "o_proj"]))
+    pm.peft_config["default"].base_model_name_or_path = str(live.engine.base_path)
+    pm.save_pretrained(tmp_path / "wide")
+    n_adapters = len(live.engine.peft.peft_config)
+    r = httpx.post(live.url + "/admin/adapters", json={"name": "rb", "path": str(tmp_path / "wide")}, timeout=30)
+    assert r.status_code == 400 and str(tmp_path / "wide") in r.json()["error"]["message"], r.text
+    assert len(live.engine.peft.peft_config) == n_adapters and _chat(client, "rb") == before
+
+
 # ------------------------------------------------------------------------------ classify + feedback
 def test_classify_and_feedback_store(live, client, runs):
     r = httpx.post(live.url + "/v1/classify", json={"model": "clf", "input": ["good food", "bad service"]})
@@ -327,7 +344,8 @@ def test_bad_requests_get_openai_shaped_4xx(live, body, status, param):
 
 
 def test_malformed_json_is_400(live):
-    r = httpx.post(live.url + "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    r = httpx.post(live.url + "/v1/chat/completions", content=b"{not json",
+                   headers={"content-type": "application/json"})
     assert r.status_code == 400 and "error" in r.json()
 
 

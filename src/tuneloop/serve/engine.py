@@ -195,7 +195,8 @@ class Engine:
         self._rng = torch.Generator().manual_seed(0)
         # Observability: read by /metrics and by tests.
         self.token_times: deque = deque(maxlen=100_000)  # (time, rows) per decode step, for tokens/s
-        self.stats = {"steps": 0, "rows": 0, "tokens": 0, "cancelled": 0, "batch_sizes": {}, "prefills": 0, "max_batch_seen": 0}
+        self.stats = {"steps": 0, "rows": 0, "tokens": 0, "cancelled": 0, "batch_sizes": {}, "prefills": 0,
+                      "max_batch_seen": 0}
         self._thread = threading.Thread(target=self._loop, name="tuneloop-engine", daemon=True)
         self._thread.start()
 
@@ -285,7 +286,8 @@ class Engine:
     def unload_adapter(self, name: str) -> Future:
         validate_name(name)
         if name not in self.adapters:
-            raise NotFoundError(f"adapter {name!r} is not loaded (loaded: {', '.join(sorted(self.adapters)) or 'none'})")
+            loaded = ", ".join(sorted(self.adapters)) or "none"
+            raise NotFoundError(f"adapter {name!r} is not loaded (loaded: {loaded})")
         return self.call(lambda: self._unload(name))
 
     def _load_lora(self, name: str, info: dict) -> AdapterInfo:
@@ -297,7 +299,15 @@ class Engine:
             self.peft = PeftModel.from_pretrained(self.model, path, adapter_name=internal)
             self.peft.eval()
         else:
-            self.peft.load_adapter(path, adapter_name=internal)
+            try:
+                self.peft.load_adapter(path, adapter_name=internal)
+            except BaseException:
+                # Leave no half-loaded adapter behind; the one served under `name` stays as it was.
+                if internal in self.peft.peft_config:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", UserWarning)
+                        self.peft.delete_adapter(internal)
+                raise
         new = AdapterInfo(name=name, internal=internal, path=str(info["run_dir"] or path), kind="generate",
                           loaded_at=time.time())
         with self._lock:
