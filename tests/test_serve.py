@@ -210,6 +210,33 @@ def test_64_concurrent_requests_match_one_by_one_and_batch(live, client):
     assert max(grown) > 1, grown  # the engine really decoded several requests per step
 
 
+def test_every_request_in_a_batch_streams(live, client):
+    jobs = [(["tiny", "ra", "rb"][i % 3], f"Stream {i} " * (1 + i % 4)) for i in range(12)]
+    want = [_chat(client, m, c) for m, c in jobs]
+
+    async def streams():
+        from openai import AsyncOpenAI
+
+        ac = AsyncOpenAI(base_url=live.url + "/v1", api_key="x", max_retries=0)
+
+        async def one(m, c):
+            s = await ac.chat.completions.create(model=m, messages=[{"role": "user", "content": c}], max_tokens=12,
+                                                 temperature=0, stream=True)
+            parts = [ch.choices[0].delta.content or "" async for ch in s if ch.choices]
+            return len(parts), "".join(parts)
+
+        out = await asyncio.gather(*[one(m, c) for m, c in jobs])
+        await ac.close()
+        return out
+
+    before = dict(live.engine.stats["batch_sizes"])
+    got = asyncio.run(streams())
+    after = live.engine.stats["batch_sizes"]
+    assert max(k for k in after if after[k] > before.get(k, 0)) > 1  # the streams shared decode steps
+    assert [text for _, text in got] == want
+    assert all(n > 3 for n, _ in got)  # really token by token, not one lump at the end
+
+
 def test_client_disconnect_frees_the_slot(live):
     with httpx.Client(base_url=live.url, timeout=30) as h:
         with h.stream("POST", "/v1/chat/completions", json={"model": "ra", "messages": CHAT, "max_tokens": 64,
