@@ -401,6 +401,7 @@ def test_api_keys_and_full_queue(tiny_llama_dir, runs):
             assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
             assert tc.post("/v1/chat/completions", json=body, headers={"Authorization": "Bearer k2"}).status_code == 200
             assert tc.get("/v1/models").status_code == 401 and tc.get("/health").status_code == 200
+            assert tc.get("/admin/adapters", headers={"Authorization": "Bearer k1"}).status_code == 200
 
             # Fill the one slot and the one queue place with long requests: the next is turned away.
             hold = threading.Event()
@@ -432,6 +433,20 @@ def test_model_names_are_validated(name, ok):
     else:
         with pytest.raises(ConfigError):
             validate_name(name)
+
+
+def test_admin_key_is_separate_when_set(tiny_llama_dir):
+    from fastapi.testclient import TestClient
+
+    engine = Engine(str(tiny_llama_dir), base_name="tiny")
+    try:
+        app = create_app(engine, ServeSettings(api_keys=["user"], admin_keys=["root"]), None)
+        with TestClient(app) as tc:
+            assert tc.get("/admin/adapters", headers={"Authorization": "Bearer user"}).status_code == 401
+            assert tc.get("/admin/adapters", headers={"Authorization": "Bearer root"}).status_code == 200
+            assert tc.get("/v1/models", headers={"Authorization": "Bearer user"}).status_code == 200
+    finally:
+        engine.close()
 
 
 def test_loopback_and_key_rule(tmp_path, monkeypatch):

@@ -95,6 +95,8 @@ def serve(
     port: Annotated[int, typer.Option(help="Port.")] = 8000,
     api_key: Annotated[Optional[list[str]], typer.Option("--api-key", help="Accepted Bearer key (repeatable; "
                                                          "also $TUNELOOP_API_KEYS=k1,k2).")] = None,
+    admin_key: Annotated[Optional[list[str]], typer.Option("--admin-key", help="Key for /admin (hot-swap); "
+                                                           "default: the API keys. Also $TUNELOOP_ADMIN_KEYS.")] = None,
     max_batch: Annotated[int, typer.Option(help="Requests generated together (concurrent slots).")] = 16,
     max_queue: Annotated[int, typer.Option(help="Requests waiting for a slot before 429.")] = 64,
     max_prompt_tokens: Annotated[int, typer.Option(help="Longest prompt accepted.")] = 2048,
@@ -111,7 +113,7 @@ def serve(
     from .serve.launch import serve as run_server
 
     run_server(model, host, port, api_key or [], workspace_path(workspace), dtype=dtype, threads=threads,
-               log_responses=log_responses,
+               log_responses=log_responses, admin_keys=admin_key or [],
                max_batch=max_batch, max_queue=max_queue, max_prompt_tokens=max_prompt_tokens,
                max_new_tokens=max_new_tokens, batch_window_ms=batch_window_ms)
 

@@ -136,6 +136,7 @@ class AdapterRequest(_Req):
 @dataclass
 class ServeSettings:
     api_keys: list[str] = field(default_factory=list)
+    admin_keys: list[str] = field(default_factory=list)  # for /admin; when empty, the API keys
     max_prompt_tokens: int = 2048
     max_new_tokens: int = 512
     classify_max_texts: int = 256
@@ -148,6 +149,7 @@ def create_app(engine: Engine, settings: ServeSettings, store: FeedbackStore | N
     metrics = Metrics(engine)
     app.state.engine, app.state.settings, app.state.store, app.state.metrics = engine, settings, store, metrics
     keys = [k.encode() for k in settings.api_keys]
+    admin_keys = [k.encode() for k in settings.admin_keys]
 
     # ---- errors: always OpenAI's shape
     @app.exception_handler(APIError)
@@ -175,16 +177,25 @@ def create_app(engine: Engine, settings: ServeSettings, store: FeedbackStore | N
     # A plain ASGI middleware: Starlette's BaseHTTPMiddleware would hide client disconnects from handlers.
     app.add_middleware(_Observe, metrics=metrics)
 
-    def auth(request: Request) -> None:
-        if not keys:
-            return
+    def check_key(request: Request, accepted: list[bytes], what: str) -> None:
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.strip().encode(), k) for k in keys):
-            raise APIError(401, "missing or wrong API key: send `Authorization: Bearer <key>`",
+        if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.strip().encode(), k) for k in accepted):
+            raise APIError(401, f"missing or wrong {what}: send `Authorization: Bearer <key>`",
                            "invalid_request_error", None, "invalid_api_key", {"WWW-Authenticate": "Bearer"})
 
-    secured = [Depends(auth)]
+    def auth(request: Request) -> None:
+        if keys:
+            check_key(request, keys, "API key")
+
+    def admin_auth(request: Request) -> None:
+        # Loading adapters reads server paths: with admin keys set, an ordinary API key is not enough.
+        if admin_keys:
+            check_key(request, admin_keys, "admin key")
+        elif keys:
+            check_key(request, keys, "API key")
+
+    secured, admin = [Depends(auth)], [Depends(admin_auth)]
 
     # ---- open endpoints
     @app.get("/health", tags=["ops"])
@@ -454,11 +465,11 @@ def create_app(engine: Engine, settings: ServeSettings, store: FeedbackStore | N
         return {"id": fid, "object": "feedback", "response_id": body.response_id}
 
     # ---- admin: hot-swap
-    @app.get("/admin/adapters", dependencies=secured, tags=["admin"], responses=ERRORS)
+    @app.get("/admin/adapters", dependencies=admin, tags=["admin"], responses=ERRORS)
     async def adapters() -> dict:
         return {"data": engine.list_models()}
 
-    @app.post("/admin/adapters", dependencies=secured, tags=["admin"], responses=ERRORS)
+    @app.post("/admin/adapters", dependencies=admin, tags=["admin"], responses=ERRORS)
     async def admin_adapters(body: AdapterRequest) -> dict:
         if body.action == "load":
             if not body.path:

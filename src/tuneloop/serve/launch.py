@@ -106,7 +106,8 @@ def build_engine(specs: list[str], workspace: Path | None, dtype: str = "auto", 
 
 
 def serve(specs: list[str], host: str, port: int, api_keys: list[str], workspace: Path, dtype: str = "auto",
-          threads: int | None = None, log_responses: bool = True, **limits) -> None:
+          threads: int | None = None, log_responses: bool = True, admin_keys: list[str] | None = None,
+          **limits) -> None:
     import torch
     import uvicorn
 
@@ -120,7 +121,9 @@ def serve(specs: list[str], host: str, port: int, api_keys: list[str], workspace
     if threads:
         torch.set_num_threads(threads)
     engine = build_engine(specs, workspace, dtype, **limits)
-    settings = ServeSettings(api_keys=keys, max_prompt_tokens=limits.get("max_prompt_tokens", 2048),
+    admin = [k for k in (admin_keys or []) if k]
+    admin += [k.strip() for k in os.environ.get("TUNELOOP_ADMIN_KEYS", "").split(",") if k.strip()]
+    settings = ServeSettings(api_keys=keys, admin_keys=admin, max_prompt_tokens=limits.get("max_prompt_tokens", 2048),
                              max_new_tokens=limits.get("max_new_tokens", 512), log_responses=log_responses)
     app = create_app(engine, settings, FeedbackStore.for_workspace(workspace))
     try:
