@@ -177,6 +177,15 @@ def test_greedy_matches_transformers_generate(live, runs, tiny_llama_dir, client
     live.engine.unload_adapter("plain").result()
 
 
+def test_odd_sampling_values_do_not_break_a_batch(client):
+    for t in (1e-30, 1e-6, 2.0):
+        r = client.chat.completions.create(model="ra", messages=CHAT, max_tokens=4, temperature=t, top_p=1e-9, seed=1)
+        assert r.choices[0].finish_reason == "length"
+    greedy = client.chat.completions.create(model="ra", messages=CHAT, max_tokens=4, temperature=0)
+    tiny_t = client.chat.completions.create(model="ra", messages=CHAT, max_tokens=4, temperature=1e-30)
+    assert tiny_t.choices[0].message.content == greedy.choices[0].message.content
+
+
 def test_stop_strings_cut_the_answer(client):
     full = _chat(client, "ra", n=16)
     stop = full[len(full) // 2: len(full) // 2 + 3]
@@ -362,6 +371,8 @@ def test_classify_and_feedback_store(live, client, runs):
     ({"model": "ra", "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role"),
     ({"model": "ra"}, 400, "messages"),
     ({"model": "clf", "messages": CHAT}, 400, "model"),
+    ({"model": "ra", "messages": CHAT, "seed": 2**70}, 400, "seed"),
+    ({"model": "ra", "messages": CHAT, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
 ])
 def test_bad_requests_get_openai_shaped_4xx(live, body, status, param):
     r = httpx.post(live.url + "/v1/chat/completions", json=body)

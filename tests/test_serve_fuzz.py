@@ -34,7 +34,7 @@ def test_no_server_errors(api_schema):
         op = result.ok()
 
         @given(case=op.as_strategy())
-        @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), database=None)
         def run(case):
             r = case.call_and_validate(checks=[not_a_server_error])
             seen.setdefault(f"{op.method.upper()} {op.path}", set()).add(r.status_code)

@@ -93,7 +93,7 @@ class _GenParams(_Req):
     top_p: Optional[float] = Field(None, gt=0, le=1, description="Nucleus sampling mass. Default 1.")
     max_tokens: Optional[int] = Field(None, ge=1, description="New tokens at most (capped by the server).")
     stop: Union[str, list[str], None] = Field(None, description="Up to 4 strings that end the answer.")
-    seed: Optional[int] = Field(None, description="Makes sampling reproducible.")
+    seed: Optional[int] = Field(None, ge=-(2**63), le=2**64 - 1, description="Makes sampling reproducible.")
     min_tokens: Optional[int] = Field(None, ge=0, description="Extension (as in vLLM): no end-of-sequence before "
                                       "this many tokens.")
     n: Optional[int] = Field(1, description="Only 1 is supported.")

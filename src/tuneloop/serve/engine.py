@@ -510,7 +510,7 @@ class Engine:
         out = logits.argmax(-1).tolist()
         for i, r in enumerate(rows):
             p = r.params
-            if p.temperature <= 0:
+            if p.temperature < 1e-4:  # below this, sampling is argmax anyway and division overflows
                 continue
             x = logits[i] / p.temperature
             if p.top_p < 1.0:
@@ -519,7 +519,9 @@ class Engine:
                 drop = cum - sorted_x.softmax(-1) >= p.top_p  # keep the smallest set reaching top_p
                 x = x.clone()
                 x[order[drop]] = float("-inf")
-            out[i] = int(torch.multinomial(x.softmax(-1), 1, generator=r.generator or self._rng))
+            probs = x.softmax(-1)
+            if torch.isfinite(probs).all():  # one odd row must not fail the whole batch
+                out[i] = int(torch.multinomial(probs, 1, generator=r.generator or self._rng))
         return out
 
     def _prune(self) -> None:
