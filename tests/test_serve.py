@@ -482,3 +482,22 @@ def test_parse_models(runs, tiny_llama_dir):
         assert engine.base_path == str(tiny_llama_dir) and "ra" in engine.adapters
     finally:
         engine.close()
+
+
+def test_a_receiver_that_fails_drops_only_its_own_row(tiny_llama_dir):
+    engine = Engine(str(tiny_llama_dir), base_name="tiny", batch_window_ms=50)
+    try:
+        def boom(t):
+            raise RuntimeError("event loop is closed")
+
+        done = threading.Event()
+        got: list[int] = []
+        reasons: list[str] = []
+        params = SamplingParams(max_new_tokens=6, temperature=0)
+        engine.submit(GenRequest(prompt_ids=[1, 2, 3], params=params, on_token=boom, on_finish=boom), "tiny")
+        engine.submit(GenRequest(prompt_ids=[4, 5], params=params, on_token=got.append,
+                                 on_finish=lambda r: (reasons.append(r), done.set())), "tiny")
+        assert done.wait(30)
+        assert reasons == ["length"] and len(got) == 6 and engine.stats["cancelled"] == 1
+    finally:
+        engine.close()

@@ -498,7 +498,12 @@ class Engine:
                 continue
             r.generated.append(t)
             self.stats["tokens"] += 1
-            r.on_token(t)
+            try:
+                r.on_token(t)
+            except Exception:  # its receiver is gone (event loop closed): drop this row, not the batch
+                r.cancelled = True
+                self._finish(r, "cancelled")
+                continue
             if len(r.generated) >= r.params.max_new_tokens or b.pos[i] >= self.max_positions:
                 self._finish(r, "length")
 
@@ -562,6 +567,8 @@ class Engine:
             self._refs[r.adapter] = max(0, self._refs.get(r.adapter, 1) - 1)
         try:
             r.on_finish(reason)
+        except Exception:
+            pass  # nobody is listening any more; the slot is freed all the same
         finally:
             if self._retired:
                 self._collect()
