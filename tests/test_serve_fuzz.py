@@ -36,7 +36,11 @@ def test_no_server_errors(api_schema):
         @given(case=op.as_strategy())
         @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), database=None)
         def run(case):
-            r = case.call_and_validate(checks=[not_a_server_error])
+            try:
+                r = case.call_and_validate(checks=[not_a_server_error])
+            except Exception as e:  # name the request, so a rare failure can be replayed
+                raise AssertionError(f"{op.method.upper()} {op.path} body={case.body!r} query={case.query!r}: "
+                                     f"{e!r}") from e
             seen.setdefault(f"{op.method.upper()} {op.path}", set()).add(r.status_code)
 
         run()
