@@ -89,6 +89,38 @@ def eval_(
     _ = report
 
 
+@app.command()
+def serve(
+    model: Annotated[list[str], typer.Option("--model", "-m", help="Base model (zoo name / HF folder) and/or "
+                                              "adapters (run folder or name, PEFT folder); NAME=PATH names one. "
+                                              "Repeatable; the base defaults to the first adapter's.")],
+    host: Annotated[str, typer.Option(help="Address to bind; anything but loopback requires API keys.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    api_key: Annotated[Optional[list[str]], typer.Option("--api-key", help="Accepted Bearer key (repeatable; "
+                                                         "also $TUNELOOP_API_KEYS=k1,k2).")] = None,
+    admin_key: Annotated[Optional[list[str]], typer.Option("--admin-key", help="Key for /admin (hot-swap); "
+                                                           "default: the API keys. Also $TUNELOOP_ADMIN_KEYS.")] = None,
+    max_batch: Annotated[int, typer.Option(help="Requests generated together (concurrent slots).")] = 16,
+    max_queue: Annotated[int, typer.Option(help="Requests waiting for a slot before 429.")] = 64,
+    max_prompt_tokens: Annotated[int, typer.Option(help="Longest prompt accepted.")] = 2048,
+    max_new_tokens: Annotated[int, typer.Option(help="Most tokens one answer may have.")] = 512,
+    batch_window_ms: Annotated[float, typer.Option(help="Wait this long to group requests into an idle engine.")] = 5.0,
+    dtype: Annotated[str, typer.Option(help="auto (bf16 where the CPU/GPU has it), bfloat16 or float32.")] = "auto",
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads for the model (default: all).")] = None,
+    log_responses: Annotated[bool, typer.Option(help="Keep each answer and its prompt in <workspace>/feedback.db "
+                                                "(feedback needs them).")] = True,
+    workspace: Workspace = None,
+) -> None:
+    """Serve an OpenAI-compatible API: one base model, many LoRA adapters, batching, hot-swap."""
+    from .runs import workspace_path
+    from .serve.launch import serve as run_server
+
+    run_server(model, host, port, api_key or [], workspace_path(workspace), dtype=dtype, threads=threads,
+               log_responses=log_responses, admin_keys=admin_key or [],
+               max_batch=max_batch, max_queue=max_queue, max_prompt_tokens=max_prompt_tokens,
+               max_new_tokens=max_new_tokens, batch_window_ms=batch_window_ms)
+
+
 @models_app.command("list")
 def models_list() -> None:
     """Models known by name. Any local HF folder or hub id works too."""

@@ -1,0 +1,132 @@
+"""`tuneloop serve`: turn `--model` arguments into one base model plus adapters, check the key rules, run."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+
+from ..errors import ConfigError, NotFoundError
+from ..zoo import ZOO
+from .engine import _default_base_name, read_run_info, validate_name
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def api_keys_from(options: list[str] | None) -> list[str]:
+    keys = [k for k in (options or []) if k]
+    keys += [k.strip() for k in os.environ.get("TUNELOOP_API_KEYS", "").split(",") if k.strip()]
+    return keys
+
+
+def parse_models(specs: list[str], workspace: Path | None) -> tuple[tuple[str, str] | None, list[tuple[str, str]]]:
+    """`--model` values → (base (name, path) or None, [(adapter name, folder)]).
+
+    A value is `NAME=PATH` or just a zoo name, HF folder, run folder, PEFT adapter folder or a run name
+    under `<workspace>/runs/`. Adapters are named after their folder unless NAME= is given.
+    """
+    base: tuple[str, str] | None = None
+    adapters: list[tuple[str, str]] = []
+    for spec in specs:
+        name, sep, target = spec.partition("=")
+        if not sep:
+            name, target = "", spec
+        p = Path(target).expanduser()
+        if not p.is_dir() and workspace is not None and (workspace / "runs" / target).is_dir():
+            p = workspace / "runs" / target
+        if target in ZOO and not p.is_dir():
+            kind, path = "base", target
+        elif p.is_dir():
+            if (p / "model" / "config.json").exists() and not (p / "model" / "adapter_config.json").exists():
+                kind, path = "base", str(p / "model")  # a full fine-tuning run: its weights are the base
+            elif (p / "adapter_config.json").exists() or (p / "train_metrics.json").exists():
+                kind, path = "adapter", str(p)
+            elif (p / "config.json").exists():
+                kind, path = "base", str(p)
+            else:
+                raise NotFoundError(f"--model {spec}: {p} is neither a model folder, a run folder nor a PEFT adapter")
+        else:
+            raise NotFoundError(f"--model {spec}: not a zoo model ({', '.join(sorted(ZOO))}), a folder, or a run "
+                                f"under {workspace / 'runs' if workspace else '<workspace>/runs'}")
+        if kind == "base":
+            if base is not None:
+                raise ConfigError(f"--model {spec}: a second base model; one server holds one base "
+                                  f"(already {base[1]}); serve adapters over it instead")
+            base = (validate_name(name or (p.name if p.is_dir() and target not in ZOO else
+                                           _default_base_name(target))), path)
+        else:
+            adapters.append((validate_name(name or p.resolve().name), path))
+    names = [a for a, _ in adapters] + ([base[0]] if base else [])
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise ConfigError(f"--model: the name {sorted(dup)[0]!r} is used twice; give one NAME=PATH")
+    return base, adapters
+
+
+def base_for(adapters: list[tuple[str, str]]) -> tuple[str, str]:
+    """With no base given, serve the one the first adapter was trained on."""
+    info = read_run_info(Path(adapters[0][1]))
+    for cand in (info["model_path"], info["base_model"]):
+        if cand and (Path(cand).expanduser().is_dir() or cand in ZOO):
+            return _default_base_name(info["base_model"] or cand), cand
+    raise NotFoundError(f"{adapters[0][1]}: its base model ({info['base_model']}) is not on this machine; "
+                        "give it with --model")
+
+
+def build_engine(specs: list[str], workspace: Path | None, dtype: str = "auto", **limits):
+    from ..train.common import device, pick_dtype
+    from .engine import Engine
+
+    if not specs:
+        raise ConfigError("give at least one --model (a zoo name, a model folder, a run or an adapter folder)")
+    base, adapters = parse_models(specs, workspace)
+    if base is None:
+        base = base_for(adapters)
+    names = {"auto": "auto", "bfloat16": "bf16", "bf16": "bf16", "float32": "fp32", "fp32": "fp32"}
+    if dtype not in names:
+        raise ConfigError(f"--dtype {dtype!r}: known: auto, bfloat16, float32")
+    engine = Engine(base[1], base_name=base[0], dtype=pick_dtype(names[dtype], device()), **limits)
+    try:
+        for name, path in adapters:
+            try:
+                engine.load_adapter(name, path).result()
+            except (OSError, ValueError, KeyError, RuntimeError) as e:  # unreadable or mismatched adapter files
+                raise ConfigError(f"--model {name}: could not load {path}: {type(e).__name__}: {e}") from None
+    except BaseException:
+        engine.close()
+        raise
+    return engine
+
+
+def serve(specs: list[str], host: str, port: int, api_keys: list[str], workspace: Path, dtype: str = "auto",
+          threads: int | None = None, log_responses: bool = True, admin_keys: list[str] | None = None,
+          **limits) -> None:
+    import torch
+    import uvicorn
+
+    from ..feedback import FeedbackStore
+    from .app import ServeSettings, create_app
+
+    keys = api_keys_from(api_keys)
+    if not is_loopback(host) and not keys:
+        raise ConfigError(f"--host {host}: binding beyond loopback needs API keys (--api-key KEY or "
+                          "TUNELOOP_API_KEYS=k1,k2)")
+    if threads:
+        torch.set_num_threads(threads)
+    engine = build_engine(specs, workspace, dtype, **limits)
+    admin = [k for k in (admin_keys or []) if k]
+    admin += [k.strip() for k in os.environ.get("TUNELOOP_ADMIN_KEYS", "").split(",") if k.strip()]
+    settings = ServeSettings(api_keys=keys, admin_keys=admin, max_prompt_tokens=limits.get("max_prompt_tokens", 2048),
+                             max_new_tokens=limits.get("max_new_tokens", 512), log_responses=log_responses)
+    app = create_app(engine, settings, FeedbackStore.for_workspace(workspace))
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="info")
+    finally:
+        engine.close()
