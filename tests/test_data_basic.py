@@ -35,33 +35,34 @@ def test_missing_column_names_file_line_and_field(tmp_path):
 
 
 def test_unknown_label_and_empty_text_are_each_named(tmp_path):
-    rows = [{"t": "ok", "y": "a"}, {"t": "", "y": "a"}, {"t": "x", "y": "zzz"}, {"t": "y", "y": ["a"]}]
+    rows = [{"t": "ok", "y": "a"}, {"t": "", "y": "a"}, {"t": "x", "y": "zzz"}, {"t": "y", "y": ["a"]},
+            {"t": "fine", "y": "b"}]
     with pytest.raises(DataError) as e:
         load_classification(write_jsonl(tmp_path / "a.jsonl", rows), "t", "y", labels=["a", "b"])
     msg = str(e.value)
     assert "a.jsonl:2: t: empty" in msg
     assert "a.jsonl:3: y: unknown label 'zzz' (allowed: a, b)" in msg
-    assert "a.jsonl:4: y: expected a string or integer label, got list" in msg
+    assert "a.jsonl:4: y: expected a string or integer label, got a list" in msg
 
 
 def test_broken_json_line(tmp_path):
     p = tmp_path / "a.jsonl"
     p.write_text('{"t": "a", "y": "x"}\n{"t": "b", "y": \n')
-    with pytest.raises(DataError, match=r"a.jsonl:2: broken JSON"):
+    with pytest.raises(DataError, match=r"a.jsonl:2: json: broken JSON"):
         load_classification(str(p), "t", "y")
 
 
 def test_not_utf8_names_line_and_offset(tmp_path):
     p = tmp_path / "a.csv"
     p.write_bytes(b"t,y\nok,a\ncaf\xe9,b\n")
-    with pytest.raises(DataError, match=r"a.csv:3: not valid utf-8 at byte offset 12"):
+    with pytest.raises(DataError, match=r"a.csv:3: encoding: not valid utf-8 at byte offset 12"):
         load_classification(str(p), "t", "y")
 
 
 def test_ragged_csv_row(tmp_path):
     p = tmp_path / "a.csv"
     p.write_text("t,y\nok,a\nbad,b,extra\n")
-    with pytest.raises(DataError, match=r"a.csv:3: row has 3 fields, the header has 2"):
+    with pytest.raises(DataError, match=r"a.csv:3: row: has 3 fields, the header has 2"):
         load_classification(str(p), "t", "y")
 
 

@@ -345,7 +345,11 @@ def read_records(
         want = SHAPES[shape].keys if shape != "auto" else ()
         for canon, col in mapping.items():
             if canon in want or shape == "auto":
-                if canon not in first:
+                columns = first.get("__columns__", list(first))
+                # The named column itself must exist: falling back to a same-named canonical column
+                # (`text` when --map text=review was asked for) would train on the wrong field silently.
+                produced = render is not None and canon == "text"
+                if col not in columns and not produced:
                     line = next(ln for ln, d, _, _ in rows if d is not None)
                     raise DataError(f"{path}:{line}: {col}: no such column/key "
                                     f"(found: {', '.join(map(str, first.get('__columns__', first)))})")
