@@ -154,7 +154,7 @@ class SearchDim(Section):
     low: float | None = Field(None, description="Lower bound (numbers).")
     high: float | None = Field(None, description="Upper bound (numbers).")
     log: bool = Field(False, description="Sample on a log scale (learning rates).")
-    int_: bool = Field(False, alias="int", description="Sample integers between low and high.")
+    integer: bool = Field(False, description="Sample integers between low and high (ranks, epochs).")
     choices: list[Any] | None = Field(None, description="Pick one of these instead of a range.")
 
     @model_validator(mode="after")
