@@ -58,7 +58,7 @@ def answer_perplexity(model, tok, conversations: list[list[dict]], max_length: i
         k = int((batch["labels"][:, 1:] != IGNORE).sum())
         if not k:
             continue
-        out = model(**{key: v.to(dev) for key, v in batch.items()}, num_items_in_batch=1)
+        out = model(**{key: v.to(dev) for key, v in batch.items()}, num_items_in_batch=1, use_cache=False)
         nll += float(out.loss)
         n += k
     return math.exp(nll / max(1, n))

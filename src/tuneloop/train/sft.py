@@ -153,7 +153,8 @@ def pack(examples: list[tuple[list[int], list[int]]], max_length: int, seed: int
 
 def collate(rows, pad_id: int, packed: bool) -> dict[str, torch.Tensor]:
     """Right-padded batch. Packed rows get pads as a segment of their own (positions from 0, no labels)
-    and no attention mask, so the position ids decide the attention blocks."""
+    and no attention mask, so the position ids decide the attention blocks (call the model with
+    `use_cache=False`: a cache disables that detection)."""
     width = max(len(r[0]) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
@@ -194,7 +195,7 @@ def validation_loss(model, rows, pad_id: int, batch_size: int, dev, acc, autocas
             continue
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
             # num_items_in_batch=1 turns the model's mean into a sum over answer tokens
-            out = model(**{k: v.to(dev) for k, v in batch.items()}, num_items_in_batch=1)
+            out = model(**{k: v.to(dev) for k, v in batch.items()}, num_items_in_batch=1, use_cache=False)
         total += torch.tensor([out.loss.double().item(), n], dtype=torch.float64)
     total = acc.reduce(total.to(dev), reduction="sum").cpu() if acc.num_processes > 1 else total
     model.train()
@@ -316,7 +317,10 @@ def train_sft(recipe: Recipe, run_dir: Path, show_progress: bool = True, resume:
                 # A process with no share still joins the gradient all-reduce, with a zero loss.
                 batch = collate([rows[i] for i in (mine or global_batch[:1])], tok.pad_token_id, tc.packing)
                 with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_autocast):
-                    out = model(**{k: v.to(dev) for k, v in batch.items()}, num_items_in_batch=max(1, n_global))
+                    # use_cache=False matters: with a cache object transformers ignores the packed position
+                    # ids when building the mask, and packed examples would attend to each other.
+                    out = model(**{k: v.to(dev) for k, v in batch.items()}, num_items_in_batch=max(1, n_global),
+                                use_cache=False)
                 # DDP averages gradients over processes; scaling by `world` turns that back into the sum.
                 loss = out.loss * (world if mine else 0) / tc.grad_accum
                 acc.backward(loss)
