@@ -137,7 +137,14 @@ def load_kwargs(method_name: str, dtype: torch.dtype) -> dict:
     return {"dtype": torch.float32 if method_name == "full" else dtype}
 
 
-def peft_config(method, task_type: str, n_layers: int | None, tokenizer_path: str | None = None):
+def linear_module_names(model) -> list[str]:
+    """What `all-linear` means, spelled out: every Linear inside the transformer blocks (not the output head)."""
+    heads = {"lm_head", "score", "classifier", "pre_classifier"}
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                   if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] not in heads and ".layers." in f".{n}"})
+
+
+def peft_config(method, task_type: str, n_layers: int | None, tokenizer_path: str | None = None, model=None):
     """The PEFT config for `method` (a MethodConfig), or None for full fine-tuning."""
     from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, PromptTuningInit
 
@@ -145,11 +152,14 @@ def peft_config(method, task_type: str, n_layers: int | None, tokenizer_path: st
     if name == "full":
         return None
     if name in ("lora", "dora", "qlora"):
-        layers = None
+        layers, targets = None, method.target_modules
         if method.top_layers is not None and n_layers:
             layers = list(range(max(0, n_layers - method.top_layers), n_layers))
+            if targets == "all-linear":
+                # PEFT accepts a layer subset only with explicit module names.
+                targets = linear_module_names(model)
         return LoraConfig(task_type=task_type, r=method.r, lora_alpha=method.alpha, lora_dropout=method.dropout,
-                          target_modules=method.target_modules, layers_to_transform=layers,
+                          target_modules=targets, layers_to_transform=layers,
                           use_dora=name == "dora")
     if name == "prompt_tuning":
         if method.prompt_init_text:
@@ -173,7 +183,7 @@ def wrap_method(model, method, task_type: str, tokenizer_path: str | None = None
 
     if method.name == "qlora":
         model = prepare_model_for_kbit_training(model)
-    cfg = peft_config(method, task_type, getattr(model.config, "num_hidden_layers", None), tokenizer_path)
+    cfg = peft_config(method, task_type, getattr(model.config, "num_hidden_layers", None), tokenizer_path, model)
     model = get_peft_model(model, cfg)
     for p in model.parameters():
         if p.requires_grad:

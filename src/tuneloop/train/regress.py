@@ -214,7 +214,8 @@ def train_regressor(recipe: Recipe, run_dir: Path, show_progress: bool = True, r
 
                 last = pos["step"] >= total_steps
                 if enc_val and (pos["step"] % eval_every == 0 or last):
-                    pz = predict_z(model, enc_val, tok.pad_token_id, recipe.eval.batch_size, dev, use_autocast)
+                    # Every process scores all validation rows with the unwrapped model (no DDP collectives).
+                    pz = predict_z(inner, enc_val, tok.pad_token_id, recipe.eval.batch_size, dev, use_autocast)
                     val = sum((a - b) ** 2 for a, b in zip(pz, z_val)) / len(z_val)
                     val_mae = sum(abs(a - b) for a, b in zip(pz, z_val)) / len(z_val) * std
                     recent = [h["loss"] for h in history if h["step"] > (watch.points[-1][0] if watch.points else 0)]

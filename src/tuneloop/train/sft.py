@@ -343,7 +343,9 @@ def train_sft(recipe: Recipe, run_dir: Path, show_progress: bool = True, resume:
 
                 last = pos["step"] >= total_steps
                 if val_rows and (pos["step"] % eval_every == 0 or last):
-                    val = validation_loss(model, val_rows, tok.pad_token_id, recipe.eval.batch_size, dev, acc,
+                    # The unwrapped model: a DDP forward is a collective (buffer sync), and processes
+                    # hold different numbers of validation batches.
+                    val = validation_loss(inner, val_rows, tok.pad_token_id, recipe.eval.batch_size, dev, acc,
                                           use_autocast)
                     recent = [h["loss"] for h in history if h["step"] > (watch.points[-1][0] if watch.points else 0)]
                     improved, stop, overfit = watch.update(pos["step"], sum(recent) / len(recent), val)
