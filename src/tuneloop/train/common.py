@@ -139,9 +139,10 @@ def load_kwargs(method_name: str, dtype: torch.dtype) -> dict:
 
 def linear_module_names(model) -> list[str]:
     """What `all-linear` means, spelled out: every Linear inside the transformer blocks (not the output head)."""
-    heads = {"lm_head", "score", "classifier", "pre_classifier"}
+    heads = {"lm_head", "score", "classifier", "pre_classifier", "dense_out"}
     return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                   if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] not in heads and ".layers." in f".{n}"})
+                   if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] not in heads and "pooler" not in n
+                   and n.count(".") >= 2})
 
 
 def peft_config(method, task_type: str, n_layers: int | None, tokenizer_path: str | None = None, model=None):

@@ -135,8 +135,9 @@ def train_regressor(recipe: Recipe, run_dir: Path, show_progress: bool = True, r
     steps_per_epoch = max(1, batches_per_epoch // tc.grad_accum)
     total_steps = tc.max_steps or max(1, math.ceil(steps_per_epoch * tc.epochs))
     eval_every = tc.eval_every or steps_per_epoch
-    head = [p for n, p in model.named_parameters() if p.requires_grad and "score" in n]
-    body = [p for n, p in model.named_parameters() if p.requires_grad and "score" not in n]
+    heads = ("score", "classifier", "pre_classifier")
+    head = [p for n, p in model.named_parameters() if p.requires_grad and any(h in n for h in heads)]
+    body = [p for n, p in model.named_parameters() if p.requires_grad and not any(h in n for h in heads)]
     groups = [{"params": body, "lr": tc.lr}] + ([{"params": head, "lr": tc.head_lr or tc.lr}] if head else [])
     params = body + head
     optimizer = torch.optim.AdamW(groups, weight_decay=tc.weight_decay)
