@@ -79,3 +79,30 @@ def test_regress_trains_and_reports_real_units(tmp_path, tiny_llama_dir):
     assert report["systems"]["seasonal_naive"]["n"] == len(test)
     preds = [p["pred"] for p in report["predictions"]]
     assert all(500 < p < 2500 for p in preds), "predictions come back in real units"
+
+
+@pytest.mark.parametrize("method", ["dora", "prompt_tuning", "full"])
+def test_classify_takes_the_new_methods(tmp_path, tiny_llama_dir, method):
+    """classify routes non-LoRA methods through the shared builder instead of silently using LoRA."""
+    from tuneloop.config import MethodConfig
+    from tuneloop.train.classify import build_classifier
+
+    import torch
+
+    m = build_classifier(str(tiny_llama_dir), ["a", "b"], MethodConfig(name=method, num_virtual_tokens=4),
+                         torch.float32, 0)
+    kind = type(m).__name__
+    assert (kind.startswith("Peft")) == (method != "full")
+    if method == "dora":
+        assert m.peft_config["default"].use_dora
+
+
+def test_classify_top_layers_with_all_linear(tiny_llama_dir):
+    import torch
+
+    from tuneloop.config import MethodConfig
+    from tuneloop.train.classify import build_classifier
+
+    m = build_classifier(str(tiny_llama_dir), ["a", "b"], MethodConfig(top_layers=1), torch.float32, 0)
+    lora = [n for n, p in m.named_parameters() if p.requires_grad and "lora_" in n]
+    assert lora and all(".layers.1." in n for n in lora)

@@ -46,16 +46,22 @@ def build_classifier(model_path: str, labels: list[str], method, dtype: torch.dt
     """The base model with a fresh head, wrapped with LoRA (or left whole for full fine-tuning)."""
     from transformers import AutoModelForSequenceClassification
 
+    from .common import linear_module_names, load_kwargs, wrap_method
+
+    kwargs = {"dtype": dtype} if method.name == "lora" else load_kwargs(method.name, dtype)
     model = AutoModelForSequenceClassification.from_pretrained(
         model_path,
         num_labels=len(labels),
         id2label=dict(enumerate(labels)),
         label2id={l: i for i, l in enumerate(labels)},
-        dtype=dtype if method.name == "lora" else torch.float32,
+        **kwargs,
     )
     model.config.pad_token_id = pad_id
     if method.name == "full":
         return model
+    if method.name != "lora":
+        # DoRA, prompt/prefix tuning, QLoRA: the shared method builder (the LoRA path below is unchanged).
+        return wrap_method(model, method, "SEQ_CLS", model_path)
     from peft import LoraConfig, get_peft_model
 
     n_layers = getattr(model.config, "num_hidden_layers", None)
@@ -67,7 +73,9 @@ def build_classifier(model_path: str, labels: list[str], method, dtype: torch.dt
         r=method.r,
         lora_alpha=method.alpha,
         lora_dropout=method.dropout,
-        target_modules=method.target_modules,
+        # PEFT takes a layer subset only with module names, so `all-linear` is spelled out then.
+        target_modules=linear_module_names(model) if layers and method.target_modules == "all-linear"
+        else method.target_modules,
         layers_to_transform=layers,
     )
     model = get_peft_model(model, cfg)
