@@ -86,6 +86,15 @@ def pad_batch(seqs: list[list[int]], pad_id: int, left: bool = False) -> tuple[t
     return ids, mask
 
 
+def log_line(console, step: int, total: int, loss: float, tps: float, elapsed: float, every: int = 20) -> None:
+    """Where no live bar can be drawn (logs, CI), a plain line about every 1/`every` of the run, with ETA."""
+    if step % max(1, total // every) and step != total:
+        return
+    eta = elapsed / max(1, step) * (total - step)
+    console.print(f"step {step}/{total} · loss {loss:.4f} · {tps:,.0f} tok/s · "
+                  f"elapsed {elapsed / 60:.1f} min · ETA {eta / 60:.1f} min", highlight=False)
+
+
 def progress_columns():
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 

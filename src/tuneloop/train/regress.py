@@ -25,6 +25,7 @@ from ..zoo import resolve_model
 from .common import (
     ValWatch,
     length_bucketed_batches,
+    log_line,
     load_checkpoint,
     load_kwargs,
     load_trainable_state,
@@ -212,6 +213,8 @@ def train_regressor(recipe: Recipe, run_dir: Path, show_progress: bool = True, r
                 history.append({"step": pos["step"], "loss": step_loss, "lr": scheduler.get_last_lr()[0]})
                 tps = (pos["seen_tokens"] - tokens_at_start) / max(1e-9, time.time() - t_train)
                 progress.update(task, advance=1, info=f"mse {step_loss:.4f} · {tps:,.0f} tok/s")
+                if show_progress and main and not console.is_terminal:
+                    log_line(console, pos["step"], total_steps, step_loss, tps, time.time() - t_train)
 
                 last = pos["step"] >= total_steps
                 if enc_val and (pos["step"] % eval_every == 0 or last):

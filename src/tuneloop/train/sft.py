@@ -27,6 +27,7 @@ from .common import (
     ValWatch,
     device,
     length_bucketed_batches,
+    log_line,
     load_checkpoint,
     load_kwargs,
     load_trainable_state,
@@ -340,6 +341,8 @@ def train_sft(recipe: Recipe, run_dir: Path, show_progress: bool = True, resume:
                 history.append({"step": pos["step"], "loss": step_loss, "lr": scheduler.get_last_lr()[0]})
                 tps = (pos["seen_tokens"] - tokens_at_start) / max(1e-9, time.time() - t_train)
                 progress.update(task, advance=1, info=f"loss {step_loss:.4f} · {tps:,.0f} tok/s")
+                if show_progress and main and not console.is_terminal:
+                    log_line(console, pos["step"], total_steps, step_loss, tps, time.time() - t_train)
 
                 last = pos["step"] >= total_steps
                 if val_rows and (pos["step"] % eval_every == 0 or last):
