@@ -71,7 +71,8 @@ def evaluate_regress(run_dir: Path, test_path: str | None = None, out_dir: Path 
         keep = [i for i, v in enumerate(naive) if v is not None]
         if keep:
             systems["seasonal_naive"] = regression_metrics([y[i] for i in keep], [naive[i] for i in keep])
-            systems["tuned_same_days"] = regression_metrics([y[i] for i in keep], [pred[i] for i in keep])
+            if len(keep) < len(y):  # the baseline skipped days without history: compare on the same days too
+                systems["tuned_same_days"] = regression_metrics([y[i] for i in keep], [pred[i] for i in keep])
     report = {"task": "regress", "run": str(run_dir), "target": dc.value_field, "n": len(test),
               "systems": systems,
               "predictions": [{"time": r.meta.get("time"), "y": a, "pred": b} for r, a, b in zip(test, y, pred)]}
