@@ -43,7 +43,7 @@ def recipe_file(tmp_path, tiny_llama_dir) -> Path:
         "data": {"train": str(data), "val_ratio": 0.15},
         # dropout > 0 so that a wrong RNG state after resume would show
         "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.1},
-        "train": {"max_steps": 60, "batch_size": 4, "lr": 5e-3, "precision": "fp32", "threads": 1,
+        "train": {"max_steps": 40, "batch_size": 4, "lr": 5e-3, "precision": "fp32", "threads": 1,
                   "max_length": 64, "eval_every": 10, "checkpoint_every": 5, "seed": 3},
     }
     path = tmp_path / "recipe.yaml"
@@ -77,7 +77,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, recipe_file):
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resumed at step" in res.stderr
     resumed = json.loads((run_dir / "train_metrics.json").read_text())
-    assert resumed["steps"] == 60
+    assert resumed["steps"] == 40
 
     ref_dir = tmp_path / "ref"
     ref_dir.mkdir()
@@ -88,7 +88,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, recipe_file):
     assert worst <= 1e-6, f"resumed adapter differs from the uninterrupted one by {worst}"
     assert resumed["best_val_loss"] == pytest.approx(ref["best_val_loss"], abs=1e-6)
     hist = json.loads((run_dir / "history.json").read_text())["train"]
-    assert [h["step"] for h in hist] == list(range(1, 61))
+    assert [h["step"] for h in hist] == list(range(1, 41))
 
     # a finished run cannot be resumed again
     from tuneloop.errors import ConfigError
