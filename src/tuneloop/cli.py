@@ -46,18 +46,29 @@ def quickstart(workspace: Workspace = None, set_: Sets = None, no_progress: NoPr
 
 @app.command()
 def train(
-    recipe: Annotated[Path, typer.Argument(help="Recipe YAML (see `tuneloop recipe keys`).")],
+    recipe: Annotated[Optional[Path], typer.Argument(help="Recipe YAML (see `tuneloop recipe keys`).")] = None,
     workspace: Workspace = None,
     set_: Sets = None,
     no_progress: NoProgress = False,
+    resume: Annotated[Optional[Path], typer.Option(
+        "--resume", help="Continue an interrupted run folder from its last checkpoint (same recipe).")] = None,
 ) -> None:
-    """Train a recipe into a new run folder under <workspace>/runs/."""
+    """Train a recipe into a new run folder under <workspace>/runs/ (or --resume RUN_DIR)."""
     from .config import load_recipe
     from .runs import workspace_path
-    from .train import train_run
+    from .train import resume_run, train_run
 
-    r = load_recipe(recipe, set_ or [])
-    run_dir, metrics = train_run(r, workspace_path(workspace), show_progress=not no_progress)
+    if resume is not None:
+        if recipe is not None or set_:
+            raise TuneloopError("--resume: give the run folder alone; it trains with the recipe stored in it")
+        run_dir, metrics = resume_run(resume, workspace_path(workspace), show_progress=not no_progress)
+    else:
+        if recipe is None:
+            raise TuneloopError("train: give a RECIPE.yaml, or --resume RUN_DIR")
+        r = load_recipe(recipe, set_ or [])
+        run_dir, metrics = train_run(r, workspace_path(workspace), show_progress=not no_progress)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
     console.print(f"run: {run_dir}")
     console.print(f"steps {metrics['steps']} · loss {metrics['first_loss']:.4f} → {metrics['final_loss']:.4f} · "
                   f"{metrics['tokens_per_second']:.0f} tokens/s · {metrics['train_seconds']:.0f} s")
@@ -79,6 +90,23 @@ def eval_(
     from .runs import find_run, workspace_path
 
     run_dir = find_run(run, workspace_path(workspace))
+    task = _run_task(run_dir)
+    if task == "sft":
+        from .eval.textgen import evaluate_sft, print_sft_table
+
+        names = [s.strip() for s in systems.split(",")] if systems else None
+        for n in names or []:
+            if n not in ("base", "tuned"):
+                raise TuneloopError(f"--systems: unknown system {n!r} for sft (known: base, tuned)")
+        print_sft_table(evaluate_sft(run_dir, data, names, out, show_progress=not no_progress), console)
+        console.print(f"report: {(out or run_dir) / 'report.json'}")
+        return
+    if task == "regress":
+        from .eval.regression import evaluate_regress, print_regress_table
+
+        print_regress_table(evaluate_regress(run_dir, data, out, show_progress=not no_progress), console)
+        console.print(f"report: {(out or run_dir) / 'report.json'}")
+        return
     names = [s.strip() for s in systems.split(",")] if systems else None
     known = {"base", "tuned", "tfidf_logreg"}
     for n in names or []:
@@ -119,6 +147,32 @@ def serve(
                log_responses=log_responses, admin_keys=admin_key or [],
                max_batch=max_batch, max_queue=max_queue, max_prompt_tokens=max_prompt_tokens,
                max_new_tokens=max_new_tokens, batch_window_ms=batch_window_ms)
+def _run_task(run_dir: Path) -> str:
+    import json
+
+    f = run_dir / "train_metrics.json"
+    if not f.exists():
+        raise TuneloopError(f"{run_dir}: training did not finish (no train_metrics.json); "
+                            f"`tuneloop train --resume {run_dir}` continues it")
+    return json.loads(f.read_text()).get("task", "classify")
+
+
+@app.command()
+def sweep(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML with a `sweep:` section (search space, metric).")],
+    trials: Annotated[int, typer.Option("--trials", min=1, help="Number of trials.")] = 8,
+    workspace: Workspace = None,
+    set_: Sets = None,
+    no_progress: NoProgress = False,
+) -> None:
+    """Hyperparameter search with Optuna over the recipe's `sweep.space`; prints a table of trials."""
+    from .config import load_recipe
+    from .runs import workspace_path
+    from .sweep import print_trials, run_sweep
+
+    r = load_recipe(recipe, set_ or [])
+    result = run_sweep(r, workspace_path(workspace), trials, show_progress=not no_progress)
+    print_trials(result, console)
 
 
 @models_app.command("list")

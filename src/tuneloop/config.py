@@ -39,10 +39,37 @@ class DataConfig(Section):
     max_train_examples: int | None = Field(
         None, ge=1, description="Use at most this many training records (a stratified, seeded sample)."
     )
+    value_field: str = Field("value", description="(regress) Column holding the numeric target.")
+    template: str | None = Field(
+        None, description="(regress/classify on tables) Python format string that renders a table row as the "
+        "input text, e.g. `{date}: {temp} F, rain {weather_rain}`; columns are the row's fields.",
+    )
+    time_field: str | None = Field(
+        None, description="(regress) Date column: rows are sorted by it, held-out rows are the latest ones "
+        "(no peeking into the future) and the seasonal-naive baseline uses it.",
+    )
+    lags: list[int] = Field(
+        default_factory=list, description="(regress, needs `time_field`) Add `<value_field>_lag<N>` columns "
+        "holding the target N rows earlier, usable in `template`; rows without history are dropped.",
+    )
+    test_ratio: float | None = Field(
+        None, gt=0, lt=1, description="When `test` is not given, hold out this fraction of `train` as the test "
+        "set (seeded; the latest rows when `time_field` is set). Written to `<run>/test.jsonl`.",
+    )
+    val_ratio: float = Field(
+        0.1, ge=0, lt=1, description="(sft/regress) Fraction of the training records kept aside for validation "
+        "loss, early stopping and picking the best checkpoint; 0 turns validation off.",
+    )
+
+
+METHODS = ("lora", "dora", "prompt_tuning", "prefix_tuning", "full", "qlora")
 
 
 class MethodConfig(Section):
-    name: Literal["lora", "full"] = Field("lora", description="`lora` (PEFT adapter) or `full` fine-tuning.")
+    name: Literal["lora", "dora", "prompt_tuning", "prefix_tuning", "full", "qlora"] = Field(
+        "lora", description="`lora`, `dora` (weight-decomposed LoRA), `prompt_tuning`, `prefix_tuning` (PEFT "
+        "adapters), `full` fine-tuning, or `qlora` (LoRA over 4-bit weights; needs CUDA and bitsandbytes).",
+    )
     r: int = Field(16, ge=1, description="LoRA rank.")
     alpha: float = Field(32, gt=0, description="LoRA alpha; the update is scaled by alpha / r.")
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
@@ -52,6 +79,12 @@ class MethodConfig(Section):
     top_layers: int | None = Field(
         None, ge=1, description="Adapt only the top N transformer layers. Backward then stops at layer "
         "L-N, which is the cheapest way to trade a little quality for a lot of CPU time."
+    )
+    num_virtual_tokens: int = Field(
+        20, ge=1, description="(prompt_tuning/prefix_tuning) Learned virtual tokens prepended to every input."
+    )
+    prompt_init_text: str | None = Field(
+        None, description="(prompt_tuning) Initialise the virtual tokens from this text instead of randomly."
     )
 
 
@@ -74,10 +107,30 @@ class TrainConfig(Section):
         "Adapters and optimizer state stay fp32 either way."
     )
     threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: all cores).")
+    packing: bool = Field(
+        False, description="(sft) Pack short examples into rows of `max_length` tokens; position ids restart "
+        "per example, so attention never crosses from one example into another.",
+    )
+    eval_every: int | None = Field(
+        None, ge=1, description="(sft/regress) Validation loss every N optimizer steps (default: once per epoch "
+        "and at the end).",
+    )
+    patience: int | None = Field(
+        None, ge=1, description="(sft/regress) Stop early after this many validations without a new best "
+        "validation loss; None trains to the end.",
+    )
+    overfit_window: int = Field(
+        3, ge=2, description="Warn about overfitting when train loss fell and validation loss rose over this many "
+        "consecutive validations.",
+    )
+    checkpoint_every: int | None = Field(
+        None, ge=1, description="(sft/regress) Write a resumable checkpoint (weights, optimizer, scheduler, RNG, "
+        "data position) every N optimizer steps; `tuneloop train --resume RUN_DIR` continues from it exactly.",
+    )
 
 
 class EvalConfig(Section):
-    systems: list[Literal["base", "tuned", "tfidf_logreg"]] = Field(
+    systems: list[Literal["base", "tuned", "tfidf_logreg", "seasonal_naive"]] = Field(
         default_factory=lambda: ["base", "tuned", "tfidf_logreg"],
         description="Systems compared side by side on the test set.",
     )
@@ -89,11 +142,45 @@ class EvalConfig(Section):
     verbalizer: dict[str, str] | None = Field(
         None, description="Word the base model should say for each label (default: the label itself).",
     )
+    max_new_tokens: int = Field(
+        160, ge=1, description="(sft) Longest generated answer when scoring ROUGE-L / BLEU (greedy decoding)."
+    )
+    max_test_examples: int | None = Field(
+        None, ge=1, description="(sft) Generate for at most this many test records (the first N), to bound time.",
+    )
+
+
+class SearchDim(Section):
+    low: float | None = Field(None, description="Lower bound (numbers).")
+    high: float | None = Field(None, description="Upper bound (numbers).")
+    log: bool = Field(False, description="Sample on a log scale (learning rates).")
+    integer: bool = Field(False, description="Sample integers between low and high (ranks, epochs).")
+    choices: list[Any] | None = Field(None, description="Pick one of these instead of a range.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "SearchDim":
+        if self.choices is None and (self.low is None or self.high is None):
+            raise ValueError("give either `choices` or both `low` and `high`")
+        if self.choices is None and self.low > self.high:
+            raise ValueError("low must not exceed high")
+        return self
+
+
+class SweepConfig(Section):
+    metric: str = Field("best_val_loss", description="Key of train_metrics.json that picks the best trial.")
+    direction: Literal["minimize", "maximize"] = Field("minimize", description="Whether lower or higher wins.")
+    space: dict[str, SearchDim] = Field(
+        default_factory=dict, description="Recipe key → range or choices, e.g. `train.lr: {low: 1e-5, "
+        "high: 1e-3, log: true}`, `method.r: {choices: [8, 16]}`.",
+    )
 
 
 class Recipe(Section):
     name: str = Field(description="Short name; runs are stored as `<workspace>/runs/<name>-<time>`.")
-    task: Literal["classify"] = Field("classify", description="What is learned: `classify` (text → label).")
+    task: Literal["classify", "regress", "sft"] = Field(
+        "classify", description="What is learned: `classify` (text → label), `regress` (text → number), "
+        "`sft` (chat records → assistant answers).",
+    )
     model: str = Field(
         "smollm2-135m-instruct",
         description="A name from `tuneloop models list`, a local HF folder, or a hub id.",
@@ -102,6 +189,7 @@ class Recipe(Section):
     method: MethodConfig = Field(default_factory=MethodConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
 
     # Where the YAML came from, so relative data paths resolve against it (not part of the schema).
     source_dir: str | None = Field(None, exclude=True, description="(internal) folder of the recipe file")

@@ -1,44 +1,118 @@
 """Training recipes: one readable file per method; `common.py` holds the few helpers they share.
 
 `RECIPES` maps a recipe's `task` to the function that trains it: plain data, registered explicitly.
+Every function takes (recipe, run_dir, show_progress, resume) and returns the training metrics.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Callable
 
 from ..config import Recipe
-from ..errors import ConfigError
+from ..errors import ConfigError, NotFoundError
 from ..fileio import write_text_atomic
 from ..runs import new_run_dir
 
 
-def _classify(recipe: Recipe, run_dir: Path, show_progress: bool) -> dict:
+def _classify(recipe: Recipe, run_dir: Path, show_progress: bool, resume: bool = False) -> dict:
     from .classify import train_classifier
 
+    if resume:
+        raise ConfigError("--resume: classify runs do not write checkpoints (resumable tasks: regress, sft)")
     return train_classifier(recipe, run_dir, show_progress)
 
 
-RECIPES: dict[str, Callable[[Recipe, Path, bool], dict]] = {
+def _regress(recipe: Recipe, run_dir: Path, show_progress: bool, resume: bool = False) -> dict:
+    from .regress import train_regressor
+
+    return train_regressor(recipe, run_dir, show_progress, resume)
+
+
+def _sft(recipe: Recipe, run_dir: Path, show_progress: bool, resume: bool = False) -> dict:
+    from .sft import train_sft
+
+    return train_sft(recipe, run_dir, show_progress, resume)
+
+
+RECIPES: dict[str, Callable[..., dict]] = {
     "classify": _classify,
+    "regress": _regress,
+    "sft": _sft,
 }
+
+
+def _distributed() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _shared_run_dir(workspace: Path, name: str) -> Path:
+    """Under `torchrun` / `accelerate launch` every process must train into the same folder: the main
+    process creates it and tells the others."""
+    if not _distributed():
+        return new_run_dir(workspace, name)
+    import torch.distributed as dist
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not __import__("torch").cuda.is_available())
+    box = [str(new_run_dir(workspace, name)) if state.is_main_process else None]
+    dist.broadcast_object_list(box, src=0)
+    return Path(box[0])
+
+
+def _is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _run(recipe: Recipe, run_dir: Path, workspace: Path, show_progress: bool, resume: bool) -> dict:
+    if recipe.task not in RECIPES:
+        raise ConfigError(f"task {recipe.task!r}: no recipe (known: {', '.join(sorted(RECIPES))})")
+    try:
+        metrics = RECIPES[recipe.task](recipe, run_dir, show_progress, resume)
+    except BaseException:
+        # Leave a marker rather than a folder that looks finished.
+        if _is_main():
+            write_text_atomic(run_dir / "FAILED", "training did not finish\n")
+        raise
+    (run_dir / "FAILED").unlink(missing_ok=True)
+    if not _is_main():
+        return metrics
+    from ..tracking import log_to_mlflow
+
+    numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    run_id = log_to_mlflow(workspace, recipe.name, run_dir.name, recipe.model_dump(mode="json"), numeric,
+                           artifacts=[run_dir / "recipe.yaml", run_dir / "data.json", run_dir / "loss.png"],
+                           tags={"stage": "train"})
+    hist = run_dir / "history.json"
+    if hist.exists():
+        import json
+
+        from .common import log_history_to_mlflow
+
+        h = json.loads(hist.read_text())
+        if isinstance(h, dict):
+            log_history_to_mlflow(workspace, run_id, h["train"], h["validation"])
+    return metrics
 
 
 def train_run(recipe: Recipe, workspace: Path, show_progress: bool = True) -> tuple[Path, dict]:
     """Create a run folder under the workspace, train into it, log to MLflow; return (run_dir, metrics)."""
     if recipe.task not in RECIPES:
         raise ConfigError(f"task {recipe.task!r}: no recipe (known: {', '.join(sorted(RECIPES))})")
-    run_dir = new_run_dir(workspace, recipe.name)
-    try:
-        metrics = RECIPES[recipe.task](recipe, run_dir, show_progress)
-    except BaseException:
-        # Leave a marker rather than a folder that looks finished.
-        write_text_atomic(run_dir / "FAILED", "training did not finish\n")
-        raise
-    from ..tracking import log_to_mlflow
+    run_dir = _shared_run_dir(workspace, recipe.name)
+    return run_dir, _run(recipe, run_dir, workspace, show_progress, resume=False)
 
-    numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    log_to_mlflow(workspace, recipe.name, run_dir.name, recipe.model_dump(mode="json"), numeric,
-                  artifacts=[run_dir / "recipe.yaml", run_dir / "data.json"], tags={"stage": "train"})
-    return run_dir, metrics
+
+def resume_run(run_dir: Path, workspace: Path, show_progress: bool = True) -> tuple[Path, dict]:
+    """Continue an interrupted run from its last checkpoint, with the recipe it was started with."""
+    from ..config import load_recipe
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "recipe.yaml").exists():
+        raise NotFoundError(f"{run_dir}: not a run folder (no recipe.yaml)")
+    if (run_dir / "train_metrics.json").exists():
+        raise ConfigError(f"{run_dir}: this run already finished; nothing to resume")
+    # The run's copy has its data paths made absolute when it was written, so it stands on its own.
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    return run_dir, _run(recipe, run_dir, workspace, show_progress, resume=True)

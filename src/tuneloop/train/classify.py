@@ -46,52 +46,23 @@ def build_classifier(model_path: str, labels: list[str], method, dtype: torch.dt
     """The base model with a fresh head, wrapped with LoRA (or left whole for full fine-tuning)."""
     from transformers import AutoModelForSequenceClassification
 
+    from .common import load_kwargs, wrap_method
+
+    kwargs = {"dtype": dtype} if method.name == "lora" else load_kwargs(method.name, dtype)
     model = AutoModelForSequenceClassification.from_pretrained(
         model_path,
         num_labels=len(labels),
         id2label=dict(enumerate(labels)),
         label2id={l: i for i, l in enumerate(labels)},
-        dtype=dtype if method.name == "lora" else torch.float32,
+        **kwargs,
     )
     model.config.pad_token_id = pad_id
-    if method.name == "full":
-        return model
-    from peft import LoraConfig, get_peft_model
-
-    n_layers = getattr(model.config, "num_hidden_layers", None)
-    layers = None
-    targets = method.target_modules
-    if method.top_layers is not None and n_layers:
-        layers = list(range(max(0, n_layers - method.top_layers), n_layers))
-        if targets == "all-linear":
-            # PEFT only accepts layers_to_transform with explicit module names.
-            targets = linear_module_names(model)
-    cfg = LoraConfig(
-        task_type="SEQ_CLS",
-        r=method.r,
-        lora_alpha=method.alpha,
-        lora_dropout=method.dropout,
-        target_modules=targets,
-        layers_to_transform=layers,
-    )
-    model = get_peft_model(model, cfg)
-    # Frozen weights stay in bf16; what is trained (adapters, head) keeps fp32 master copies.
-    for p in model.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
-    return model
+    # LoRA, DoRA, prompt/prefix tuning, QLoRA all go through the shared method builder; `full` passes through.
+    return wrap_method(model, method, "SEQ_CLS", model_path)
 
 
+# Parameters of the new head get their own learning rate (`train.head_lr`).
 HEAD_NAMES = ("score", "classifier", "pre_classifier", "lm_head")
-
-
-def linear_module_names(model) -> list[str]:
-    """Short names of the Linear layers inside the transformer blocks (what `all-linear` means to PEFT)."""
-    names = set()
-    for full, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear) and not any(h in full for h in HEAD_NAMES):
-            names.add(full.rsplit(".", 1)[-1])
-    return sorted(names)
 
 
 def _schedule(optimizer, kind: str, warmup: int, total: int):

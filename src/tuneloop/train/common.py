@@ -86,6 +86,15 @@ def pad_batch(seqs: list[list[int]], pad_id: int, left: bool = False) -> tuple[t
     return ids, mask
 
 
+def log_line(console, step: int, total: int, loss: float, tps: float, elapsed: float, every: int = 20) -> None:
+    """Where no live bar can be drawn (logs, CI), a plain line about every 1/`every` of the run, with ETA."""
+    if step % max(1, total // every) and step != total:
+        return
+    eta = elapsed / max(1, step) * (total - step)
+    console.print(f"step {step}/{total} · loss {loss:.4f} · {tps:,.0f} tok/s · "
+                  f"elapsed {elapsed / 60:.1f} min · ETA {eta / 60:.1f} min", highlight=False)
+
+
 def progress_columns():
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -98,3 +107,242 @@ def progress_columns():
         TextColumn("ETA"),
         TimeRemainingColumn(),
     )
+
+
+# ----------------------------------------------------------------------------------------------------
+# methods: which PEFT config wraps the model (plain data; an unknown name fails with the known ones)
+
+PEFT_METHODS = ("lora", "dora", "qlora", "prompt_tuning", "prefix_tuning")
+
+
+def check_method_available(name: str) -> None:
+    """QLoRA needs CUDA and bitsandbytes; without them it is an error, never a silent switch to LoRA."""
+    if name != "qlora":
+        return
+    import importlib.util
+
+    from ..errors import ConfigError
+
+    missing = []
+    if not torch.cuda.is_available():
+        missing.append("a CUDA GPU")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        missing.append("the bitsandbytes package")
+    if missing:
+        raise ConfigError(f"method.name: qlora needs {' and '.join(missing)}, which this machine lacks; "
+                          f"use method.name: lora (same adapter, full-precision base weights)")
+
+
+def load_kwargs(method_name: str, dtype: torch.dtype) -> dict:
+    """`from_pretrained` keyword arguments for a method: 4-bit NF4 weights for QLoRA, else a dtype."""
+    check_method_available(method_name)
+    if method_name == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        return {"quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16), "dtype": torch.bfloat16, "device_map": {"": 0}}
+    # Full fine-tuning keeps fp32 weights: bf16 master weights lose small updates.
+    return {"dtype": torch.float32 if method_name == "full" else dtype}
+
+
+def linear_module_names(model) -> list[str]:
+    """What `all-linear` means, spelled out: every Linear inside the transformer blocks (not the output head)."""
+    heads = {"lm_head", "score", "classifier", "pre_classifier", "dense_out"}
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                   if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] not in heads and "pooler" not in n
+                   and n.count(".") >= 2})
+
+
+def peft_config(method, task_type: str, n_layers: int | None, tokenizer_path: str | None = None, model=None):
+    """The PEFT config for `method` (a MethodConfig), or None for full fine-tuning."""
+    from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, PromptTuningInit
+
+    name = method.name
+    if name == "full":
+        return None
+    if name in ("lora", "dora", "qlora"):
+        layers, targets = None, method.target_modules
+        if method.top_layers is not None and n_layers:
+            layers = list(range(max(0, n_layers - method.top_layers), n_layers))
+            if targets == "all-linear":
+                # PEFT accepts a layer subset only with explicit module names.
+                targets = linear_module_names(model)
+        return LoraConfig(task_type=task_type, r=method.r, lora_alpha=method.alpha, lora_dropout=method.dropout,
+                          target_modules=targets, layers_to_transform=layers,
+                          use_dora=name == "dora")
+    if name == "prompt_tuning":
+        if method.prompt_init_text:
+            return PromptTuningConfig(task_type=task_type, num_virtual_tokens=method.num_virtual_tokens,
+                                      prompt_tuning_init=PromptTuningInit.TEXT,
+                                      prompt_tuning_init_text=method.prompt_init_text,
+                                      tokenizer_name_or_path=tokenizer_path)
+        return PromptTuningConfig(task_type=task_type, num_virtual_tokens=method.num_virtual_tokens)
+    if name == "prefix_tuning":
+        return PrefixTuningConfig(task_type=task_type, num_virtual_tokens=method.num_virtual_tokens)
+    from ..errors import ConfigError
+
+    raise ConfigError(f"method.name: unknown method {name!r} (known: full, {', '.join(PEFT_METHODS)})")
+
+
+def wrap_method(model, method, task_type: str, tokenizer_path: str | None = None):
+    """Wrap `model` with the method's adapter; what is trained keeps fp32 master copies."""
+    if method.name == "full":
+        return model
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if method.name == "qlora":
+        model = prepare_model_for_kbit_training(model)
+    cfg = peft_config(method, task_type, getattr(model.config, "num_hidden_layers", None), tokenizer_path, model)
+    model = get_peft_model(model, cfg)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    return model
+
+
+def make_scheduler(optimizer, kind: str, warmup: int, total: int):
+    from transformers import get_scheduler
+
+    name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[kind]
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total)
+
+
+# ----------------------------------------------------------------------------------------------------
+# checkpoints: everything needed to continue bit for bit
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model, state: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, t in state.items():
+            params[n].copy_(t)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(ckpt_dir, payload: dict) -> None:
+    """One folder, replaced in one rename: a kill at any moment leaves the previous checkpoint intact."""
+    from ..fileio import atomic_dir
+
+    with atomic_dir(ckpt_dir) as tmp:
+        torch.save(payload, tmp / "state.pt")
+
+
+def load_checkpoint(ckpt_dir) -> dict:
+    from pathlib import Path
+
+    from ..errors import NotFoundError
+
+    path = Path(ckpt_dir) / "state.pt"
+    if not path.exists():
+        raise NotFoundError(f"{ckpt_dir}: no checkpoint to resume from (was train.checkpoint_every set?)")
+    # Our own file: it holds RNG states and optimizer state, which are not plain tensors.
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+# ----------------------------------------------------------------------------------------------------
+# validation watch: early stopping, best checkpoint, overfitting warning
+
+
+class ValWatch:
+    """Tracks validations. `update` says whether this one is a new best, whether to stop (patience),
+    and whether train loss fell while validation loss rose over the last `window` validations."""
+
+    def __init__(self, patience: int | None, window: int):
+        self.patience, self.window = patience, window
+        self.best = float("inf")
+        self.best_step = 0
+        self.bad = 0
+        self.points: list[tuple[int, float, float]] = []  # (step, train_loss, val_loss)
+        self.overfit_warned_at: int | None = None
+
+    def update(self, step: int, train_loss: float, val_loss: float) -> tuple[bool, bool, bool]:
+        self.points.append((step, train_loss, val_loss))
+        improved = val_loss < self.best
+        if improved:
+            self.best, self.best_step, self.bad = val_loss, step, 0
+        else:
+            self.bad += 1
+        stop = self.patience is not None and self.bad >= self.patience
+        last = self.points[-self.window:]
+        overfit = len(last) == self.window and all(
+            b[1] < a[1] and b[2] > a[2] for a, b in zip(last, last[1:]))
+        if overfit and self.overfit_warned_at is None:
+            self.overfit_warned_at = step
+        return improved, stop, overfit
+
+    def state_dict(self) -> dict:
+        return dict(vars(self))
+
+    def load_state_dict(self, d: dict) -> None:
+        vars(self).update(d)
+
+
+def plot_losses(history: list[dict], validations: list[tuple[int, float, float]], path) -> None:
+    """Loss curve: train loss per step and validation loss at each validation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..fileio import write_bytes_atomic
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if history:
+        ax.plot([h["step"] for h in history], [h["loss"] for h in history], label="train", lw=1)
+    if validations:
+        ax.plot([v[0] for v in validations], [v[2] for v in validations], "o-", label="validation")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    import io
+
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    write_bytes_atomic(path, buf.getvalue())
+
+
+def log_history_to_mlflow(workspace, run_id: str, history: list[dict], validations) -> None:
+    """Per-step curves next to the final numbers, so MLflow draws the loss plot too."""
+    import time as _time
+
+    import mlflow
+    from mlflow.entities import Metric
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{workspace / 'mlflow.db'}")
+    now = int(_time.time() * 1000)
+    ms = [Metric("train_loss", float(h["loss"]), now, int(h["step"])) for h in history]
+    ms += [Metric("val_loss", float(v[2]), now, int(v[0])) for v in validations]
+    for i in range(0, len(ms), 900):  # the store caps a batch at 1000 metrics
+        client.log_batch(run_id, metrics=ms[i:i + 900])
+
+
+def recipe_for_run(recipe):
+    """The recipe as stored in a run folder: relative data paths made absolute, so `--resume` and `eval`
+    find the data wherever they are started from."""
+    r = recipe.model_copy(deep=True)
+    r.data.train = recipe.resolve_path(recipe.data.train)
+    if recipe.data.test:
+        r.data.test = recipe.resolve_path(recipe.data.test)
+    return r

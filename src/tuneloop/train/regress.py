@@ -1,0 +1,331 @@
+"""Recipe `regress`: a numeric head over a pretrained encoder or decoder (daily demand, prices, scores).
+
+Reads top to bottom: data (rows rendered to text, time-ordered hold-out) → target standardised with the
+training mean/std → model (one-output head, PEFT method or full) → loop (validation, early stopping,
+checkpoints, exact resume) → save, with the target scale in `<run>/target.json` so predictions come back
+in real units.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import Progress
+
+from ..config import Recipe, recipe_to_yaml
+from ..data.chat import fingerprint, holdout, write_records_jsonl
+from ..data.tabular import load_table
+from ..errors import ConfigError
+from ..fileio import atomic_dir, write_json_atomic, write_text_atomic
+from ..zoo import resolve_model
+from .common import (
+    ValWatch,
+    length_bucketed_batches,
+    log_line,
+    load_checkpoint,
+    load_kwargs,
+    load_trainable_state,
+    make_scheduler,
+    pad_batch,
+    pick_dtype,
+    plot_losses,
+    progress_columns,
+    recipe_for_run,
+    rng_state,
+    save_checkpoint,
+    seed_everything,
+    set_rng_state,
+    set_threads,
+    sorted_batches,
+    trainable_state,
+    wrap_method,
+)
+
+console = Console(stderr=True)
+
+
+def load_tokenizer(model_path: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def build_regressor(model_path: str, method, dtype: torch.dtype, pad_id: int):
+    """The base model with a fresh one-output head (predicting the standardised target), wrapped by the method."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_path, num_labels=1, problem_type="regression", **load_kwargs(method.name, dtype))
+    model.config.pad_token_id = pad_id
+    return wrap_method(model, method, "SEQ_CLS", model_path)
+
+
+def load_records(recipe: Recipe):
+    dc = recipe.data
+    return load_table(recipe.resolve_path(dc.train), dc.value_field, dc.template, dc.text_field, dc.time_field,
+                      dc.lags, dc.format)
+
+
+@torch.no_grad()
+def predict_z(model, enc: list[list[int]], pad_id: int, batch_size: int, dev, autocast: bool) -> list[float]:
+    """Standardised predictions, in input order."""
+    model.eval()
+    out = [0.0] * len(enc)
+    for b in sorted_batches([len(e) for e in enc], batch_size):
+        ids, mask = pad_batch([enc[i] for i in b], pad_id)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
+            logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits
+        for i, v in zip(b, logits.float().view(-1).tolist()):
+            out[i] = v
+    model.train()
+    return out
+
+
+def train_regressor(recipe: Recipe, run_dir: Path, show_progress: bool = True, resume: bool = False) -> dict:
+    from accelerate import Accelerator
+
+    t0 = time.time()
+    tc, dc, mc = recipe.train, recipe.data, recipe.method
+    acc = Accelerator(cpu=not torch.cuda.is_available())
+    main = acc.is_main_process
+    set_threads(tc.threads)
+    seed_everything(tc.seed)
+    dev = acc.device
+
+    # ---- data: a time column means the held-out rows are the latest ones, never a random sample
+    records = load_records(recipe)
+    n_all = len(records)
+    ordered = dc.time_field is not None
+    if dc.test:
+        test = load_table(recipe.resolve_path(dc.test), dc.value_field, dc.template, dc.text_field,
+                          dc.time_field, dc.lags, dc.format)
+    else:
+        records, test = holdout(records, dc.test_ratio or 0.0, tc.seed, ordered=ordered)
+    train_recs, val_recs = holdout(records, dc.val_ratio, tc.seed + 1, ordered=ordered)
+    if dc.max_train_examples:
+        train_recs = train_recs[-dc.max_train_examples:] if ordered else train_recs[: dc.max_train_examples]
+    if len(train_recs) < 2:
+        raise ConfigError(f"data.train: {len(train_recs)} training records left after the hold-outs; need at least 2")
+    ys = [r.value for r in train_recs]
+    mean = sum(ys) / len(ys)
+    std = math.sqrt(sum((y - mean) ** 2 for y in ys) / len(ys)) or 1.0
+
+    model_path = resolve_model(recipe.model)
+    tok = load_tokenizer(model_path)
+    enc = tok([r.text for r in train_recs], truncation=True, max_length=tc.max_length)["input_ids"]
+    enc_val = tok([r.text for r in val_recs], truncation=True, max_length=tc.max_length)["input_ids"] if val_recs else []
+    z = [(y - mean) / std for y in ys]
+    z_val = [(r.value - mean) / std for r in val_recs]
+
+    # ---- model
+    dtype = pick_dtype(tc.precision, dev)
+    model = build_regressor(model_path, mc, dtype, tok.pad_token_id)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total_params = sum(p.numel() for p in model.parameters())
+    use_autocast = dtype == torch.bfloat16 and mc.name != "full"
+
+    lengths = [len(e) for e in enc]
+    batches_per_epoch = math.ceil(len(enc) / tc.batch_size)
+    steps_per_epoch = max(1, batches_per_epoch // tc.grad_accum)
+    total_steps = tc.max_steps or max(1, math.ceil(steps_per_epoch * tc.epochs))
+    eval_every = tc.eval_every or steps_per_epoch
+    heads = ("score", "classifier", "pre_classifier")
+    head = [p for n, p in model.named_parameters() if p.requires_grad and any(h in n for h in heads)]
+    body = [p for n, p in model.named_parameters() if p.requires_grad and not any(h in n for h in heads)]
+    groups = [{"params": body, "lr": tc.lr}] + ([{"params": head, "lr": tc.head_lr or tc.lr}] if head else [])
+    params = body + head
+    optimizer = torch.optim.AdamW(groups, weight_decay=tc.weight_decay)
+    scheduler = make_scheduler(optimizer, tc.scheduler, int(tc.warmup_ratio * total_steps), total_steps)
+    model, optimizer = acc.prepare(model, optimizer)
+    inner = acc.unwrap_model(model)
+
+    # ---- state (restored on resume)
+    pos = {"step": 0, "epoch": 0, "batch_idx": 0, "micro": 0, "seen_tokens": 0}
+    history: list[dict] = []
+    watch = ValWatch(tc.patience, tc.overfit_window)
+    best_state = None
+    ckpt_dir = run_dir / "checkpoints" / "last"
+    if resume:
+        ck = load_checkpoint(ckpt_dir)
+        load_trainable_state(inner, ck["trainable"])
+        optimizer.load_state_dict(ck["optimizer"])
+        scheduler.load_state_dict(ck["scheduler"])
+        pos, history, best_state = ck["position"], ck["history"], ck["best_state"]
+        watch.load_state_dict(ck["watch"])
+        set_rng_state(ck["rng"])
+        if main:
+            console.print(f"resumed at step {pos['step']} of {total_steps} (epoch {pos['epoch']})")
+    elif main:
+        write_text_atomic(run_dir / "recipe.yaml", recipe_to_yaml(recipe_for_run(recipe)))
+        write_records_jsonl(run_dir / "test.jsonl", test)
+        write_records_jsonl(run_dir / "train_tail.jsonl", (train_recs + val_recs)[-30:] if ordered else [])
+
+    def checkpoint() -> None:
+        if main:
+            save_checkpoint(ckpt_dir, {
+                "trainable": trainable_state(inner), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "position": dict(pos), "history": history,
+                "best_state": best_state, "watch": watch.state_dict(), "rng": rng_state()})
+        acc.wait_for_everyone()
+
+    # ---- loop: mean squared error on the standardised target
+    model.train()
+    world, rank = acc.num_processes, acc.process_index
+    stop, stopped_early = False, False
+    window: list[float] = []
+    t_train, tokens_at_start = time.time(), pos["seen_tokens"]
+    with Progress(*progress_columns(), console=console, disable=not (show_progress and main)) as progress:
+        task = progress.add_task("regress", total=total_steps, completed=pos["step"], info="")
+        while pos["step"] < total_steps and not stop:
+            batches = length_bucketed_batches(lengths, tc.batch_size, tc.seed + pos["epoch"])
+            while pos["batch_idx"] < len(batches):
+                global_batch = batches[pos["batch_idx"]]
+                pos["batch_idx"] += 1
+                mine = global_batch[rank::world] or global_batch[:1]
+                ids, mask = pad_batch([enc[i] for i in mine], tok.pad_token_id)
+                y = torch.tensor([z[i] for i in mine], dtype=torch.float32)
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_autocast):
+                    pred = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float().view(-1)
+                # Sum over my share / size of the global batch, times `world` to undo DDP's averaging.
+                sq = ((pred - y.to(dev)) ** 2).sum() if global_batch[rank::world] else pred.sum() * 0
+                loss = sq / len(global_batch) * world / tc.grad_accum
+                acc.backward(loss)
+                pos["seen_tokens"] += sum(lengths[i] for i in global_batch)
+                window.append(float(sq.detach()) / len(global_batch))
+                pos["micro"] += 1
+                if pos["micro"] % tc.grad_accum:
+                    continue
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                pos["step"] += 1
+                step_loss = sum(window[-tc.grad_accum:]) / tc.grad_accum
+                if world > 1:
+                    step_loss = float(acc.reduce(torch.tensor(step_loss, device=dev), reduction="sum"))
+                history.append({"step": pos["step"], "loss": step_loss, "lr": scheduler.get_last_lr()[0]})
+                tps = (pos["seen_tokens"] - tokens_at_start) / max(1e-9, time.time() - t_train)
+                progress.update(task, advance=1, info=f"mse {step_loss:.4f} · {tps:,.0f} tok/s")
+                if show_progress and main and not console.is_terminal:
+                    log_line(console, pos["step"], total_steps, step_loss, tps, time.time() - t_train)
+
+                last = pos["step"] >= total_steps
+                if enc_val and (pos["step"] % eval_every == 0 or last):
+                    # Every process scores all validation rows with the unwrapped model (no DDP collectives).
+                    pz = predict_z(inner, enc_val, tok.pad_token_id, recipe.eval.batch_size, dev, use_autocast)
+                    val = sum((a - b) ** 2 for a, b in zip(pz, z_val)) / len(z_val)
+                    val_mae = sum(abs(a - b) for a, b in zip(pz, z_val)) / len(z_val) * std
+                    recent = [h["loss"] for h in history if h["step"] > (watch.points[-1][0] if watch.points else 0)]
+                    improved, stop, overfit = watch.update(pos["step"], sum(recent) / len(recent), val)
+                    if improved:
+                        best_state = trainable_state(inner)
+                    if main:
+                        progress.console.print(f"step {pos['step']}: validation mse {val:.4f} · MAE {val_mae:,.3f}"
+                                               f"{' · best' if improved else ''}")
+                        if overfit and watch.overfit_warned_at == pos["step"]:
+                            progress.console.print(
+                                f"[yellow]overfitting:[/] train loss fell and validation loss rose over the last "
+                                f"{tc.overfit_window} validations; the best checkpoint (step {watch.best_step}) "
+                                f"is the one kept")
+                    if stop and not last:
+                        stopped_early = True
+                        if main:
+                            progress.console.print(f"early stop: no better validation loss for {tc.patience} "
+                                                   f"validations (best at step {watch.best_step})")
+                if tc.checkpoint_every and pos["step"] % tc.checkpoint_every == 0 and not last and not stop:
+                    checkpoint()
+                if last or stop:
+                    break
+            if pos["batch_idx"] >= len(batches):
+                pos["epoch"] += 1
+                pos["batch_idx"] = 0
+    train_seconds = time.time() - t_train
+
+    # ---- save
+    if best_state is not None:
+        load_trainable_state(inner, best_state)
+    inner.eval()
+    val_mae = None
+    if enc_val:
+        pz = predict_z(inner, enc_val, tok.pad_token_id, recipe.eval.batch_size, dev, use_autocast)
+        val_mae = sum(abs(a - b) for a, b in zip(pz, z_val)) / len(z_val) * std
+    if main:
+        with atomic_dir(run_dir / "model") as tmp:
+            inner.save_pretrained(tmp)
+        write_json_atomic(run_dir / "target.json", {"field": dc.value_field, "mean": mean, "std": std})
+        write_json_atomic(run_dir / "data.json", {
+            "train": dc.train, "test": dc.test, "fingerprint": fingerprint(train_recs + val_recs + test),
+            "records": n_all, "train_records": len(train_recs), "val_records": len(val_recs),
+            "test_records": len(test), "time_ordered": ordered})
+        write_json_atomic(run_dir / "history.json", {"train": history, "validation": watch.points})
+        plot_losses(history, watch.points, run_dir / "loss.png")
+    tail = history[-max(1, len(history) // 10):]
+    metrics = {
+        "task": "regress",
+        "method": mc.name,
+        "base_model": recipe.model,
+        "model_path": model_path,
+        "dtype": str(dtype if mc.name != "full" else torch.float32).replace("torch.", ""),
+        "steps": pos["step"],
+        "examples": len(train_recs),
+        "target_mean": mean,
+        "target_std": std,
+        "train_tokens": pos["seen_tokens"],
+        "train_seconds": round(train_seconds, 2),
+        "tokens_per_second": round((pos["seen_tokens"] - tokens_at_start) / max(1e-9, train_seconds), 1),
+        "first_loss": history[0]["loss"] if history else None,
+        "final_loss": sum(h["loss"] for h in tail) / len(tail) if tail else None,
+        "best_val_loss": watch.best if watch.points else None,
+        "val_mae": val_mae,
+        "best_step": watch.best_step if watch.points else None,
+        "stopped_early": stopped_early,
+        "overfit_warning_step": watch.overfit_warned_at,
+        "trainable_params": trainable,
+        "total_params": total_params,
+        "processes": world,
+        "wall_seconds": round(time.time() - t0, 2),
+    }
+    if main:
+        write_json_atomic(run_dir / "train_metrics.json", metrics)
+        import shutil
+
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    acc.wait_for_everyone()
+    return metrics
+
+
+def load_trained(run_dir: Path, dev: torch.device | None = None):
+    """(model, tokenizer, target scale, dtype) of a finished regress run, ready for inference."""
+    import json
+
+    from transformers import AutoModelForSequenceClassification
+
+    from .common import device
+
+    dev = dev or device()
+    metrics = json.loads((run_dir / "train_metrics.json").read_text())
+    scale = json.loads((run_dir / "target.json").read_text())
+    model_path = metrics["model_path"]
+    if not Path(model_path).exists():
+        model_path = resolve_model(metrics["base_model"])
+    tok = load_tokenizer(model_path)
+    dtype = getattr(torch, metrics.get("dtype", "float32"))
+    mdir = run_dir / "model"
+    if (mdir / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        base = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1,
+                                                                  problem_type="regression", dtype=dtype)
+        base.config.pad_token_id = tok.pad_token_id
+        model = PeftModel.from_pretrained(base, str(mdir))
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(str(mdir))
+        model.config.pad_token_id = tok.pad_token_id
+    return model.to(dev).eval(), tok, scale, dtype

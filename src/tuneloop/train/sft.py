@@ -1,0 +1,427 @@
+"""Recipe `sft`: causal-LM supervised fine-tuning on chat records, loss on the assistant's answers only.
+
+Reads top to bottom: data (chat template → token ids + answer mask, truncation report, packing) → model
+(PEFT method or full) → loop (validation, early stopping, checkpoints, exact resume) → save.
+
+Scale-out needs no other code: under `accelerate launch` / `torchrun` every process takes its share of
+each global batch, and the loss is normalised by the token count of the whole global batch, so N
+processes compute the same update as one.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import Progress
+
+from ..config import Recipe, recipe_to_yaml
+from ..data.chat import fingerprint, holdout, load_chat, write_records_jsonl
+from ..errors import ConfigError
+from ..fileio import atomic_dir, write_json_atomic, write_text_atomic
+from ..zoo import resolve_model
+from .common import (
+    ValWatch,
+    device,
+    length_bucketed_batches,
+    log_line,
+    load_checkpoint,
+    load_kwargs,
+    load_trainable_state,
+    make_scheduler,
+    pick_dtype,
+    plot_losses,
+    progress_columns,
+    recipe_for_run,
+    rng_state,
+    save_checkpoint,
+    seed_everything,
+    set_rng_state,
+    set_threads,
+    sorted_batches,
+    trainable_state,
+    wrap_method,
+)
+
+console = Console(stderr=True)
+IGNORE = -100
+
+
+# ----------------------------------------------------------------------------------------------------
+# data: the model's own chat template, with a mask that is true on answer tokens only
+
+
+def load_tokenizer(model_path: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    if not tok.chat_template:
+        raise ConfigError(f"model {model_path}: its tokenizer has no chat template, which sft needs")
+    if not tok.is_fast:
+        raise ConfigError(f"model {model_path}: sft needs a fast tokenizer (character offsets for the answer mask)")
+    return tok
+
+
+def encode_chat(tok, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) for one conversation; labels are IGNORE except on assistant answers.
+
+    The answer spans are found in the rendered text (prefix with a generation prompt vs prefix with the
+    answer), then mapped to tokens through character offsets, so any template works, including ones
+    without `{% generation %}` markers. Each answer ends with the EOS token (the template's end-of-turn);
+    where a template omits it, it is added, so the model learns when to stop.
+    """
+    eos = tok.eos_token
+    text = tok.apply_chat_template(messages, tokenize=False)
+    spans: list[tuple[int, int]] = []
+    inserted = 0
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = tok.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
+        upto = tok.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not upto.startswith(before) or not text.startswith(upto):
+            raise ConfigError("the chat template renders a conversation differently from its prefixes; "
+                              "the answer mask cannot be derived from it")
+        start = len(before)
+        at = upto.find(eos, start + len(m["content"].rstrip()) - 1 if m["content"] else start)
+        if at >= 0:
+            end = at + len(eos)
+        else:
+            end = len(upto.rstrip())
+            text = text[: end + inserted] + eos + text[end + inserted:]
+            end += len(eos)
+        spans.append((start + inserted, end + inserted))
+        if at < 0:
+            inserted += len(eos)
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = enc["input_ids"]
+    labels = [IGNORE] * len(ids)
+    for j, (s, e) in enumerate(enc["offset_mapping"]):
+        if e > s and any(a <= s < b for a, b in spans):
+            labels[j] = ids[j]
+    return ids, labels
+
+
+def encode_all(tok, records, max_length: int) -> tuple[list[tuple[list[int], list[int]]], dict]:
+    """Encode and truncate. A record whose prompt (system + first user turn) alone fills `max_length` is
+    dropped, never cut inside its prompt; a record cut inside an answer is kept and counted."""
+    out, truncated, dropped, dropped_where = [], 0, 0, []
+    for r in records:
+        ids, labels = encode_chat(tok, r.messages)
+        if len(ids) > max_length:
+            first_answer = next((j for j, l in enumerate(labels) if l != IGNORE), len(ids))
+            if first_answer >= max_length - 1:
+                dropped += 1
+                dropped_where.append(r.source)
+                continue
+            ids, labels = ids[:max_length], labels[:max_length]
+            truncated += 1
+        out.append((ids, labels))
+    return out, {"records": len(records), "truncated": truncated, "dropped": dropped,
+                 "dropped_examples": dropped_where[:5]}
+
+
+def pack(examples: list[tuple[list[int], list[int]]], max_length: int, seed: int):
+    """Greedy packing in a seeded order into rows of at most `max_length` tokens.
+
+    Each row carries position ids that restart at 0 for every example: transformers then builds a
+    block-diagonal causal mask (no attention across examples), and the first token of an example is never
+    a label for the last token of the one before (labels there are IGNORE: a template starts with a role
+    header, never an answer).
+    """
+    import random
+
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    rows, cur = [], ([], [], [])
+    for i in order:
+        ids, labels = examples[i]
+        if cur[0] and len(cur[0]) + len(ids) > max_length:
+            rows.append(cur)
+            cur = ([], [], [])
+        cur[0].extend(ids)
+        cur[1].extend([IGNORE] + labels[1:])
+        cur[2].extend(range(len(ids)))
+    if cur[0]:
+        rows.append(cur)
+    return rows
+
+
+def collate(rows, pad_id: int, packed: bool) -> dict[str, torch.Tensor]:
+    """Right-padded batch. Packed rows get pads as a segment of their own (positions from 0, no labels)
+    and no attention mask, so the position ids decide the attention blocks (call the model with
+    `use_cache=False`: a cache disables that detection)."""
+    width = max(len(r[0]) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    pos = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for k, r in enumerate(rows):
+        n = len(r[0])
+        ids[k, :n] = torch.tensor(r[0])
+        labels[k, :n] = torch.tensor(r[1])
+        pos[k, :n] = torch.tensor(r[2]) if packed else torch.arange(n)
+        pos[k, n:] = torch.arange(width - n)
+        mask[k, :n] = 1
+    if packed:
+        return {"input_ids": ids, "labels": labels, "position_ids": pos}
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def n_targets(batch: dict) -> int:
+    """Tokens that carry a loss (labels are shifted by one inside the model)."""
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+# ----------------------------------------------------------------------------------------------------
+# validation
+
+
+@torch.no_grad()
+def validation_loss(model, rows, pad_id: int, batch_size: int, dev, acc, autocast: bool) -> float:
+    """Mean NLL per answer token over the validation rows (shared across processes)."""
+    model.eval()
+    lengths = [len(r[0]) for r in rows]
+    batches = list(sorted_batches(lengths, batch_size))[acc.process_index::acc.num_processes]
+    total = torch.zeros(2, dtype=torch.float64)
+    for b in batches:
+        batch = collate([rows[i] for i in b], pad_id, packed=False)
+        n = n_targets(batch)
+        if n == 0:
+            continue
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
+            # num_items_in_batch=1 turns the model's mean into a sum over answer tokens
+            out = model(**{k: v.to(dev) for k, v in batch.items()}, num_items_in_batch=1, use_cache=False)
+        total += torch.tensor([out.loss.double().item(), n], dtype=torch.float64)
+    total = acc.reduce(total.to(dev), reduction="sum").cpu() if acc.num_processes > 1 else total
+    model.train()
+    return float(total[0] / max(1.0, float(total[1])))
+
+
+# ----------------------------------------------------------------------------------------------------
+# the recipe
+
+
+def train_sft(recipe: Recipe, run_dir: Path, show_progress: bool = True, resume: bool = False) -> dict:
+    from accelerate import Accelerator
+
+    t0 = time.time()
+    tc, dc, mc = recipe.train, recipe.data, recipe.method
+    if tc.packing and mc.name in ("prompt_tuning", "prefix_tuning"):
+        raise ConfigError(f"train.packing: cannot pack with method {mc.name} (virtual tokens shift the "
+                          f"positions of every packed example); use packing: false")
+    acc = Accelerator(cpu=not torch.cuda.is_available())
+    main = acc.is_main_process
+    set_threads(tc.threads)
+    seed_everything(tc.seed)
+    dev = acc.device
+
+    # ---- data: held-out test (written to the run folder for eval), validation, training
+    records = load_chat(recipe.resolve_path(dc.train), dc.format)
+    n_all = len(records)
+    if dc.test:
+        test = load_chat(recipe.resolve_path(dc.test), dc.format)
+    else:
+        records, test = holdout(records, dc.test_ratio or 0.0, tc.seed)
+    train_recs, val_recs = holdout(records, dc.val_ratio, tc.seed + 1)
+    if dc.max_train_examples:
+        train_recs = train_recs[: dc.max_train_examples]
+
+    model_path = resolve_model(recipe.model)
+    tok = load_tokenizer(model_path)
+    enc_train, report = encode_all(tok, train_recs, tc.max_length)
+    enc_val, report_val = encode_all(tok, val_recs, tc.max_length)
+    if not enc_train:
+        raise ConfigError(f"train.max_length: {tc.max_length} tokens is too short for every record's prompt")
+    if main and (report["truncated"] or report["dropped"]):
+        console.print(f"[yellow]truncation:[/] {report['truncated']} of {report['records']} training records cut "
+                      f"inside an answer at {tc.max_length} tokens; {report['dropped']} dropped because the "
+                      f"prompt alone is longer" + (f" (e.g. {report['dropped_examples'][0]})"
+                                                    if report["dropped"] else ""))
+    if tc.packing:
+        rows = pack(enc_train, tc.max_length, tc.seed)
+    else:
+        rows = [(ids, labels, list(range(len(ids)))) for ids, labels in enc_train]
+    val_rows = [(ids, labels, list(range(len(ids)))) for ids, labels in enc_val]
+
+    # ---- model
+    dtype = pick_dtype(tc.precision, dev)
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_path, **load_kwargs(mc.name, dtype))
+    model = wrap_method(base, mc, "CAUSAL_LM", model_path)
+    if mc.name == "full":
+        model.gradient_checkpointing_disable()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total_params = sum(p.numel() for p in model.parameters())
+    use_autocast = dtype == torch.bfloat16 and mc.name != "full"
+
+    lengths = [len(r[0]) for r in rows]
+    batches_per_epoch = math.ceil(len(rows) / tc.batch_size)
+    steps_per_epoch = max(1, batches_per_epoch // tc.grad_accum)
+    total_steps = tc.max_steps or max(1, math.ceil(steps_per_epoch * tc.epochs))
+    eval_every = tc.eval_every or steps_per_epoch
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    scheduler = make_scheduler(optimizer, tc.scheduler, int(tc.warmup_ratio * total_steps), total_steps)
+    model, optimizer = acc.prepare(model, optimizer)
+    inner = acc.unwrap_model(model)
+
+    # ---- state (restored on resume)
+    pos = {"step": 0, "epoch": 0, "batch_idx": 0, "micro": 0, "seen_tokens": 0}
+    history: list[dict] = []
+    watch = ValWatch(tc.patience, tc.overfit_window)
+    best_state = None
+    ckpt_dir = run_dir / "checkpoints" / "last"
+    if resume:
+        ck = load_checkpoint(ckpt_dir)
+        load_trainable_state(inner, ck["trainable"])
+        optimizer.load_state_dict(ck["optimizer"])
+        scheduler.load_state_dict(ck["scheduler"])
+        pos, history, best_state = ck["position"], ck["history"], ck["best_state"]
+        watch.load_state_dict(ck["watch"])
+        set_rng_state(ck["rng"])
+        if main:
+            console.print(f"resumed at step {pos['step']} of {total_steps} (epoch {pos['epoch']})")
+    elif main:
+        write_text_atomic(run_dir / "recipe.yaml", recipe_to_yaml(recipe_for_run(recipe)))
+        write_records_jsonl(run_dir / "test.jsonl", test)
+
+    def checkpoint() -> None:
+        if main:
+            save_checkpoint(ckpt_dir, {
+                "trainable": trainable_state(inner), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "position": dict(pos), "history": history,
+                "best_state": best_state, "watch": watch.state_dict(), "rng": rng_state()})
+        acc.wait_for_everyone()
+
+    # ---- loop
+    model.train()
+    world, rank = acc.num_processes, acc.process_index
+    stop, stopped_early = False, False
+    window_losses: list[float] = []
+    t_train, tokens_at_start = time.time(), pos["seen_tokens"]
+    with Progress(*progress_columns(), console=console, disable=not (show_progress and main)) as progress:
+        task = progress.add_task("sft", total=total_steps, completed=pos["step"], info="")
+        while pos["step"] < total_steps and not stop:
+            batches = length_bucketed_batches(lengths, tc.batch_size, tc.seed + pos["epoch"])
+            while pos["batch_idx"] < len(batches):
+                global_batch = batches[pos["batch_idx"]]
+                pos["batch_idx"] += 1
+                n_global = n_targets(collate([rows[i] for i in global_batch], tok.pad_token_id, tc.packing))
+                mine = global_batch[rank::world]
+                # A process with no share still joins the gradient all-reduce, with a zero loss.
+                batch = collate([rows[i] for i in (mine or global_batch[:1])], tok.pad_token_id, tc.packing)
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_autocast):
+                    # use_cache=False matters: with a cache object transformers ignores the packed position
+                    # ids when building the mask, and packed examples would attend to each other.
+                    out = model(**{k: v.to(dev) for k, v in batch.items()}, num_items_in_batch=max(1, n_global),
+                                use_cache=False)
+                # DDP averages gradients over processes; scaling by `world` turns that back into the sum.
+                loss = out.loss * (world if mine else 0) / tc.grad_accum
+                acc.backward(loss)
+                pos["seen_tokens"] += sum(len(rows[i][0]) for i in global_batch)
+                window_losses.append(out.loss.detach().item() * world if mine else 0.0)
+                pos["micro"] += 1
+                if pos["micro"] % tc.grad_accum:
+                    continue
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                pos["step"] += 1
+                step_loss = sum(window_losses[-tc.grad_accum:]) / tc.grad_accum
+                if world > 1:
+                    step_loss = float(acc.reduce(torch.tensor(step_loss, device=dev), reduction="mean"))
+                history.append({"step": pos["step"], "loss": step_loss, "lr": scheduler.get_last_lr()[0]})
+                tps = (pos["seen_tokens"] - tokens_at_start) / max(1e-9, time.time() - t_train)
+                progress.update(task, advance=1, info=f"loss {step_loss:.4f} · {tps:,.0f} tok/s")
+                if show_progress and main and not console.is_terminal:
+                    log_line(console, pos["step"], total_steps, step_loss, tps, time.time() - t_train)
+
+                last = pos["step"] >= total_steps
+                if val_rows and (pos["step"] % eval_every == 0 or last):
+                    # The unwrapped model: a DDP forward is a collective (buffer sync), and processes
+                    # hold different numbers of validation batches.
+                    val = validation_loss(inner, val_rows, tok.pad_token_id, recipe.eval.batch_size, dev, acc,
+                                          use_autocast)
+                    recent = [h["loss"] for h in history if h["step"] > (watch.points[-1][0] if watch.points else 0)]
+                    improved, stop, overfit = watch.update(pos["step"], sum(recent) / len(recent), val)
+                    if improved:
+                        best_state = trainable_state(inner)
+                    if main:
+                        progress.console.print(f"step {pos['step']}: validation loss {val:.4f} "
+                                               f"(perplexity {math.exp(val):.2f}){' · best' if improved else ''}")
+                        if overfit and watch.overfit_warned_at == pos["step"]:
+                            progress.console.print(
+                                f"[yellow]overfitting:[/] train loss fell and validation loss rose over the last "
+                                f"{tc.overfit_window} validations; the best checkpoint (step {watch.best_step}) "
+                                f"is the one kept")
+                    if stop and not last:
+                        stopped_early = True
+                        if main:
+                            progress.console.print(f"early stop: no better validation loss for {tc.patience} "
+                                                   f"validations (best at step {watch.best_step})")
+                if tc.checkpoint_every and (pos["step"] % tc.checkpoint_every == 0) and not last and not stop:
+                    checkpoint()
+                if last or stop:
+                    break
+            if pos["batch_idx"] >= len(batches):
+                pos["epoch"] += 1
+                pos["batch_idx"] = 0
+    train_seconds = time.time() - t_train
+
+    # ---- save: the best validation checkpoint when there was validation, else the last weights
+    if best_state is not None:
+        load_trainable_state(inner, best_state)
+    inner.eval()
+    if main:
+        with atomic_dir(run_dir / "model") as tmp:
+            inner.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+        write_json_atomic(run_dir / "data.json", {
+            "train": dc.train, "test": dc.test, "fingerprint": fingerprint(train_recs + val_recs + test),
+            "records": n_all, "train_records": len(train_recs), "val_records": len(val_recs),
+            "test_records": len(test), "truncation": report, "val_truncation": report_val})
+        write_json_atomic(run_dir / "history.json", {"train": history, "validation": watch.points})
+        plot_losses(history, watch.points, run_dir / "loss.png")
+    tail = history[-max(1, len(history) // 10):]
+    metrics = {
+        "task": "sft",
+        "method": mc.name,
+        "base_model": recipe.model,
+        "model_path": model_path,
+        "dtype": str(dtype if mc.name != "full" else torch.float32).replace("torch.", ""),
+        "steps": pos["step"],
+        "epochs_done": round(pos["epoch"] + pos["batch_idx"] / max(1, batches_per_epoch), 3),
+        "examples": len(enc_train),
+        "packed_rows": len(rows) if tc.packing else None,
+        "truncated_records": report["truncated"],
+        "dropped_records": report["dropped"],
+        "train_tokens": pos["seen_tokens"],
+        "train_seconds": round(train_seconds, 2),
+        "tokens_per_second": round((pos["seen_tokens"] - tokens_at_start) / max(1e-9, train_seconds), 1),
+        "first_loss": history[0]["loss"] if history else None,
+        "final_loss": sum(h["loss"] for h in tail) / len(tail) if tail else None,
+        "best_val_loss": watch.best if watch.points else None,
+        "best_val_perplexity": math.exp(watch.best) if watch.points else None,
+        "best_step": watch.best_step if watch.points else None,
+        "stopped_early": stopped_early,
+        "overfit_warning_step": watch.overfit_warned_at,
+        "trainable_params": trainable,
+        "total_params": total_params,
+        "processes": world,
+        "wall_seconds": round(time.time() - t0, 2),
+    }
+    if main:
+        write_json_atomic(run_dir / "train_metrics.json", metrics)
+        import shutil
+
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # finished: nothing left to resume
+    acc.wait_for_everyone()
+    return metrics
