@@ -36,6 +36,11 @@ class DataConfig(Section):
         None, description="Allowed labels in order. Default: the sorted distinct labels of `train`. "
         "A record with a label outside this list is an error."
     )
+    input_template: str = Field(
+        "{text}", description="What the model reads for each record: `{text}` is replaced by the record's "
+        "text. A decoder classifies from its last token, so ending with the question (`{text}\\n\\nIs this "
+        "review great or other?`) lets it summarise at the right place. Truncation cuts the text, never the template."
+    )
     max_train_examples: int | None = Field(
         None, ge=1, description="Use at most this many training records (a stratified, seeded sample)."
     )
@@ -196,6 +201,8 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _check(self) -> "Recipe":
+        if self.data.input_template.count("{text}") != 1:
+            raise ValueError("data.input_template: must contain {text} exactly once")
         if self.data.labels is not None and len(set(self.data.labels)) < 2:
             raise ValueError("data.labels: need at least two distinct labels")
         return self

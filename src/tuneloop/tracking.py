@@ -30,9 +30,12 @@ def log_to_mlflow(
 ) -> str:
     """Log one finished run; returns the MLflow run id."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    import mlflow
+
+    # After the import: mlflow configures its own loggers when imported, and its database-migration
+    # chatter is noise in a training log.
     logging.getLogger("mlflow").setLevel(logging.ERROR)
     logging.getLogger("alembic").setLevel(logging.ERROR)
-    import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{workspace / 'mlflow.db'}")
     exp = mlflow.get_experiment_by_name(experiment)

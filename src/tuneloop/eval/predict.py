@@ -19,10 +19,14 @@ console = Console(stderr=True)
 
 @torch.no_grad()
 def predict_classifier(model, tok, texts: list[str], batch_size: int, max_length: int, dtype: torch.dtype,
-                       show_progress: bool = True, desc: str = "eval tuned") -> torch.Tensor:
-    """Class probabilities, shape (len(texts), num_labels)."""
+                       show_progress: bool = True, desc: str = "eval tuned",
+                       template: str | None = None) -> torch.Tensor:
+    """Class probabilities, shape (len(texts), num_labels). `template` defaults to the one the run
+    was trained with (set on the model by `load_trained`)."""
+    from ..train.classify import encode_texts
+
     dev = next(model.parameters()).device
-    enc = tok(texts, truncation=True, max_length=max_length)["input_ids"]
+    enc = encode_texts(tok, texts, max_length, template or getattr(model, "input_template", "{text}"))
     probs = torch.zeros(len(texts), model.config.num_labels)
     with Progress(*progress_columns(), console=console, disable=not show_progress) as progress:
         task = progress.add_task(desc, total=len(texts), info="")

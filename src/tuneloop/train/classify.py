@@ -42,6 +42,18 @@ def load_tokenizer(model_path: str):
     return tok
 
 
+def encode_texts(tok, texts: list[str], max_length: int, template: str = "{text}") -> list[list[int]]:
+    """Token ids of `template` around each text; only the text is truncated, so the instruction around
+    it (and the question at the end, where a decoder reads its answer) always survives."""
+    prefix, suffix = template.split("{text}")
+    pre = tok(prefix, add_special_tokens=False)["input_ids"] if prefix else []
+    suf = tok(suffix, add_special_tokens=False)["input_ids"] if suffix else []
+    room = max(1, max_length - len(pre) - len(suf))
+    body = tok(texts, add_special_tokens=False, truncation=True, max_length=room)["input_ids"]
+    special = tok("", add_special_tokens=True)["input_ids"]  # BOS-style tokens the model expects, if any
+    return [special + pre + b + suf for b in body]
+
+
 def build_classifier(model_path: str, labels: list[str], method, dtype: torch.dtype, pad_id: int):
     """The base model with a fresh head, wrapped with LoRA (or left whole for full fine-tuning)."""
     from transformers import AutoModelForSequenceClassification
@@ -95,7 +107,7 @@ def train_classifier(recipe: Recipe, run_dir: Path, show_progress: bool = True) 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total_params = sum(p.numel() for p in model.parameters())
 
-    enc = tok([r.text for r in records], truncation=True, max_length=tc.max_length)["input_ids"]
+    enc = encode_texts(tok, [r.text for r in records], tc.max_length, dc.input_template)
     ys = [label_id[r.label] for r in records]
     lengths = [len(e) for e in enc]
     batches_per_epoch = math.ceil(len(enc) / tc.batch_size)
@@ -202,4 +214,9 @@ def load_trained(run_dir: Path, dev: torch.device | None = None):
     else:
         model = AutoModelForSequenceClassification.from_pretrained(str(mdir))
         model.config.pad_token_id = tok.pad_token_id
+    import yaml
+
+    recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8")) or {}
+    # Inference must read inputs exactly as training did.
+    model.input_template = (recipe.get("data") or {}).get("input_template", "{text}")
     return model.to(dev).eval(), tok, labels, dtype
