@@ -41,6 +41,14 @@ class DataConfig(Section):
         "text. A decoder classifies from its last token, so ending with the question (`{text}\\n\\nIs this "
         "review great or other?`) lets it summarise at the right place. Truncation cuts the text, never the template."
     )
+    as_chat: bool = Field(
+        False, description="Send the filled `input_template` as the user turn of the model's chat template, "
+        "ending where the assistant's answer starts (instruct models classify best where they would answer)."
+    )
+    system_prompt: str | None = Field(
+        None, description="With `as_chat`: the system turn (default: the chat template's own, if it has one; "
+        "a short one saves tokens on every record)."
+    )
     max_train_examples: int | None = Field(
         None, ge=1, description="Use at most this many training records (a stratified, seeded sample)."
     )
@@ -80,6 +88,11 @@ class MethodConfig(Section):
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
     target_modules: str | list[str] = Field(
         "all-linear", description="Modules that get adapters: `all-linear` or a list of module names."
+    )
+    head_init: Literal["random", "label_words"] = Field(
+        "random", description="Classification head start: `random`, or `label_words`: each label's row is the "
+        "output embedding of its word (`eval.verbalizer`), so the untrained classifier already equals the "
+        "model's zero-shot answer and training starts from what the model knows."
     )
     top_layers: int | None = Field(
         None, ge=1, description="Adapt only the top N transformer layers. Backward then stops at layer "

@@ -20,6 +20,8 @@ from ..data.validate import load_classification, stratified_sample
 from ..fileio import atomic_dir, write_json_atomic, write_text_atomic
 from ..zoo import resolve_model
 from .common import (
+    load_tokenizer,
+    make_scheduler,
     device,
     length_bucketed_batches,
     pad_batch,
@@ -32,29 +34,59 @@ from .common import (
 console = Console(stderr=True)
 
 
-def load_tokenizer(model_path: str):
-    from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model_path)
-    if tok.pad_token_id is None:
-        # Decoders often ship without a pad token; any id works because padded positions are masked.
-        tok.pad_token = tok.eos_token
-    return tok
+def chat_wrap(tok, template: str, system: str | None = None) -> str:
+    """`template` as the user turn of the tokenizer's chat template, up to where the assistant answers."""
+    if not getattr(tok, "chat_template", None):
+        from ..errors import ConfigError
+
+        raise ConfigError("data.as_chat: this model's tokenizer has no chat template")
+    sentinel = "\u2063TEXT\u2063"  # an invisible separator no real template contains
+    turns = [{"role": "system", "content": system}] if system else []
+    turns.append({"role": "user", "content": template.replace("{text}", sentinel)})
+    rendered = tok.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+    return rendered.replace(sentinel, "{text}")
 
 
-def encode_texts(tok, texts: list[str], max_length: int, template: str = "{text}") -> list[list[int]]:
+def encode_texts(tok, texts: list[str], max_length: int, template: str = "{text}",
+                 as_chat: bool = False, system: str | None = None) -> list[list[int]]:
     """Token ids of `template` around each text; only the text is truncated, so the instruction around
     it (and the question at the end, where a decoder reads its answer) always survives."""
+    if as_chat:
+        template = chat_wrap(tok, template, system)
     prefix, suffix = template.split("{text}")
     pre = tok(prefix, add_special_tokens=False)["input_ids"] if prefix else []
     suf = tok(suffix, add_special_tokens=False)["input_ids"] if suffix else []
     room = max(1, max_length - len(pre) - len(suf))
     body = tok(texts, add_special_tokens=False, truncation=True, max_length=room)["input_ids"]
-    special = tok("", add_special_tokens=True)["input_ids"]  # BOS-style tokens the model expects, if any
+    # BOS-style tokens the model expects, if any (a chat template writes its own).
+    special = [] if as_chat else tok("", add_special_tokens=True)["input_ids"]
     return [special + pre + b + suf for b in body]
 
 
-def build_classifier(model_path: str, labels: list[str], method, dtype: torch.dtype, pad_id: int):
+def init_head_from_words(model, model_path: str, words: list[str]) -> None:
+    """Copy the output-embedding rows of each label word's first token into the classification head."""
+    from transformers import AutoModelForCausalLM
+
+    from ..errors import ConfigError
+
+    head = getattr(model, "score", None)
+    if head is None or head.bias is not None:
+        raise ConfigError("method.head_init=label_words: needs a decoder classifier (a bias-free `score` head)")
+    lm = AutoModelForCausalLM.from_pretrained(model_path, dtype=head.weight.dtype)
+    tok = load_tokenizer(model_path)
+    out = lm.get_output_embeddings().weight
+    with torch.no_grad():
+        for i, w in enumerate(words):
+            ids = tok(w, add_special_tokens=False)["input_ids"]
+            if not ids:
+                raise ConfigError(f"eval.verbalizer: label word {w!r} has no tokens")
+            head.weight[i] = out[ids[0]].to(head.weight.dtype)
+    del lm
+
+
+def build_classifier(model_path: str, labels: list[str], method, dtype: torch.dtype, pad_id: int,
+                     words: list[str] | None = None):
     """The base model with a fresh head, wrapped with LoRA (or left whole for full fine-tuning)."""
     from transformers import AutoModelForSequenceClassification
 
@@ -69,6 +101,8 @@ def build_classifier(model_path: str, labels: list[str], method, dtype: torch.dt
         **kwargs,
     )
     model.config.pad_token_id = pad_id
+    if method.head_init == "label_words":
+        init_head_from_words(model, model_path, words or labels)
     # LoRA, DoRA, prompt/prefix tuning, QLoRA all go through the shared method builder; `full` passes through.
     return wrap_method(model, method, "SEQ_CLS", model_path)
 
@@ -76,12 +110,6 @@ def build_classifier(model_path: str, labels: list[str], method, dtype: torch.dt
 # Parameters of the new head get their own learning rate (`train.head_lr`).
 HEAD_NAMES = ("score", "classifier", "pre_classifier", "lm_head")
 
-
-def _schedule(optimizer, kind: str, warmup: int, total: int):
-    from transformers import get_scheduler
-
-    name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[kind]
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total)
 
 
 def train_classifier(recipe: Recipe, run_dir: Path, show_progress: bool = True) -> dict:
@@ -103,11 +131,13 @@ def train_classifier(recipe: Recipe, run_dir: Path, show_progress: bool = True) 
     model_path = resolve_model(recipe.model)
     tok = load_tokenizer(model_path)
     dtype = pick_dtype(tc.precision, dev)
-    model = build_classifier(model_path, labels, recipe.method, dtype, tok.pad_token_id).to(dev)
+    words = [(recipe.eval.verbalizer or {}).get(l, l) for l in labels]
+    model = build_classifier(model_path, labels, recipe.method, dtype, tok.pad_token_id, words).to(dev)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total_params = sum(p.numel() for p in model.parameters())
 
-    enc = encode_texts(tok, [r.text for r in records], tc.max_length, dc.input_template)
+    enc = encode_texts(tok, [r.text for r in records], tc.max_length, dc.input_template, dc.as_chat,
+                       dc.system_prompt)
     ys = [label_id[r.label] for r in records]
     lengths = [len(e) for e in enc]
     batches_per_epoch = math.ceil(len(enc) / tc.batch_size)
@@ -120,7 +150,7 @@ def train_classifier(recipe: Recipe, run_dir: Path, show_progress: bool = True) 
     if head:
         groups.append({"params": head, "lr": tc.head_lr or tc.lr})
     optimizer = torch.optim.AdamW(groups, weight_decay=tc.weight_decay)
-    scheduler = _schedule(optimizer, tc.scheduler, int(tc.warmup_ratio * total_steps), total_steps)
+    scheduler = make_scheduler(optimizer, tc.scheduler, int(tc.warmup_ratio * total_steps), total_steps)
     use_autocast = dtype == torch.bfloat16
 
     # ---- loop
@@ -218,5 +248,8 @@ def load_trained(run_dir: Path, dev: torch.device | None = None):
 
     recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8")) or {}
     # Inference must read inputs exactly as training did.
-    model.input_template = (recipe.get("data") or {}).get("input_template", "{text}")
+    data = recipe.get("data") or {}
+    model.input_template = data.get("input_template", "{text}")
+    model.input_as_chat = bool(data.get("as_chat", False))
+    model.input_system_prompt = data.get("system_prompt")
     return model.to(dev).eval(), tok, labels, dtype

@@ -201,6 +201,16 @@ def wrap_method(model, method, task_type: str, tokenizer_path: str | None = None
     return model
 
 
+def load_tokenizer(model_path: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    if tok.pad_token_id is None:
+        # Decoders often ship without a pad token; any id works because padded positions are masked.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
 def make_scheduler(optimizer, kind: str, warmup: int, total: int):
     from transformers import get_scheduler
 

@@ -23,6 +23,7 @@ from ..errors import ConfigError
 from ..fileio import atomic_dir, write_json_atomic, write_text_atomic
 from ..zoo import resolve_model
 from .common import (
+    load_tokenizer,
     ValWatch,
     length_bucketed_batches,
     log_line,
@@ -47,14 +48,6 @@ from .common import (
 
 console = Console(stderr=True)
 
-
-def load_tokenizer(model_path: str):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_path)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return tok
 
 
 def build_regressor(model_path: str, method, dtype: torch.dtype, pad_id: int):

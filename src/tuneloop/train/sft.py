@@ -55,11 +55,10 @@ IGNORE = -100
 
 
 def load_tokenizer(model_path: str):
-    from transformers import AutoTokenizer
+    """The shared loader, plus what sft needs: a chat template and a fast tokenizer."""
+    from .common import load_tokenizer as load_base_tokenizer
 
-    tok = AutoTokenizer.from_pretrained(model_path)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
+    tok = load_base_tokenizer(model_path)
     if not tok.chat_template:
         raise ConfigError(f"model {model_path}: its tokenizer has no chat template, which sft needs")
     if not tok.is_fast:
