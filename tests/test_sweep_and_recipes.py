@@ -19,9 +19,9 @@ def test_every_shipped_recipe_loads(path):
     assert r.name and r.task in ("classify", "regress", "sft")
 
 
-def test_quickstart_recipe_unchanged():
+def test_quickstart_recipe_is_lora_classification_on_the_bundled_model():
     r = load_recipe(ROOT / "recipes" / "quickstart-reviews.yaml")
-    assert (r.task, r.method.name, r.method.r, r.train.lr) == ("classify", "lora", 16, 3e-4)
+    assert (r.task, r.method.name, r.model) == ("classify", "lora", "smollm2-135m-instruct")
     assert r.eval.systems == ["base", "tuned", "tfidf_logreg"]
 
 

@@ -84,7 +84,9 @@ def evaluate_classify(
             tok = load_tokenizer(model_path)
             words = [(ec.verbalizer or {}).get(l, l) for l in labels]
             probs = predict_zero_shot(model, tok, texts, labels, words, ec.zero_shot_prompt, ec.batch_size,
-                                      recipe.train.max_length, dtype, show_progress)
+                                      recipe.train.max_length, dtype, show_progress,
+                                      # the same system turn the tuned model reads
+                                      system=dc.system_prompt if dc.as_chat else None)
             pred = [labels[i] for i in probs.argmax(-1).tolist()]
             del model
         elif name == "tfidf_logreg":

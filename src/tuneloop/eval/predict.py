@@ -41,7 +41,8 @@ def predict_classifier(model, tok, texts: list[str], batch_size: int, max_length
     return probs
 
 
-def zero_shot_prompts(tok, texts: list[str], prompt: str, words: list[str], max_length: int) -> list[list[int]]:
+def zero_shot_prompts(tok, texts: list[str], prompt: str, words: list[str], max_length: int,
+                      system: str | None = None) -> list[list[int]]:
     """Token ids of the chat-formatted prompt up to where the assistant's answer starts."""
     choices = ", ".join(words[:-1]) + f" or {words[-1]}" if len(words) > 1 else words[0]
     out = []
@@ -49,11 +50,12 @@ def zero_shot_prompts(tok, texts: list[str], prompt: str, words: list[str], max_
         # Truncate the text, not the instruction around it.
         t_ids = tok(t, add_special_tokens=False)["input_ids"][:max_length]
         t_short = tok.decode(t_ids)
-        msgs = [{"role": "user", "content": prompt.format(text=t_short, choices=choices)}]
+        msgs = [{"role": "system", "content": system}] if system else []
+        msgs.append({"role": "user", "content": prompt.format(text=t_short, choices=choices)})
         if getattr(tok, "chat_template", None):
             ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
         else:
-            ids = tok(msgs[0]["content"] + "\nAnswer:")["input_ids"]
+            ids = tok(msgs[-1]["content"] + "\nAnswer:")["input_ids"]
         out.append(list(ids))
     return out
 
@@ -61,10 +63,10 @@ def zero_shot_prompts(tok, texts: list[str], prompt: str, words: list[str], max_
 @torch.no_grad()
 def predict_zero_shot(model, tok, texts: list[str], labels: list[str], words: list[str], prompt: str,
                       batch_size: int, max_length: int, dtype: torch.dtype,
-                      show_progress: bool = True) -> torch.Tensor:
+                      show_progress: bool = True, system: str | None = None) -> torch.Tensor:
     """Softmax over the labels' answer log-likelihoods, shape (len(texts), len(labels))."""
     dev = next(model.parameters()).device
-    prompts = zero_shot_prompts(tok, texts, prompt, words, max_length)
+    prompts = zero_shot_prompts(tok, texts, prompt, words, max_length, system)
     word_ids = [tok(w, add_special_tokens=False)["input_ids"] for w in words]
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     scores = torch.zeros(len(texts), len(labels))
