@@ -356,3 +356,14 @@ def recipe_for_run(recipe):
     if recipe.data.test:
         r.data.test = recipe.resolve_path(recipe.data.test)
     return r
+
+
+def restore_checkpoint(ckpt_dir, model, optimizer, scheduler, watch) -> tuple[dict, list, dict | None]:
+    """Put a run back exactly where its last checkpoint left it; returns (position, history, best_state)."""
+    ck = load_checkpoint(ckpt_dir)
+    load_trainable_state(model, ck["trainable"])
+    optimizer.load_state_dict(ck["optimizer"])
+    scheduler.load_state_dict(ck["scheduler"])
+    watch.load_state_dict(ck["watch"])
+    set_rng_state(ck["rng"])
+    return ck["position"], ck["history"], ck["best_state"]

@@ -23,11 +23,11 @@ from ..errors import ConfigError
 from ..fileio import atomic_dir, write_json_atomic, write_text_atomic
 from ..zoo import resolve_model
 from .common import (
+    restore_checkpoint,
     load_tokenizer,
     ValWatch,
     length_bucketed_batches,
     log_line,
-    load_checkpoint,
     load_kwargs,
     load_trainable_state,
     make_scheduler,
@@ -39,7 +39,6 @@ from .common import (
     rng_state,
     save_checkpoint,
     seed_everything,
-    set_rng_state,
     set_threads,
     sorted_batches,
     trainable_state,
@@ -146,13 +145,7 @@ def train_regressor(recipe: Recipe, run_dir: Path, show_progress: bool = True, r
     best_state = None
     ckpt_dir = run_dir / "checkpoints" / "last"
     if resume:
-        ck = load_checkpoint(ckpt_dir)
-        load_trainable_state(inner, ck["trainable"])
-        optimizer.load_state_dict(ck["optimizer"])
-        scheduler.load_state_dict(ck["scheduler"])
-        pos, history, best_state = ck["position"], ck["history"], ck["best_state"]
-        watch.load_state_dict(ck["watch"])
-        set_rng_state(ck["rng"])
+        pos, history, best_state = restore_checkpoint(ckpt_dir, inner, optimizer, scheduler, watch)
         if main:
             console.print(f"resumed at step {pos['step']} of {total_steps} (epoch {pos['epoch']})")
     elif main:
