@@ -19,6 +19,7 @@ from ..config import Recipe, recipe_to_yaml
 from ..data.validate import load_classification, stratified_sample
 from ..fileio import atomic_dir, write_json_atomic, write_text_atomic
 from ..zoo import resolve_model
+from .fastpath import keep_adapter_inputs_bf16
 from .common import (
     load_tokenizer,
     make_scheduler,
@@ -92,7 +93,10 @@ def build_classifier(model_path: str, labels: list[str], method, dtype: torch.dt
 
     from .common import load_kwargs, wrap_method
 
-    kwargs = {"dtype": dtype} if method.name == "lora" else load_kwargs(method.name, dtype)
+    from .fastpath import attention_for
+
+    kwargs = ({"dtype": dtype, "attn_implementation": attention_for(device(), dtype)} if method.name == "lora"
+              else load_kwargs(method.name, dtype))
     model = AutoModelForSequenceClassification.from_pretrained(
         model_path,
         num_labels=len(labels),
@@ -152,6 +156,8 @@ def train_classifier(recipe: Recipe, run_dir: Path, show_progress: bool = True) 
     optimizer = torch.optim.AdamW(groups, weight_decay=tc.weight_decay)
     scheduler = make_scheduler(optimizer, tc.scheduler, int(tc.warmup_ratio * total_steps), total_steps)
     use_autocast = dtype == torch.bfloat16
+    if use_autocast:
+        keep_adapter_inputs_bf16(model)
 
     # ---- loop
     model.train()
@@ -223,6 +229,8 @@ def load_trained(run_dir: Path, dev: torch.device | None = None):
     """(model, tokenizer, labels) of a finished classify run, ready for inference."""
     from transformers import AutoModelForSequenceClassification
 
+    from .fastpath import attention_for
+
     dev = dev or device()
     labels = json.loads((run_dir / "labels.json").read_text())
     metrics = json.loads((run_dir / "train_metrics.json").read_text())
@@ -238,6 +246,7 @@ def load_trained(run_dir: Path, dev: torch.device | None = None):
         base = AutoModelForSequenceClassification.from_pretrained(
             model_path, num_labels=len(labels), id2label=dict(enumerate(labels)),
             label2id={l: i for i, l in enumerate(labels)}, dtype=dtype,
+            attn_implementation=attention_for(dev, dtype),
         )
         base.config.pad_token_id = tok.pad_token_id
         model = PeftModel.from_pretrained(base, str(mdir))

@@ -142,8 +142,11 @@ def load_kwargs(method_name: str, dtype: torch.dtype) -> dict:
         return {"quantization_config": BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16), "dtype": torch.bfloat16, "device_map": {"": 0}}
+    from .fastpath import attention_for
+
     # Full fine-tuning keeps fp32 weights: bf16 master weights lose small updates.
-    return {"dtype": torch.float32 if method_name == "full" else dtype}
+    dtype = torch.float32 if method_name == "full" else dtype
+    return {"dtype": dtype, "attn_implementation": attention_for(device(), dtype)}
 
 
 def linear_module_names(model) -> list[str]:

@@ -23,6 +23,7 @@ from ..data.chat import fingerprint, holdout, load_chat, write_records_jsonl
 from ..errors import ConfigError
 from ..fileio import atomic_dir, write_json_atomic, write_text_atomic
 from ..zoo import resolve_model
+from .fastpath import FinalHidden, keep_adapter_inputs_bf16, linear_cross_entropy
 from .common import (
     restore_checkpoint,
     ValWatch,
@@ -175,12 +176,32 @@ def n_targets(batch: dict) -> int:
     return int((batch["labels"][:, 1:] != IGNORE).sum())
 
 
+NO_LOGITS = torch.zeros(0, dtype=torch.long)
+
+
+def summed_loss(model, batch: dict, dev, hidden: FinalHidden | None, out_weight) -> torch.Tensor:
+    """Sum of the next-token losses over the batch's answer tokens.
+
+    With `hidden`, the model is asked for no logits at all (`logits_to_keep` empty) and the loss is computed
+    from its final hidden states on the answer positions only; otherwise the model's own loss
+    (`num_items_in_batch=1` turns its mean into a sum).
+    `use_cache=False` matters: with a cache object transformers ignores the packed position ids when
+    building the mask, and packed examples would attend to each other."""
+    on_dev = {k: v.to(dev) for k, v in batch.items()}
+    if hidden is None:
+        return model(**on_dev, num_items_in_batch=1, use_cache=False).loss
+    labels = on_dev.pop("labels")
+    model(**on_dev, use_cache=False, logits_to_keep=NO_LOGITS.to(dev))
+    return linear_cross_entropy(hidden.take(), out_weight, labels)[0]
+
+
 # ----------------------------------------------------------------------------------------------------
 # validation
 
 
 @torch.no_grad()
-def validation_loss(model, rows, pad_id: int, batch_size: int, dev, acc, autocast: bool) -> float:
+def validation_loss(model, rows, pad_id: int, batch_size: int, dev, acc, autocast: bool,
+                    hidden: FinalHidden | None = None, out_weight=None) -> float:
     """Mean NLL per answer token over the validation rows (shared across processes)."""
     model.eval()
     lengths = [len(r[0]) for r in rows]
@@ -192,9 +213,8 @@ def validation_loss(model, rows, pad_id: int, batch_size: int, dev, acc, autocas
         if n == 0:
             continue
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
-            # num_items_in_batch=1 turns the model's mean into a sum over answer tokens
-            out = model(**{k: v.to(dev) for k, v in batch.items()}, num_items_in_batch=1, use_cache=False)
-        total += torch.tensor([out.loss.double().item(), n], dtype=torch.float64)
+            loss = summed_loss(model, batch, dev, hidden, out_weight)
+        total += torch.tensor([loss.double().item(), n], dtype=torch.float64)
     total = acc.reduce(total.to(dev), reduction="sum").cpu() if acc.num_processes > 1 else total
     model.train()
     return float(total[0] / max(1.0, float(total[1])))
@@ -257,6 +277,12 @@ def train_sft(recipe: Recipe, run_dir: Path, show_progress: bool = True, resume:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total_params = sum(p.numel() for p in model.parameters())
     use_autocast = dtype == torch.bfloat16 and mc.name != "full"
+    if use_autocast:
+        keep_adapter_inputs_bf16(model)
+    # The loss is taken from the final hidden states on answer tokens only (fastpath.linear_cross_entropy);
+    # prompt and prefix tuning change the sequence inside PEFT's forward, so they keep the model's own loss.
+    hidden = None if mc.name in ("prompt_tuning", "prefix_tuning") else FinalHidden(base)
+    out_weight = base.get_output_embeddings().weight
 
     lengths = [len(r[0]) for r in rows]
     batches_per_epoch = math.ceil(len(rows) / tc.batch_size)
@@ -309,15 +335,13 @@ def train_sft(recipe: Recipe, run_dir: Path, show_progress: bool = True, resume:
                 # A process with no share still joins the gradient all-reduce, with a zero loss.
                 batch = collate([rows[i] for i in (mine or global_batch[:1])], tok.pad_token_id, tc.packing)
                 with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_autocast):
-                    # use_cache=False matters: with a cache object transformers ignores the packed position
-                    # ids when building the mask, and packed examples would attend to each other.
-                    out = model(**{k: v.to(dev) for k, v in batch.items()}, num_items_in_batch=max(1, n_global),
-                                use_cache=False)
+                    # normalised by the answer tokens of the whole global batch (see the module doc)
+                    batch_loss = summed_loss(model, batch, dev, hidden, out_weight) / max(1, n_global)
                 # DDP averages gradients over processes; scaling by `world` turns that back into the sum.
-                loss = out.loss * (world if mine else 0) / tc.grad_accum
+                loss = batch_loss * (world if mine else 0) / tc.grad_accum
                 acc.backward(loss)
                 pos["seen_tokens"] += sum(len(rows[i][0]) for i in global_batch)
-                window_losses.append(out.loss.detach().item() * world if mine else 0.0)
+                window_losses.append(batch_loss.detach().item() * world if mine else 0.0)
                 pos["micro"] += 1
                 if pos["micro"] % tc.grad_accum:
                     continue
@@ -340,7 +364,7 @@ def train_sft(recipe: Recipe, run_dir: Path, show_progress: bool = True, resume:
                     # The unwrapped model: a DDP forward is a collective (buffer sync), and processes
                     # hold different numbers of validation batches.
                     val = validation_loss(inner, val_rows, tok.pad_token_id, recipe.eval.batch_size, dev, acc,
-                                          use_autocast)
+                                          use_autocast, hidden, out_weight)
                     recent = [h["loss"] for h in history if h["step"] > (watch.points[-1][0] if watch.points else 0)]
                     improved, stop, overfit = watch.update(pos["step"], sum(recent) / len(recent), val)
                     if improved:

@@ -1,0 +1,185 @@
+"""The speed levers shared by the training recipes and evaluation, each measured by bench/train_throughput.py.
+
+1. `cpu_attention`: attention as two bf16 matrix products and a softmax. On CPU, PyTorch's fused
+   (flash) SDPA kernel runs bf16 at a fraction of the matmul peak: for SmolLM2 at 4x512 tokens it took a
+   third of a LoRA step (torch.profiler), while the same attention written as `q @ k.T`, softmax, `@ v`
+   goes through oneDNN's bf16 GEMM and is 2-3x faster forward and backward. The price is the T x T score
+   matrix kept for backward, so it is used up to `MAX_MATMUL_TOKENS` and falls back to SDPA beyond.
+2. `linear_cross_entropy`: the LM loss computed only on the positions that carry a label, in chunks, with
+   the gradient taken in the forward pass (as Liger's fused linear cross-entropy does on GPU). The full
+   B x T x 49k fp32 logits never exist, and no log-softmax backward runs over them.
+3. `keep_adapter_inputs_bf16`: PEFT casts each LoRA input to the adapter's fp32 dtype; under bf16
+   autocast the matmul casts it straight back. Turning the cast off removes two full-activation copies per
+   adapted Linear, forward and backward, and changes no result (autocast computes in bf16 either way).
+
+Why not a library: Liger-Kernel's fused linear cross-entropy is Triton (GPU only), and transformers has no
+CPU attention that uses the GEMM path for bf16; both are small, and each is checked against the reference
+implementation in tests/test_fastpath.py.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+ATTENTION_NAME = "tuneloop_cpu"
+# Above this many keys the T x T scores (kept for backward) cost more memory than the speed is worth.
+MAX_MATMUL_TOKENS = 2048
+IGNORE = -100
+
+
+def cpu_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
+                  is_causal: bool | None = None, **kwargs):
+    """transformers attention interface: query (B, H, Tq, D), key/value (B, Hkv, Tk, D) → (B, Tq, H, D).
+
+    Grouped-query attention without copying keys: the H query heads are viewed as Hkv groups of H/Hkv
+    heads stacked along the time axis, so one batched product serves each key/value head.
+    """
+    b, h, tq, d = query.shape
+    hkv, tk = key.shape[1], key.shape[2]
+    if tk > MAX_MATMUL_TOKENS or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    g = h // hkv
+    scale = scaling if scaling is not None else d ** -0.5
+    # the scale goes on the queries (T x D) rather than the scores (T x T)
+    q = (query * scale).reshape(b, hkv, g * tq, d)
+    scores = torch.matmul(q, key.transpose(-1, -2)).view(b, hkv, g, tq, tk)
+    if attention_mask is None:
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        if causal and tq > 1:
+            # aligned to the end: with a cache the Tq new queries are the last Tq of the Tk positions
+            allowed = torch.ones(tq, tk, dtype=torch.bool, device=query.device).tril(tk - tq)
+            scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    elif attention_mask.dtype == torch.bool:
+        # (B, 1, Tq, Tk) → broadcast over the kv heads and the group; a fully masked row (a left pad) gets
+        # the dtype minimum everywhere, so softmax is uniform over it instead of NaN.
+        scores = scores.masked_fill(~attention_mask[:, :, None, :, -tk:], torch.finfo(scores.dtype).min)
+    else:
+        scores = scores + attention_mask[:, :, None, :, -tk:].to(scores.dtype)
+    # The CPU softmax accumulates reduced-precision inputs in fp32 internally; the bf16 output is what the
+    # second bf16 product would round it to anyway.
+    probs = torch.softmax(scores, dim=-1)
+    if dropout and module.training:
+        probs = F.dropout(probs, p=dropout)
+    out = torch.matmul(probs.view(b, hkv, g * tq, tk), value).view(b, h, tq, d)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register_attention() -> str:
+    """Make `attn_implementation="tuneloop_cpu"` known to transformers (its masks are SDPA's boolean masks)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTENTION_NAME, cpu_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+    return ATTENTION_NAME
+
+
+def attention_for(dev: torch.device, dtype: torch.dtype) -> str:
+    """The attention implementation to load a model with: the GEMM path for bf16 on CPU, SDPA elsewhere
+    (on CUDA, SDPA dispatches to fused flash / memory-efficient kernels)."""
+    if dev.type == "cpu" and dtype == torch.bfloat16:
+        return register_attention()
+    return "sdpa"
+
+
+def keep_adapter_inputs_bf16(model) -> int:
+    """Switch off PEFT's cast of each adapter input to fp32 (see the module doc); returns how many layers.
+
+    Only valid under bf16 autocast, which the recipes use whenever the frozen weights are bf16."""
+    n = 0
+    for m in model.modules():
+        if hasattr(m, "cast_input_dtype_enabled"):
+            m.cast_input_dtype_enabled = False
+            n += 1
+    return n
+
+
+# ----------------------------------------------------------------------------------------------------
+# loss on answer tokens only
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum over rows of CE(hidden @ weight.T, target); the gradients are computed chunk by chunk in forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk: int):
+        n = hidden.shape[0]
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if hidden.requires_grad else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if weight.requires_grad else None
+        w = weight.to(hidden.dtype)
+        for s in range(0, n, chunk):
+            h = hidden[s:s + chunk]
+            t = targets[s:s + chunk]
+            logits = h @ w.t()
+            # fp32 probabilities straight from the bf16 logits (what cross_entropy does inside for half
+            # inputs); the loss and the gradient both come from them, so no log-softmax backward runs.
+            probs = torch.softmax(logits, -1, dtype=torch.float32)
+            rows = torch.arange(len(t), device=probs.device)
+            p_target = probs[rows, t]
+            total += -torch.log(p_target.clamp_min(torch.finfo(torch.float32).tiny)).sum()
+            if grad_h is None and grad_w is None:
+                continue
+            # d(CE)/d(logits) = softmax - onehot; the target entry is formed in fp32 before rounding, where
+            # p - 1 would otherwise cancel catastrophically in bf16.
+            g = probs.to(hidden.dtype)
+            g[rows, t] = (p_target - 1.0).to(hidden.dtype)
+            if grad_h is not None:
+                grad_h[s:s + chunk] = g @ w
+            if grad_w is not None:
+                grad_w += (g.t() @ h).float()
+        ctx.save_for_backward(grad_h if grad_h is not None else torch.empty(0),
+                              grad_w if grad_w is not None else torch.empty(0))
+        ctx.has = (grad_h is not None, grad_w is not None)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = grad_h * grad_out.to(grad_h.dtype) if ctx.has[0] else None
+        gw = (grad_w * grad_out).to(ctx.weight_dtype) if ctx.has[1] else None
+        return gh, gw, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                         chunk: int = 128) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy of `hidden` (B, T, d) against `labels` (B, T) through the output
+    matrix `weight` (V, d), on the positions whose shifted label is not IGNORE. Returns (sum, count).
+
+    Same value as the model's own loss with `num_items_in_batch=1` (a sum), at a fraction of the memory:
+    only `chunk` rows of logits exist at once."""
+    shifted = labels[:, 1:]
+    keep = shifted != IGNORE
+    rows = hidden[:, :-1][keep]
+    targets = shifted[keep]
+    if rows.shape[0] == 0:
+        return hidden.sum() * 0.0, 0
+    return _LinearCrossEntropy.apply(rows, weight, targets, chunk), int(targets.numel())
+
+
+class FinalHidden:
+    """Catches the decoder's last hidden state (after its final norm) through a forward hook, so the loss
+    can be taken from it while the model itself is asked for the logits of one position only
+    (`logits_to_keep=1`). A hook, rather than calling the inner decoder directly, keeps the call going
+    through DDP's forward, which gradient synchronisation needs."""
+
+    def __init__(self, model):
+        decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+        if decoder is None or decoder is model:
+            raise TypeError(f"{type(model).__name__} exposes no inner decoder (get_decoder)")
+        self.value: torch.Tensor | None = None
+        self.handle = decoder.register_forward_hook(self._catch)
+
+    def _catch(self, module, args, output):
+        self.value = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+    def take(self) -> torch.Tensor:
+        v, self.value = self.value, None
+        if v is None:
+            raise RuntimeError("the decoder's forward did not run")
+        return v
