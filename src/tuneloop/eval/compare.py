@@ -12,6 +12,7 @@ from rich.console import Console
 from ..config import Recipe, load_recipe
 from ..data.validate import load_classification, stratified_sample
 from ..train.classify import load_tokenizer, load_trained
+from ..train.fastpath import attention_for, keep_adapter_inputs_bf16
 from ..train.common import device, set_threads
 from ..zoo import resolve_model
 from .metrics import classification_metrics
@@ -67,6 +68,8 @@ def evaluate_classify(
         ts = time.time()
         if name == "tuned":
             model, tok, _, dtype = load_trained(run_dir)
+            if dtype == torch.bfloat16:
+                keep_adapter_inputs_bf16(model)  # predict_classifier runs under bf16 autocast
             probs = predict_classifier(model, tok, texts, ec.batch_size, recipe.train.max_length, dtype,
                                        show_progress)
             pred = [labels[i] for i in probs.argmax(-1).tolist()]
@@ -80,7 +83,8 @@ def evaluate_classify(
 
             dev = device()
             dtype = getattr(torch, train_metrics.get("dtype", "float32"))
-            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(dev).eval()
+            model = AutoModelForCausalLM.from_pretrained(
+                model_path, dtype=dtype, attn_implementation=attention_for(dev, dtype)).to(dev).eval()
             tok = load_tokenizer(model_path)
             words = [(ec.verbalizer or {}).get(l, l) for l in labels]
             probs = predict_zero_shot(model, tok, texts, labels, words, ec.zero_shot_prompt, ec.batch_size,

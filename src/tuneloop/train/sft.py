@@ -23,7 +23,7 @@ from ..data.chat import fingerprint, holdout, load_chat, write_records_jsonl
 from ..errors import ConfigError
 from ..fileio import atomic_dir, write_json_atomic, write_text_atomic
 from ..zoo import resolve_model
-from .fastpath import FinalHidden, keep_adapter_inputs_bf16, linear_cross_entropy
+from .fastpath import FinalHidden, compile_blocks, keep_adapter_inputs_bf16, linear_cross_entropy
 from .common import (
     restore_checkpoint,
     ValWatch,
@@ -282,6 +282,8 @@ def train_sft(recipe: Recipe, run_dir: Path, show_progress: bool = True, resume:
     # The loss is taken from the final hidden states on answer tokens only (fastpath.linear_cross_entropy);
     # prompt and prefix tuning change the sequence inside PEFT's forward, so they keep the model's own loss.
     hidden = None if mc.name in ("prompt_tuning", "prefix_tuning") else FinalHidden(base)
+    if tc.compile:
+        compile_blocks(base)
     out_weight = base.get_output_embeddings().weight
 
     lengths = [len(r[0]) for r in rows]
@@ -353,7 +355,11 @@ def train_sft(recipe: Recipe, run_dir: Path, show_progress: bool = True, resume:
                 step_loss = sum(window_losses[-tc.grad_accum:]) / tc.grad_accum
                 if world > 1:
                     step_loss = float(acc.reduce(torch.tensor(step_loss, device=dev), reduction="mean"))
-                history.append({"step": pos["step"], "loss": step_loss, "lr": scheduler.get_last_lr()[0]})
+                # tokens = all tokens of the step (no pads: rows are packed or bucketed); time since the
+                # start of training, so a benchmark can leave the warm-up steps out
+                history.append({"step": pos["step"], "loss": step_loss, "lr": scheduler.get_last_lr()[0],
+                                "tokens": pos["seen_tokens"] - (history[-1].get("seen", tokens_at_start) if history else tokens_at_start),
+                                "seen": pos["seen_tokens"], "seconds": round(time.time() - t_train, 4)})
                 tps = (pos["seen_tokens"] - tokens_at_start) / max(1e-9, time.time() - t_train)
                 progress.update(task, advance=1, info=f"loss {step_loss:.4f} · {tps:,.0f} tok/s")
                 if show_progress and main and not console.is_terminal:
