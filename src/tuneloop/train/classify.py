@@ -19,7 +19,7 @@ from ..config import Recipe, recipe_to_yaml
 from ..data.validate import load_classification, stratified_sample
 from ..fileio import atomic_dir, write_json_atomic, write_text_atomic
 from ..zoo import resolve_model
-from .fastpath import keep_adapter_inputs_bf16
+from .fastpath import compile_blocks, keep_adapter_inputs_bf16
 from .common import (
     load_tokenizer,
     make_scheduler,
@@ -158,6 +158,8 @@ def train_classifier(recipe: Recipe, run_dir: Path, show_progress: bool = True) 
     use_autocast = dtype == torch.bfloat16
     if use_autocast:
         keep_adapter_inputs_bf16(model)
+    if tc.compile:
+        compile_blocks(model)
 
     # ---- loop
     model.train()
