@@ -22,6 +22,17 @@ def test_truncation_cuts_the_text_never_the_template(tok):
     assert decoded.startswith("Review: w0") and decoded.endswith("\n\nGreat or other?")
 
 
+def test_middle_truncation_keeps_both_ends(tok):
+    text = " ".join(f"w{i}" for i in range(200))
+    [ids] = encode_texts(tok, [text], 40, "Review: {text}\n\nGreat or other?", truncate="middle")
+    assert len(ids) == 40
+    decoded = tok.decode(ids)
+    assert decoded.startswith("Review: w0") and "w199\n\nGreat or other?" in decoded
+    assert " w100 " not in decoded
+    [short] = encode_texts(tok, ["tasty"], 40, "Review: {text}", truncate="middle")
+    assert tok.decode(short) == "Review: tasty"
+
+
 def test_as_chat_ends_where_the_assistant_answers(tok):
     [ids] = encode_texts(tok, ["tasty"], 64, "Is {text} good?", as_chat=True, system="Be brief.")
     decoded = tok.decode(ids)

@@ -45,6 +45,10 @@ class DataConfig(Section):
         False, description="Send the filled `input_template` as the user turn of the model's chat template, "
         "ending where the assistant's answer starts (instruct models classify best where they would answer)."
     )
+    truncate: Literal["end", "middle"] = Field(
+        "end", description="How a text longer than its room in `train.max_length` is cut: `end` keeps its "
+        "start; `middle` keeps its first and last halves (reviews and tickets often end with the verdict)."
+    )
     system_prompt: str | None = Field(
         None, description="With `as_chat`: the system turn (default: the chat template's own, if it has one; "
         "a short one saves tokens on every record)."

@@ -28,7 +28,7 @@ def predict_classifier(model, tok, texts: list[str], batch_size: int, max_length
     dev = next(model.parameters()).device
     enc = encode_texts(tok, texts, max_length, template or getattr(model, "input_template", "{text}"),
                        getattr(model, "input_as_chat", False) if template is None else False,
-                       getattr(model, "input_system_prompt", None))
+                       getattr(model, "input_system_prompt", None), getattr(model, "input_truncate", "end"))
     probs = torch.zeros(len(texts), model.config.num_labels)
     with Progress(*progress_columns(), console=console, disable=not show_progress) as progress:
         task = progress.add_task(desc, total=len(texts), info="")

@@ -22,6 +22,7 @@ from ..data.records import Record
 from ..errors import DataError
 from ..fileio import write_json_atomic, write_text_atomic
 from ..train.common import device, pad_batch, progress_columns, set_threads, sorted_batches
+from ..train.fastpath import attention_for, keep_adapter_inputs_bf16
 from ..zoo import resolve_model
 
 console = Console(stderr=True)
@@ -117,6 +118,8 @@ def evaluate_sft(run_dir: Path, test_path: str | None = None, systems: list[str]
     model_path = metrics["model_path"] if Path(metrics["model_path"]).exists() else resolve_model(metrics["base_model"])
     tok = load_tokenizer(str(run_dir / "model") if (run_dir / "model" / "tokenizer_config.json").exists() else model_path)
     dtype = getattr(torch, metrics.get("dtype", "float32"))
+    bf16 = dtype == torch.bfloat16
+    load = {"dtype": dtype, "attn_implementation": attention_for(dev, dtype)}
     systems = systems or [s for s in ec.systems if s in ("base", "tuned")] or ["base", "tuned"]
 
     results: dict[str, dict] = {}
@@ -129,18 +132,22 @@ def evaluate_sft(run_dir: Path, test_path: str | None = None, systems: list[str]
                 continue
             ts = time.time()
             if name == "base":
-                model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+                model = AutoModelForCausalLM.from_pretrained(model_path, **load)
             elif (run_dir / "model" / "adapter_config.json").exists():
                 from peft import PeftModel
 
-                base = model if model is not None else AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+                base = model if model is not None else AutoModelForCausalLM.from_pretrained(model_path, **load)
                 model = PeftModel.from_pretrained(base, str(run_dir / "model"))
+                if bf16:
+                    keep_adapter_inputs_bf16(model)  # computed under bf16 autocast below
             else:
-                model = AutoModelForCausalLM.from_pretrained(str(run_dir / "model"), dtype=dtype)
+                model = AutoModelForCausalLM.from_pretrained(str(run_dir / "model"), **load)
             model = model.to(dev).eval()
-            ppl = answer_perplexity(model, tok, convs, recipe.train.max_length, ec.batch_size, dev)
-            gen = generate_answers(model, tok, prompts, ec.max_new_tokens, min(ec.batch_size, 16), dev,
-                                   progress, f"{name}: generate")
+            # bf16 autocast: fp32 adapters on a bf16 base compute in bf16, like in training
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+                ppl = answer_perplexity(model, tok, convs, recipe.train.max_length, ec.batch_size, dev)
+                gen = generate_answers(model, tok, prompts, ec.max_new_tokens, min(ec.batch_size, 16), dev,
+                                       progress, f"{name}: generate")
             answers[name] = gen
             results[name] = {"perplexity": ppl, "rougeL": rouge_l(gen, refs), "bleu": bleu(gen, refs),
                              "mean_answer_words": sum(len(g.split()) for g in gen) / max(1, len(gen)),

@@ -50,16 +50,22 @@ def chat_wrap(tok, template: str, system: str | None = None) -> str:
 
 
 def encode_texts(tok, texts: list[str], max_length: int, template: str = "{text}",
-                 as_chat: bool = False, system: str | None = None) -> list[list[int]]:
+                 as_chat: bool = False, system: str | None = None, truncate: str = "end") -> list[list[int]]:
     """Token ids of `template` around each text; only the text is truncated, so the instruction around
-    it (and the question at the end, where a decoder reads its answer) always survives."""
+    it (and the question at the end, where a decoder reads its answer) always survives. `truncate`:
+    `end` keeps the start of a long text, `middle` its first and last halves."""
     if as_chat:
         template = chat_wrap(tok, template, system)
     prefix, suffix = template.split("{text}")
     pre = tok(prefix, add_special_tokens=False)["input_ids"] if prefix else []
     suf = tok(suffix, add_special_tokens=False)["input_ids"] if suffix else []
     room = max(1, max_length - len(pre) - len(suf))
-    body = tok(texts, add_special_tokens=False, truncation=True, max_length=room)["input_ids"]
+    if truncate == "middle":
+        head = room // 2
+        body = [ids if len(ids) <= room else ids[:head] + ids[len(ids) - (room - head):]
+                for ids in tok(texts, add_special_tokens=False)["input_ids"]]
+    else:
+        body = tok(texts, add_special_tokens=False, truncation=True, max_length=room)["input_ids"]
     # BOS-style tokens the model expects, if any (a chat template writes its own).
     special = [] if as_chat else tok("", add_special_tokens=True)["input_ids"]
     return [special + pre + b + suf for b in body]
@@ -141,7 +147,7 @@ def train_classifier(recipe: Recipe, run_dir: Path, show_progress: bool = True) 
     total_params = sum(p.numel() for p in model.parameters())
 
     enc = encode_texts(tok, [r.text for r in records], tc.max_length, dc.input_template, dc.as_chat,
-                       dc.system_prompt)
+                       dc.system_prompt, dc.truncate)
     ys = [label_id[r.label] for r in records]
     lengths = [len(e) for e in enc]
     batches_per_epoch = math.ceil(len(enc) / tc.batch_size)
@@ -262,5 +268,6 @@ def load_trained(run_dir: Path, dev: torch.device | None = None):
     data = recipe.get("data") or {}
     model.input_template = data.get("input_template", "{text}")
     model.input_as_chat = bool(data.get("as_chat", False))
+    model.input_truncate = data.get("truncate", "end")
     model.input_system_prompt = data.get("system_prompt")
     return model.to(dev).eval(), tok, labels, dtype
