@@ -99,10 +99,7 @@ def build_classifier(model_path: str, labels: list[str], method, dtype: torch.dt
 
     from .common import load_kwargs, wrap_method
 
-    from .fastpath import attention_for
-
-    kwargs = ({"dtype": dtype, "attn_implementation": attention_for(device(), dtype)} if method.name == "lora"
-              else load_kwargs(method.name, dtype))
+    kwargs = load_kwargs(method.name, dtype)
     model = AutoModelForSequenceClassification.from_pretrained(
         model_path,
         num_labels=len(labels),
