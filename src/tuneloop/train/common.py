@@ -370,3 +370,100 @@ def restore_checkpoint(ckpt_dir, model, optimizer, scheduler, watch) -> tuple[di
     watch.load_state_dict(ck["watch"])
     set_rng_state(ck["rng"])
     return ck["position"], ck["history"], ck["best_state"]
+
+
+def plan_steps(n_rows: int, tc) -> tuple[int, int, int, int]:
+    """(batches per epoch, optimizer steps per epoch, total steps, validate every) for `n_rows` rows
+    under the recipe's `train` section."""
+    import math
+
+    batches_per_epoch = math.ceil(n_rows / tc.batch_size)
+    steps_per_epoch = max(1, batches_per_epoch // tc.grad_accum)
+    total_steps = tc.max_steps or max(1, math.ceil(steps_per_epoch * tc.epochs))
+    return batches_per_epoch, steps_per_epoch, total_steps, tc.eval_every or steps_per_epoch
+
+
+class LoopState:
+    """A resumable training loop's optimizer, scheduler and position, and its checkpoint.
+
+    Builds AdamW over the parameter `groups` and the recipe's warmup schedule, and passes the model
+    through `acc.prepare` (DDP when launched on several processes). Carries `pos` (step, epoch, batch
+    within the epoch, micro-batch, tokens seen), the loss `history`, the validation `watch` and the
+    `best_state` weights; on `resume` all of them, the optimizer, the scheduler and the RNGs come back
+    from `run_dir/checkpoints/last`. `checkpoint()` writes them in one atomic folder swap on the main
+    process and waits for the others, so every process leaves the call at the same step."""
+
+    def __init__(self, acc, model, groups: list[dict], tc, total_steps: int, run_dir, resume: bool, say):
+        from pathlib import Path
+
+        self.params = [p for g in groups for p in g["params"]]
+        optimizer = torch.optim.AdamW(groups, lr=tc.lr, weight_decay=tc.weight_decay)
+        self.scheduler = make_scheduler(optimizer, tc.scheduler, int(tc.warmup_ratio * total_steps), total_steps)
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.inner = acc.unwrap_model(self.model)
+        self.acc, self.grad_accum = acc, tc.grad_accum
+        self.ckpt_dir = Path(run_dir) / "checkpoints" / "last"
+        self.pos = {"step": 0, "epoch": 0, "batch_idx": 0, "micro": 0, "seen_tokens": 0}
+        self.history: list[dict] = []
+        self.watch = ValWatch(tc.patience, tc.overfit_window)
+        self.best_state: dict | None = None
+        if resume:
+            self.pos, self.history, self.best_state = restore_checkpoint(
+                self.ckpt_dir, self.inner, self.optimizer, self.scheduler, self.watch)
+            if acc.is_main_process:
+                say(f"resumed at step {self.pos['step']} of {total_steps} (epoch {self.pos['epoch']})")
+
+    def global_batches(self, lengths: list[int], batch_size: int, seed: int, total_steps: int) -> Iterator[list[int]]:
+        """Global batches from where the loop stands: length-bucketed and reshuffled each epoch with
+        `seed + epoch`, so a resumed run goes on with exactly the batches it would have seen."""
+        pos = self.pos
+        while pos["step"] < total_steps:
+            batches = length_bucketed_batches(lengths, batch_size, seed + pos["epoch"])
+            while pos["batch_idx"] < len(batches):
+                pos["batch_idx"] += 1
+                yield batches[pos["batch_idx"] - 1]
+            pos["epoch"] += 1
+            pos["batch_idx"] = 0
+
+    def micro_step(self) -> bool:
+        """Count one backward pass; every `grad_accum`-th, clip, step the optimizer and the schedule.
+        Returns whether an optimizer step was taken."""
+        self.pos["micro"] += 1
+        if self.pos["micro"] % self.grad_accum:
+            return False
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.pos["step"] += 1
+        return True
+
+    def checkpoint(self) -> None:
+        if self.acc.is_main_process:
+            save_checkpoint(self.ckpt_dir, {
+                "trainable": trainable_state(self.inner), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "position": dict(self.pos),
+                "history": self.history, "best_state": self.best_state,
+                "watch": self.watch.state_dict(), "rng": rng_state()})
+        self.acc.wait_for_everyone()
+
+    def record_validation(self, val: float, say, what: str, last: bool) -> bool:
+        """Book the validation loss `val` at the current step: keep the best weights, warn once when
+        train loss falls while validation rises, count patience. `say` prints (main process only),
+        `what` describes the value. Returns whether to stop."""
+        pos, watch = self.pos, self.watch
+        since = watch.points[-1][0] if watch.points else 0
+        recent = [h["loss"] for h in self.history if h["step"] > since]
+        improved, stop, overfit = watch.update(pos["step"], sum(recent) / len(recent), val)
+        if improved:
+            self.best_state = trainable_state(self.inner)
+        if self.acc.is_main_process:
+            say(f"step {pos['step']}: {what}{' · best' if improved else ''}")
+            if overfit and watch.overfit_warned_at == pos["step"]:
+                say(f"[yellow]overfitting:[/] train loss fell and validation loss rose over the last "
+                    f"{watch.window} validations; the best checkpoint (step {watch.best_step}) is the one kept")
+            if stop and not last:
+                say(f"early stop: no better validation loss for {watch.patience} validations "
+                    f"(best at step {watch.best_step})")
+        return stop
+

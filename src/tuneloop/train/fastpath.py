@@ -20,7 +20,6 @@ implementation in tests/test_fastpath.py.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 ATTENTION_NAME = "tuneloop_cpu"
 # Above this many keys the T x T scores (kept for backward) cost more memory than the speed is worth.

@@ -23,25 +23,20 @@ from ..errors import ConfigError
 from ..fileio import atomic_dir, write_json_atomic, write_text_atomic
 from ..zoo import resolve_model
 from .common import (
-    restore_checkpoint,
+    LoopState,
+    plan_steps,
     load_tokenizer,
-    ValWatch,
-    length_bucketed_batches,
     log_line,
     load_kwargs,
     load_trainable_state,
-    make_scheduler,
     pad_batch,
     pick_dtype,
     plot_losses,
     progress_columns,
     recipe_for_run,
-    rng_state,
-    save_checkpoint,
     seed_everything,
     set_threads,
     sorted_batches,
-    trainable_state,
     wrap_method,
 )
 
@@ -124,42 +119,20 @@ def train_regressor(recipe: Recipe, run_dir: Path, show_progress: bool = True, r
     use_autocast = dtype == torch.bfloat16 and mc.name != "full"
 
     lengths = [len(e) for e in enc]
-    batches_per_epoch = math.ceil(len(enc) / tc.batch_size)
-    steps_per_epoch = max(1, batches_per_epoch // tc.grad_accum)
-    total_steps = tc.max_steps or max(1, math.ceil(steps_per_epoch * tc.epochs))
-    eval_every = tc.eval_every or steps_per_epoch
+    batches_per_epoch, steps_per_epoch, total_steps, eval_every = plan_steps(len(enc), tc)
     heads = ("score", "classifier", "pre_classifier")
     head = [p for n, p in model.named_parameters() if p.requires_grad and any(h in n for h in heads)]
     body = [p for n, p in model.named_parameters() if p.requires_grad and not any(h in n for h in heads)]
     groups = [{"params": body, "lr": tc.lr}] + ([{"params": head, "lr": tc.head_lr or tc.lr}] if head else [])
-    params = body + head
-    optimizer = torch.optim.AdamW(groups, weight_decay=tc.weight_decay)
-    scheduler = make_scheduler(optimizer, tc.scheduler, int(tc.warmup_ratio * total_steps), total_steps)
-    model, optimizer = acc.prepare(model, optimizer)
-    inner = acc.unwrap_model(model)
 
-    # ---- state (restored on resume)
-    pos = {"step": 0, "epoch": 0, "batch_idx": 0, "micro": 0, "seen_tokens": 0}
-    history: list[dict] = []
-    watch = ValWatch(tc.patience, tc.overfit_window)
-    best_state = None
-    ckpt_dir = run_dir / "checkpoints" / "last"
-    if resume:
-        pos, history, best_state = restore_checkpoint(ckpt_dir, inner, optimizer, scheduler, watch)
-        if main:
-            console.print(f"resumed at step {pos['step']} of {total_steps} (epoch {pos['epoch']})")
-    elif main:
+    # ---- optimizer and position (restored on resume)
+    state = LoopState(acc, model, groups, tc, total_steps, run_dir, resume, console.print)
+    model, inner, scheduler = state.model, state.inner, state.scheduler
+    pos, history, watch = state.pos, state.history, state.watch
+    if main and not resume:
         write_text_atomic(run_dir / "recipe.yaml", recipe_to_yaml(recipe_for_run(recipe)))
         write_records_jsonl(run_dir / "test.jsonl", test)
         write_records_jsonl(run_dir / "train_tail.jsonl", (train_recs + val_recs)[-30:] if ordered else [])
-
-    def checkpoint() -> None:
-        if main:
-            save_checkpoint(ckpt_dir, {
-                "trainable": trainable_state(inner), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "position": dict(pos), "history": history,
-                "best_state": best_state, "watch": watch.state_dict(), "rng": rng_state()})
-        acc.wait_for_everyone()
 
     # ---- loop: mean squared error on the standardised target
     model.train()
@@ -169,74 +142,47 @@ def train_regressor(recipe: Recipe, run_dir: Path, show_progress: bool = True, r
     t_train, tokens_at_start = time.time(), pos["seen_tokens"]
     with Progress(*progress_columns(), console=console, disable=not (show_progress and main)) as progress:
         task = progress.add_task("regress", total=total_steps, completed=pos["step"], info="")
-        while pos["step"] < total_steps and not stop:
-            batches = length_bucketed_batches(lengths, tc.batch_size, tc.seed + pos["epoch"])
-            while pos["batch_idx"] < len(batches):
-                global_batch = batches[pos["batch_idx"]]
-                pos["batch_idx"] += 1
-                mine = global_batch[rank::world] or global_batch[:1]
-                ids, mask = pad_batch([enc[i] for i in mine], tok.pad_token_id)
-                y = torch.tensor([z[i] for i in mine], dtype=torch.float32)
-                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_autocast):
-                    pred = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float().view(-1)
-                # Sum over my share / size of the global batch, times `world` to undo DDP's averaging.
-                sq = ((pred - y.to(dev)) ** 2).sum() if global_batch[rank::world] else pred.sum() * 0
-                loss = sq / len(global_batch) * world / tc.grad_accum
-                acc.backward(loss)
-                pos["seen_tokens"] += sum(lengths[i] for i in global_batch)
-                window.append(float(sq.detach()) / len(global_batch))
-                pos["micro"] += 1
-                if pos["micro"] % tc.grad_accum:
-                    continue
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                pos["step"] += 1
-                step_loss = sum(window[-tc.grad_accum:]) / tc.grad_accum
-                if world > 1:
-                    step_loss = float(acc.reduce(torch.tensor(step_loss, device=dev), reduction="sum"))
-                history.append({"step": pos["step"], "loss": step_loss, "lr": scheduler.get_last_lr()[0]})
-                tps = (pos["seen_tokens"] - tokens_at_start) / max(1e-9, time.time() - t_train)
-                progress.update(task, advance=1, info=f"mse {step_loss:.4f} · {tps:,.0f} tok/s")
-                if show_progress and main and not console.is_terminal:
-                    log_line(console, pos["step"], total_steps, step_loss, tps, time.time() - t_train)
+        for global_batch in state.global_batches(lengths, tc.batch_size, tc.seed, total_steps):
+            mine = global_batch[rank::world] or global_batch[:1]
+            ids, mask = pad_batch([enc[i] for i in mine], tok.pad_token_id)
+            y = torch.tensor([z[i] for i in mine], dtype=torch.float32)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_autocast):
+                pred = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float().view(-1)
+            # Sum over my share / size of the global batch, times `world` to undo DDP's averaging.
+            sq = ((pred - y.to(dev)) ** 2).sum() if global_batch[rank::world] else pred.sum() * 0
+            loss = sq / len(global_batch) * world / tc.grad_accum
+            acc.backward(loss)
+            pos["seen_tokens"] += sum(lengths[i] for i in global_batch)
+            window.append(float(sq.detach()) / len(global_batch))
+            if not state.micro_step():
+                continue
+            step_loss = sum(window[-tc.grad_accum:]) / tc.grad_accum
+            if world > 1:
+                step_loss = float(acc.reduce(torch.tensor(step_loss, device=dev), reduction="sum"))
+            history.append({"step": pos["step"], "loss": step_loss, "lr": scheduler.get_last_lr()[0]})
+            tps = (pos["seen_tokens"] - tokens_at_start) / max(1e-9, time.time() - t_train)
+            progress.update(task, advance=1, info=f"mse {step_loss:.4f} · {tps:,.0f} tok/s")
+            if show_progress and main and not console.is_terminal:
+                log_line(console, pos["step"], total_steps, step_loss, tps, time.time() - t_train)
 
-                last = pos["step"] >= total_steps
-                if enc_val and (pos["step"] % eval_every == 0 or last):
-                    # Every process scores all validation rows with the unwrapped model (no DDP collectives).
-                    pz = predict_z(inner, enc_val, tok.pad_token_id, recipe.eval.batch_size, dev, use_autocast)
-                    val = sum((a - b) ** 2 for a, b in zip(pz, z_val)) / len(z_val)
-                    val_mae = sum(abs(a - b) for a, b in zip(pz, z_val)) / len(z_val) * std
-                    recent = [h["loss"] for h in history if h["step"] > (watch.points[-1][0] if watch.points else 0)]
-                    improved, stop, overfit = watch.update(pos["step"], sum(recent) / len(recent), val)
-                    if improved:
-                        best_state = trainable_state(inner)
-                    if main:
-                        progress.console.print(f"step {pos['step']}: validation mse {val:.4f} · MAE {val_mae:,.3f}"
-                                               f"{' · best' if improved else ''}")
-                        if overfit and watch.overfit_warned_at == pos["step"]:
-                            progress.console.print(
-                                f"[yellow]overfitting:[/] train loss fell and validation loss rose over the last "
-                                f"{tc.overfit_window} validations; the best checkpoint (step {watch.best_step}) "
-                                f"is the one kept")
-                    if stop and not last:
-                        stopped_early = True
-                        if main:
-                            progress.console.print(f"early stop: no better validation loss for {tc.patience} "
-                                                   f"validations (best at step {watch.best_step})")
-                if tc.checkpoint_every and pos["step"] % tc.checkpoint_every == 0 and not last and not stop:
-                    checkpoint()
-                if last or stop:
-                    break
-            if pos["batch_idx"] >= len(batches):
-                pos["epoch"] += 1
-                pos["batch_idx"] = 0
+            last = pos["step"] >= total_steps
+            if enc_val and (pos["step"] % eval_every == 0 or last):
+                # Every process scores all validation rows with the unwrapped model (no DDP collectives).
+                pz = predict_z(inner, enc_val, tok.pad_token_id, recipe.eval.batch_size, dev, use_autocast)
+                val = sum((a - b) ** 2 for a, b in zip(pz, z_val)) / len(z_val)
+                val_mae = sum(abs(a - b) for a, b in zip(pz, z_val)) / len(z_val) * std
+                stop = state.record_validation(
+                    val, progress.console.print, f"validation mse {val:.4f} · MAE {val_mae:,.3f}", last)
+                stopped_early = stop and not last
+            if tc.checkpoint_every and pos["step"] % tc.checkpoint_every == 0 and not last and not stop:
+                state.checkpoint()
+            if last or stop:
+                break
     train_seconds = time.time() - t_train
 
     # ---- save
-    if best_state is not None:
-        load_trainable_state(inner, best_state)
+    if state.best_state is not None:
+        load_trainable_state(inner, state.best_state)
     inner.eval()
     val_mae = None
     if enc_val:

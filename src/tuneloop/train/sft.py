@@ -25,23 +25,18 @@ from ..fileio import atomic_dir, write_json_atomic, write_text_atomic
 from ..zoo import resolve_model
 from .fastpath import FinalHidden, compile_blocks, keep_adapter_inputs_bf16, linear_cross_entropy
 from .common import (
-    restore_checkpoint,
-    ValWatch,
-    length_bucketed_batches,
+    LoopState,
+    plan_steps,
     log_line,
     load_kwargs,
     load_trainable_state,
-    make_scheduler,
     pick_dtype,
     plot_losses,
     progress_columns,
     recipe_for_run,
-    rng_state,
-    save_checkpoint,
     seed_everything,
     set_threads,
     sorted_batches,
-    trainable_state,
     wrap_method,
 )
 
@@ -287,37 +282,16 @@ def train_sft(recipe: Recipe, run_dir: Path, show_progress: bool = True, resume:
     out_weight = base.get_output_embeddings().weight
 
     lengths = [len(r[0]) for r in rows]
-    batches_per_epoch = math.ceil(len(rows) / tc.batch_size)
-    steps_per_epoch = max(1, batches_per_epoch // tc.grad_accum)
-    total_steps = tc.max_steps or max(1, math.ceil(steps_per_epoch * tc.epochs))
-    eval_every = tc.eval_every or steps_per_epoch
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
-    scheduler = make_scheduler(optimizer, tc.scheduler, int(tc.warmup_ratio * total_steps), total_steps)
-    model, optimizer = acc.prepare(model, optimizer)
-    inner = acc.unwrap_model(model)
+    batches_per_epoch, steps_per_epoch, total_steps, eval_every = plan_steps(len(rows), tc)
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": tc.lr}]
 
-    # ---- state (restored on resume)
-    pos = {"step": 0, "epoch": 0, "batch_idx": 0, "micro": 0, "seen_tokens": 0}
-    history: list[dict] = []
-    watch = ValWatch(tc.patience, tc.overfit_window)
-    best_state = None
-    ckpt_dir = run_dir / "checkpoints" / "last"
-    if resume:
-        pos, history, best_state = restore_checkpoint(ckpt_dir, inner, optimizer, scheduler, watch)
-        if main:
-            console.print(f"resumed at step {pos['step']} of {total_steps} (epoch {pos['epoch']})")
-    elif main:
+    # ---- optimizer and position (restored on resume)
+    state = LoopState(acc, model, groups, tc, total_steps, run_dir, resume, console.print)
+    model, inner, scheduler = state.model, state.inner, state.scheduler
+    pos, history, watch = state.pos, state.history, state.watch
+    if main and not resume:
         write_text_atomic(run_dir / "recipe.yaml", recipe_to_yaml(recipe_for_run(recipe)))
         write_records_jsonl(run_dir / "test.jsonl", test)
-
-    def checkpoint() -> None:
-        if main:
-            save_checkpoint(ckpt_dir, {
-                "trainable": trainable_state(inner), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "position": dict(pos), "history": history,
-                "best_state": best_state, "watch": watch.state_dict(), "rng": rng_state()})
-        acc.wait_for_everyone()
 
     # ---- loop
     model.train()
@@ -327,79 +301,52 @@ def train_sft(recipe: Recipe, run_dir: Path, show_progress: bool = True, resume:
     t_train, tokens_at_start = time.time(), pos["seen_tokens"]
     with Progress(*progress_columns(), console=console, disable=not (show_progress and main)) as progress:
         task = progress.add_task("sft", total=total_steps, completed=pos["step"], info="")
-        while pos["step"] < total_steps and not stop:
-            batches = length_bucketed_batches(lengths, tc.batch_size, tc.seed + pos["epoch"])
-            while pos["batch_idx"] < len(batches):
-                global_batch = batches[pos["batch_idx"]]
-                pos["batch_idx"] += 1
-                n_global = n_targets(collate([rows[i] for i in global_batch], tok.pad_token_id, tc.packing))
-                mine = global_batch[rank::world]
-                # A process with no share still joins the gradient all-reduce, with a zero loss.
-                batch = collate([rows[i] for i in (mine or global_batch[:1])], tok.pad_token_id, tc.packing)
-                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_autocast):
-                    # normalised by the answer tokens of the whole global batch (see the module doc)
-                    batch_loss = summed_loss(model, batch, dev, hidden, out_weight) / max(1, n_global)
-                # DDP averages gradients over processes; scaling by `world` turns that back into the sum.
-                loss = batch_loss * (world if mine else 0) / tc.grad_accum
-                acc.backward(loss)
-                pos["seen_tokens"] += sum(len(rows[i][0]) for i in global_batch)
-                window_losses.append(batch_loss.detach().item() * world if mine else 0.0)
-                pos["micro"] += 1
-                if pos["micro"] % tc.grad_accum:
-                    continue
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                pos["step"] += 1
-                step_loss = sum(window_losses[-tc.grad_accum:]) / tc.grad_accum
-                if world > 1:
-                    step_loss = float(acc.reduce(torch.tensor(step_loss, device=dev), reduction="mean"))
-                # tokens = all tokens of the step (no pads: rows are packed or bucketed); time since the
-                # start of training, so a benchmark can leave the warm-up steps out
-                history.append({"step": pos["step"], "loss": step_loss, "lr": scheduler.get_last_lr()[0],
-                                "tokens": pos["seen_tokens"] - (history[-1].get("seen", tokens_at_start) if history else tokens_at_start),
-                                "seen": pos["seen_tokens"], "seconds": round(time.time() - t_train, 4)})
-                tps = (pos["seen_tokens"] - tokens_at_start) / max(1e-9, time.time() - t_train)
-                progress.update(task, advance=1, info=f"loss {step_loss:.4f} · {tps:,.0f} tok/s")
-                if show_progress and main and not console.is_terminal:
-                    log_line(console, pos["step"], total_steps, step_loss, tps, time.time() - t_train)
+        for global_batch in state.global_batches(lengths, tc.batch_size, tc.seed, total_steps):
+            n_global = n_targets(collate([rows[i] for i in global_batch], tok.pad_token_id, tc.packing))
+            mine = global_batch[rank::world]
+            # A process with no share still joins the gradient all-reduce, with a zero loss.
+            batch = collate([rows[i] for i in (mine or global_batch[:1])], tok.pad_token_id, tc.packing)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_autocast):
+                # normalised by the answer tokens of the whole global batch (see the module doc)
+                batch_loss = summed_loss(model, batch, dev, hidden, out_weight) / max(1, n_global)
+            # DDP averages gradients over processes; scaling by `world` turns that back into the sum.
+            loss = batch_loss * (world if mine else 0) / tc.grad_accum
+            acc.backward(loss)
+            pos["seen_tokens"] += sum(len(rows[i][0]) for i in global_batch)
+            window_losses.append(batch_loss.detach().item() * world if mine else 0.0)
+            if not state.micro_step():
+                continue
+            step_loss = sum(window_losses[-tc.grad_accum:]) / tc.grad_accum
+            if world > 1:
+                step_loss = float(acc.reduce(torch.tensor(step_loss, device=dev), reduction="mean"))
+            # tokens = all tokens of the step (no pads: rows are packed or bucketed); time since the
+            # start of training, so a benchmark can leave the warm-up steps out
+            history.append({"step": pos["step"], "loss": step_loss, "lr": scheduler.get_last_lr()[0],
+                            "tokens": pos["seen_tokens"] - (history[-1].get("seen", tokens_at_start) if history else tokens_at_start),
+                            "seen": pos["seen_tokens"], "seconds": round(time.time() - t_train, 4)})
+            tps = (pos["seen_tokens"] - tokens_at_start) / max(1e-9, time.time() - t_train)
+            progress.update(task, advance=1, info=f"loss {step_loss:.4f} · {tps:,.0f} tok/s")
+            if show_progress and main and not console.is_terminal:
+                log_line(console, pos["step"], total_steps, step_loss, tps, time.time() - t_train)
 
-                last = pos["step"] >= total_steps
-                if val_rows and (pos["step"] % eval_every == 0 or last):
-                    # The unwrapped model: a DDP forward is a collective (buffer sync), and processes
-                    # hold different numbers of validation batches.
-                    val = validation_loss(inner, val_rows, tok.pad_token_id, recipe.eval.batch_size, dev, acc,
-                                          use_autocast, hidden, out_weight)
-                    recent = [h["loss"] for h in history if h["step"] > (watch.points[-1][0] if watch.points else 0)]
-                    improved, stop, overfit = watch.update(pos["step"], sum(recent) / len(recent), val)
-                    if improved:
-                        best_state = trainable_state(inner)
-                    if main:
-                        progress.console.print(f"step {pos['step']}: validation loss {val:.4f} "
-                                               f"(perplexity {math.exp(val):.2f}){' · best' if improved else ''}")
-                        if overfit and watch.overfit_warned_at == pos["step"]:
-                            progress.console.print(
-                                f"[yellow]overfitting:[/] train loss fell and validation loss rose over the last "
-                                f"{tc.overfit_window} validations; the best checkpoint (step {watch.best_step}) "
-                                f"is the one kept")
-                    if stop and not last:
-                        stopped_early = True
-                        if main:
-                            progress.console.print(f"early stop: no better validation loss for {tc.patience} "
-                                                   f"validations (best at step {watch.best_step})")
-                if tc.checkpoint_every and (pos["step"] % tc.checkpoint_every == 0) and not last and not stop:
-                    checkpoint()
-                if last or stop:
-                    break
-            if pos["batch_idx"] >= len(batches):
-                pos["epoch"] += 1
-                pos["batch_idx"] = 0
+            last = pos["step"] >= total_steps
+            if val_rows and (pos["step"] % eval_every == 0 or last):
+                # The unwrapped model: a DDP forward is a collective (buffer sync), and processes
+                # hold different numbers of validation batches.
+                val = validation_loss(inner, val_rows, tok.pad_token_id, recipe.eval.batch_size, dev, acc,
+                                      use_autocast, hidden, out_weight)
+                stop = state.record_validation(
+                    val, progress.console.print, f"validation loss {val:.4f} (perplexity {math.exp(val):.2f})", last)
+                stopped_early = stop and not last
+            if tc.checkpoint_every and (pos["step"] % tc.checkpoint_every == 0) and not last and not stop:
+                state.checkpoint()
+            if last or stop:
+                break
     train_seconds = time.time() - t_train
 
     # ---- save: the best validation checkpoint when there was validation, else the last weights
-    if best_state is not None:
-        load_trainable_state(inner, best_state)
+    if state.best_state is not None:
+        load_trainable_state(inner, state.best_state)
     inner.eval()
     if main:
         with atomic_dir(run_dir / "model") as tmp:
