@@ -58,3 +58,21 @@ def test_label_words_head_equals_the_language_models_answer(tiny_llama_dir):
         got = clf(input_ids=ids).logits[0]
         want = lm(input_ids=ids).logits[0, -1, [tok(w, add_special_tokens=False)["input_ids"][0] for w in words]]
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_label_words_after_plain_text_take_the_spaced_token(tiny_llama_dir):
+    """After "...Answer:" a byte-level BPE model writes " great", a different token from "great"."""
+    r = recipe_from_dict({"name": "x", "model": str(tiny_llama_dir), "data": {"train": "a.jsonl"},
+                          "method": {"head_init": "label_words"}})
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    words = ["great", "other"]
+    spaced = [tok(" " + w, add_special_tokens=False)["input_ids"][0] for w in words]
+    bare = [tok(w, add_special_tokens=False)["input_ids"][0] for w in words]
+    assert spaced != bare
+    out = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).get_output_embeddings().weight
+    after_text = build_classifier(str(tiny_llama_dir), words, r.method, torch.float32, tok.pad_token_id, words,
+                                  prompt_end="{text}\nAnswer:")
+    torch.testing.assert_close(after_text.score.weight.detach(), out[spaced].detach())
+    after_newline = build_classifier(str(tiny_llama_dir), words, r.method, torch.float32, tok.pad_token_id, words,
+                                     prompt_end="{text}\nAnswer:\n")
+    torch.testing.assert_close(after_newline.score.weight.detach(), out[bare].detach())

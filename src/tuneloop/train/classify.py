@@ -7,7 +7,6 @@ fingerprint, the adapter (or full weights), the label map and the training metri
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from .common import (
     length_bucketed_batches,
     pad_batch,
     pick_dtype,
+    plan_steps,
     progress_columns,
     seed_everything,
     set_threads,
@@ -71,8 +71,12 @@ def encode_texts(tok, texts: list[str], max_length: int, template: str = "{text}
     return [special + pre + b + suf for b in body]
 
 
-def init_head_from_words(model, model_path: str, words: list[str]) -> None:
-    """Copy the output-embedding rows of each label word's first token into the classification head."""
+def init_head_from_words(model, model_path: str, words: list[str], prompt_end: str = "\n") -> None:
+    """Copy the output-embedding rows of each label word's first token into the classification head.
+
+    The token is the one the model would write next after `prompt_end` (the end of the input
+    template): after whitespace, as in a chat turn, the bare word; after text such as "Answer:", the
+    word with its leading space, which byte-level BPE vocabularies keep as a different token."""
     from transformers import AutoModelForCausalLM
 
     from ..errors import ConfigError
@@ -85,7 +89,8 @@ def init_head_from_words(model, model_path: str, words: list[str]) -> None:
     out = lm.get_output_embeddings().weight
     with torch.no_grad():
         for i, w in enumerate(words):
-            ids = tok(w, add_special_tokens=False)["input_ids"]
+            spaced = w if not prompt_end or prompt_end[-1].isspace() or w[:1].isspace() else " " + w
+            ids = tok(spaced, add_special_tokens=False)["input_ids"]
             if not ids:
                 raise ConfigError(f"eval.verbalizer: label word {w!r} has no tokens")
             head.weight[i] = out[ids[0]].to(head.weight.dtype)
@@ -93,7 +98,7 @@ def init_head_from_words(model, model_path: str, words: list[str]) -> None:
 
 
 def build_classifier(model_path: str, labels: list[str], method, dtype: torch.dtype, pad_id: int,
-                     words: list[str] | None = None):
+                     words: list[str] | None = None, prompt_end: str = "\n"):
     """The base model with a fresh head, wrapped with LoRA (or left whole for full fine-tuning)."""
     from transformers import AutoModelForSequenceClassification
 
@@ -109,7 +114,7 @@ def build_classifier(model_path: str, labels: list[str], method, dtype: torch.dt
     )
     model.config.pad_token_id = pad_id
     if method.head_init == "label_words":
-        init_head_from_words(model, model_path, words or labels)
+        init_head_from_words(model, model_path, words or labels, prompt_end)
     # LoRA, DoRA, prompt/prefix tuning, QLoRA all go through the shared method builder; `full` passes through.
     return wrap_method(model, method, "SEQ_CLS", model_path)
 
@@ -139,7 +144,10 @@ def train_classifier(recipe: Recipe, run_dir: Path, show_progress: bool = True) 
     tok = load_tokenizer(model_path)
     dtype = pick_dtype(tc.precision, dev)
     words = [(recipe.eval.verbalizer or {}).get(l, l) for l in labels]
-    model = build_classifier(model_path, labels, recipe.method, dtype, tok.pad_token_id, words).to(dev)
+    # A chat template ends where the assistant's turn starts (a newline); a plain one where it ends.
+    prompt_end = "\n" if dc.as_chat else dc.input_template
+    model = build_classifier(model_path, labels, recipe.method, dtype, tok.pad_token_id, words,
+                             prompt_end).to(dev)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total_params = sum(p.numel() for p in model.parameters())
 
@@ -147,9 +155,7 @@ def train_classifier(recipe: Recipe, run_dir: Path, show_progress: bool = True) 
                        dc.system_prompt, dc.truncate)
     ys = [label_id[r.label] for r in records]
     lengths = [len(e) for e in enc]
-    batches_per_epoch = math.ceil(len(enc) / tc.batch_size)
-    steps_per_epoch = max(1, batches_per_epoch // tc.grad_accum)
-    total_steps = tc.max_steps or max(1, math.ceil(steps_per_epoch * tc.epochs))
+    total_steps = plan_steps(len(enc), tc)[2]
 
     head = [p for n, p in model.named_parameters() if p.requires_grad and any(h in n for h in HEAD_NAMES)]
     body = [p for n, p in model.named_parameters() if p.requires_grad and not any(h in n for h in HEAD_NAMES)]
