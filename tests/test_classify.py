@@ -81,3 +81,25 @@ def test_full_finetuning(recipe, tmp_path):
     assert (run_dir / "model" / "config.json").exists() and m["trainable_params"] == m["total_params"]
     rep = evaluate_classify(run_dir, systems=["tuned"], show_progress=False, print_results=False)
     assert rep["systems"]["tuned"]["n"] == 40
+
+
+def test_frozen_layer_cache_changes_no_result(recipe, tmp_path):
+    """Adapters on the top block only, four epochs: epochs 2-4 replay the bottom block's kept output,
+    and every step's loss equals the run that computes it each time."""
+    runs = {}
+    for cached in (True, False):
+        r = recipe(cache_frozen=cached)
+        r.method.top_layers = 1
+        run_dir, m = train_run(r, tmp_path / f"ws{cached}", show_progress=False)
+        runs[cached] = ([h["loss"] for h in json.loads((run_dir / "history.json").read_text())], m)
+    (with_cache, m_on), (without, m_off) = runs[True], runs[False]
+    assert m_on["frozen_cache_bytes"] > 0 and m_off["frozen_cache_bytes"] is None
+    assert len(with_cache) == len(without) == 48
+    assert with_cache == pytest.approx(without, rel=1e-5, abs=1e-6)
+
+
+def test_frozen_layer_cache_stays_off_for_one_epoch_or_all_layers(recipe, tmp_path):
+    r = recipe(epochs=1)
+    r.method.top_layers = 1
+    assert train_run(r, tmp_path / "a", show_progress=False)[1]["frozen_cache_bytes"] is None
+    assert train_run(recipe(max_steps=14), tmp_path / "b", show_progress=False)[1]["frozen_cache_bytes"] is None

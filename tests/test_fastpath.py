@@ -130,3 +130,34 @@ def test_answer_token_loss_equals_model_loss(tiny_llama_dir):
     ref.backward()
     assert abs(fast.item() - ref.item()) < 1e-4 * abs(ref.item())
     assert torch.allclose(g_fast, model.model.layers[0].mlp.up_proj.weight.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_frozen_prefix_cache_replays_exactly_and_refuses_dropout(tiny_llama_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    from tuneloop.train.fastpath import FrozenPrefixCache, first_trained_block
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_llama_dir, num_labels=2, dtype=torch.float32)
+    model.config.pad_token_id = 0
+    model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["q_proj", "v_proj"],
+                                             layers_to_transform=[1]))
+    assert first_trained_block(model) == 1
+    cache = FrozenPrefixCache(model, 1)
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 0, 0]])
+    mask = (ids != 0).long()
+    with cache.capture([3, 4], mask):
+        model(input_ids=ids, attention_mask=mask)
+    assert cache.has([3, 4]) and not cache.has([5])
+    assert cache.states[4].shape[0] == 2  # kept without padding
+    # the replay runs block 1 only: block 0 is not even in the model while it runs
+    calls = []
+    hook = cache.blocks[0].register_forward_hook(lambda *a: calls.append(1))
+    gap = cache.verify(model, lambda: model(input_ids=ids, attention_mask=mask).logits, [3, 4], mask)
+    assert gap < 1e-6 and len(calls) == 1  # the whole forward only
+    hook.remove()
+    cache.close()
+
+    model.base_model.model.model.layers[0].self_attn.attention_dropout = 0.1
+    with pytest.raises(ValueError, match="dropout"):
+        FrozenPrefixCache(model, 1)

@@ -134,6 +134,13 @@ class TrainConfig(Section):
         "on the 2-core CPU (bench/train_throughput.py): about +17% tokens/s and -15% peak memory for sft, after "
         "20-40 s of compiling; worth it for runs longer than a few minutes.",
     )
+    cache_frozen: bool = Field(
+        True, description="(classify) With adapters on the top blocks only (`method.top_layers`) and more than "
+        "one epoch: keep, per example, the hidden states the frozen bottom blocks hand to the first trained one "
+        "during epoch 1, and run only the top blocks in later epochs. Results are unchanged (checked against a "
+        "whole forward on the first replayed batch); memory grows by tokens x hidden size x 2 bytes, and the "
+        "cache is skipped when that exceeds half the free memory.",
+    )
     packing: bool = Field(
         False, description="(sft) Pack short examples into rows of `max_length` tokens; position ids restart "
         "per example, so attention never crosses from one example into another.",

@@ -7,6 +7,7 @@ fingerprint, the adapter (or full weights), the label map and the training metri
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 import time
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from ..config import Recipe, recipe_to_yaml
 from ..data.validate import load_classification, stratified_sample
 from ..fileio import atomic_dir, write_json_atomic, write_text_atomic
 from ..zoo import resolve_model
-from .fastpath import compile_blocks, keep_adapter_inputs_bf16
+from .fastpath import FrozenPrefixCache, compile_blocks, find_blocks, first_trained_block, keep_adapter_inputs_bf16
 from .common import (
     load_tokenizer,
     make_scheduler,
@@ -124,6 +125,30 @@ HEAD_NAMES = ("score", "classifier", "pre_classifier", "lm_head")
 
 
 
+def frozen_prefix_cache(model, tc, lengths: list[int], total_steps: int) -> FrozenPrefixCache | None:
+    """The frozen-layer cache when it pays and fits (see `train.cache_frozen`), else None."""
+    if not tc.cache_frozen or total_steps <= plan_steps(len(lengths), tc)[1]:
+        return None  # one epoch or less: nothing is seen twice
+    try:
+        first = first_trained_block(model)
+        if first == 0 or first == len(find_blocks(model)[2]):
+            return None  # every block trains, or none does (prompt/prefix tuning change the inputs)
+        cache = FrozenPrefixCache(model, first)
+    except (TypeError, ValueError) as e:
+        console.print(f"frozen-layer cache off: {e}")
+        return None
+    import psutil
+
+    width = model.config.hidden_size * next(model.parameters()).element_size()
+    need, free = sum(lengths) * width, psutil.virtual_memory().available
+    if need > free / 2:
+        console.print(f"frozen-layer cache off: it would take {need / 2**30:.1f} GiB of {free / 2**30:.1f} GiB free")
+        cache.close()
+        return None
+    console.print(f"frozen-layer cache: blocks 0-{first - 1} run in epoch 1 only ({need / 2**30:.2f} GiB kept)")
+    return cache
+
+
 def train_classifier(recipe: Recipe, run_dir: Path, show_progress: bool = True) -> dict:
     t0 = time.time()
     tc, dc = recipe.train, recipe.data
@@ -169,6 +194,12 @@ def train_classifier(recipe: Recipe, run_dir: Path, show_progress: bool = True) 
         keep_adapter_inputs_bf16(model)
     if tc.compile:
         compile_blocks(model)
+    cache = frozen_prefix_cache(model, tc, lengths, total_steps)
+
+    def forward(ids, mask, y=None):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_autocast):
+            return model(input_ids=ids.to(dev), attention_mask=mask.to(dev),
+                         labels=None if y is None else y.to(dev))
 
     # ---- loop
     model.train()
@@ -181,8 +212,22 @@ def train_classifier(recipe: Recipe, run_dir: Path, show_progress: bool = True) 
             for batch in length_bucketed_batches(lengths, tc.batch_size, tc.seed + epoch):
                 ids, mask = pad_batch([enc[i] for i in batch], tok.pad_token_id)
                 y = torch.tensor([ys[i] for i in batch])
-                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_autocast):
-                    out = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), labels=y.to(dev))
+                mode = nullcontext()
+                if cache is not None and cache.has(batch):
+                    if not cache.verified:
+                        gap = cache.verify(model, lambda: forward(ids, mask).logits, batch, mask)
+                        cache.verified = gap <= 1e-3
+                        if not cache.verified:
+                            progress.console.print(f"frozen-layer cache off: a replayed forward differs from "
+                                                   f"the whole one by {gap:.2g}")
+                            cache.close()
+                            cache = None
+                    if cache is not None:
+                        mode = cache.replay(batch, mask)
+                elif cache is not None:
+                    mode = cache.capture(batch, mask)
+                with mode:
+                    out = forward(ids, mask, y)
                 (out.loss / tc.grad_accum).backward()
                 seen_tokens += int(mask.sum())
                 micro += 1
@@ -201,6 +246,10 @@ def train_classifier(recipe: Recipe, run_dir: Path, show_progress: bool = True) 
                     break
             epoch += 1
     train_seconds = time.time() - t_train
+
+    cache_bytes = cache.nbytes() if cache is not None else None
+    if cache is not None:
+        cache.close()
 
     # ---- save (each piece atomically; the folder is complete only once train_metrics.json exists)
     model.eval()
@@ -227,6 +276,7 @@ def train_classifier(recipe: Recipe, run_dir: Path, show_progress: bool = True) 
         "tokens_per_second": round(seen_tokens / max(1e-9, train_seconds), 1),
         "first_loss": history[0]["loss"] if history else None,
         "final_loss": sum(h["loss"] for h in tail) / len(tail) if tail else None,
+        "frozen_cache_bytes": cache_bytes,
         "trainable_params": trainable,
         "total_params": total_params,
         "wall_seconds": round(time.time() - t0, 2),
