@@ -50,7 +50,8 @@ def build_run(run_dir: Path) -> None:
     labels = list(recipe.data.labels)
     words = [(recipe.eval.verbalizer or {}).get(l, l) for l in labels]
     torch.manual_seed(0)
-    model = build_classifier(path, labels, recipe.method, dtype, tok.pad_token_id, words)
+    prompt_end = "\n" if recipe.data.as_chat else recipe.data.input_template
+    model = build_classifier(path, labels, recipe.method, dtype, tok.pad_token_id, words, prompt_end)
     with atomic_dir(run_dir / "model") as tmp:
         model.save_pretrained(tmp)
     write_json_atomic(run_dir / "labels.json", labels)
@@ -108,7 +109,7 @@ def main() -> None:
         build_run(run_dir)
     recipe = load_recipe(run_dir / "recipe.yaml")
     texts = load_reviews(run_dir, args.n)
-    max_length, batch = recipe.train.max_length, 32
+    max_length, batch = recipe.eval.max_length or recipe.train.max_length, 32  # as `tuneloop eval` reads
 
     # ---- tuneloop: what `tuneloop eval` runs
     model, tok, labels, dtype = load_trained(run_dir)

@@ -120,7 +120,6 @@ def peak_rss_bytes() -> int:
 
 
 def run_trl(kind: str, args, workdir: Path) -> dict:
-    import torch
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import TrainerCallback
