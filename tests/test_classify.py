@@ -103,3 +103,23 @@ def test_frozen_layer_cache_stays_off_for_one_epoch_or_all_layers(recipe, tmp_pa
     r.method.top_layers = 1
     assert train_run(r, tmp_path / "a", show_progress=False)[1]["frozen_cache_bytes"] is None
     assert train_run(recipe(max_steps=14), tmp_path / "b", show_progress=False)[1]["frozen_cache_bytes"] is None
+
+
+def test_eval_reads_as_far_as_eval_max_length_and_serving_follows(recipe, tmp_path, monkeypatch):
+    from tuneloop.eval import compare
+    from tuneloop.train.classify import load_trained
+
+    r = recipe(max_steps=2)
+    r.eval.max_length = 48
+    run_dir, _ = train_run(r, tmp_path / "ws", show_progress=False)
+    seen = []
+    real = compare.predict_classifier
+
+    def spy(model, tok, texts, batch_size, max_length, *a, **k):
+        seen.append(max_length)
+        return real(model, tok, texts, batch_size, max_length, *a, **k)
+
+    monkeypatch.setattr(compare, "predict_classifier", spy)
+    evaluate_classify(run_dir, systems=["tuned"], show_progress=False, print_results=False)
+    assert seen == [48]  # training read 32
+    assert load_trained(run_dir)[0].input_max_length == 48

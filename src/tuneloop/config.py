@@ -176,6 +176,11 @@ class EvalConfig(Section):
     verbalizer: dict[str, str] | None = Field(
         None, description="Word the base model should say for each label (default: the label itself).",
     )
+    max_length: int | None = Field(
+        None, ge=8, description="(classify) Tokens each test input is read up to, by `tuned` and `base` here and by "
+        "`tuneloop serve` (the report measures the model as it is served); default `train.max_length`. Training "
+        "may cut inputs short to save time; reading more of a long input at inference usually helps.",
+    )
     max_new_tokens: int = Field(
         160, ge=1, description="(sft) Longest generated answer when scoring ROUGE-L / BLEU (greedy decoding)."
     )

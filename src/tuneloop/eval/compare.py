@@ -60,6 +60,7 @@ def evaluate_classify(
     texts = [r.text for r in test.records]
     gold = [r.label for r in test.records]
     systems = systems or list(ec.systems)
+    read_up_to = ec.max_length or recipe.train.max_length
     notes: list[str] = []
     results: dict[str, dict] = {}
     train_metrics = json.loads((run_dir / "train_metrics.json").read_text())
@@ -70,7 +71,7 @@ def evaluate_classify(
             model, tok, _, dtype = load_trained(run_dir)
             if dtype == torch.bfloat16:
                 keep_adapter_inputs_bf16(model)  # predict_classifier runs under bf16 autocast
-            probs = predict_classifier(model, tok, texts, ec.batch_size, recipe.train.max_length, dtype,
+            probs = predict_classifier(model, tok, texts, ec.batch_size, read_up_to, dtype,
                                        show_progress)
             pred = [labels[i] for i in probs.argmax(-1).tolist()]
             del model
@@ -88,7 +89,7 @@ def evaluate_classify(
             tok = load_tokenizer(model_path)
             words = [(ec.verbalizer or {}).get(l, l) for l in labels]
             probs = predict_zero_shot(model, tok, texts, labels, words, ec.zero_shot_prompt, ec.batch_size,
-                                      recipe.train.max_length, dtype, show_progress,
+                                      read_up_to, dtype, show_progress,
                                       # the same system turn the tuned model reads
                                       system=dc.system_prompt if dc.as_chat else None)
             pred = [labels[i] for i in probs.argmax(-1).tolist()]

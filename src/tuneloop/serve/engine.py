@@ -358,7 +358,9 @@ class Engine:
                 warnings.simplefilter("ignore", UserWarning)
                 self.peft.delete_adapter(a)
 
-    def classify(self, name: str, texts: list[str], max_length: int = 512) -> Future:
+    def classify(self, name: str, texts: list[str], max_length: int | None = None) -> Future:
+        """Class probabilities for `texts`; each is read up to `max_length` tokens, by default as far as
+        the run's report read them (`eval.max_length`), so the service delivers the measured accuracy."""
         kind, info = self.resolve(name)
         if kind != "classify":
             raise ConfigError(f"model {name!r} is not a classification run (classification runs: "
@@ -368,7 +370,8 @@ class Engine:
         def run():
             from ..eval.predict import predict_classifier
 
-            probs = predict_classifier(clf.model, clf.tok, texts, batch_size=16, max_length=max_length,
+            probs = predict_classifier(clf.model, clf.tok, texts, batch_size=16,
+                                       max_length=max_length or getattr(clf.model, "input_max_length", 512),
                                        dtype=clf.dtype, show_progress=False)
             return clf.labels, probs
 

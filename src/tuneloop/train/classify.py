@@ -323,4 +323,7 @@ def load_trained(run_dir: Path, dev: torch.device | None = None):
     model.input_as_chat = bool(data.get("as_chat", False))
     model.input_truncate = data.get("truncate", "end")
     model.input_system_prompt = data.get("system_prompt")
+    # ... and as far as the report measured it (`eval.max_length`, else the training length).
+    model.input_max_length = ((recipe.get("eval") or {}).get("max_length")
+                              or (recipe.get("train") or {}).get("max_length") or 256)
     return model.to(dev).eval(), tok, labels, dtype
