@@ -52,7 +52,7 @@ def sft_recipe(model_dir, data, **over) -> dict:
     }
     for k, v in over.items():
         section, key = k.split("__")
-        doc[section][key] = v
+        doc.setdefault(section, {})[key] = v
     return doc
 
 
@@ -292,3 +292,23 @@ def test_compiled_blocks_train_the_same(tmp_path, tiny_llama_dir):
         hists.append([h["loss"] for h in json.loads((run_dir / "history.json").read_text())["train"]])
     assert len(hists[0]) == 4
     assert hists[1] == pytest.approx(hists[0], rel=1e-4)
+
+
+def test_eval_generates_the_same_with_adapters_merged(tmp_path, tiny_llama_dir):
+    """Merged adapters (the fast way to generate) answer exactly as the adapters do, in fp32."""
+    from tuneloop.eval.textgen import evaluate_sft
+
+    data = write_chat(tmp_path / "chat.jsonl")
+    recipe = recipe_from_dict(sft_recipe(tiny_llama_dir, data, train__max_steps=6,
+                                         eval__max_new_tokens=8, eval__max_test_examples=4))
+    run_dir, _ = train_run(recipe, tmp_path / "ws", show_progress=False)
+    merged = evaluate_sft(run_dir, out_dir=tmp_path / "a", show_progress=False)
+    assert merged["systems"]["tuned"]["merged_adapters"] is True
+    # the same run, generating through the adapters
+    text = (run_dir / "recipe.yaml").read_text()
+    (run_dir / "recipe.yaml").write_text(text.replace("merge_adapters: true", "merge_adapters: false"))
+    exact = evaluate_sft(run_dir, out_dir=tmp_path / "b", show_progress=False)
+    assert exact["systems"]["tuned"]["merged_adapters"] is False
+    assert merged["systems"]["tuned"]["perplexity"] == pytest.approx(exact["systems"]["tuned"]["perplexity"])
+    gens = [(tmp_path / d / "generations.jsonl").read_text() for d in "ab"]
+    assert gens[0] == gens[1]

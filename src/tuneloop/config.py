@@ -184,6 +184,12 @@ class EvalConfig(Section):
     max_new_tokens: int = Field(
         160, ge=1, description="(sft) Longest generated answer when scoring ROUGE-L / BLEU (greedy decoding)."
     )
+    merge_adapters: bool = Field(
+        True, description="(sft) Generate with LoRA/DoRA adapters merged into the base weights: each decoded "
+        "token then costs what the base model's does, instead of two extra small products per adapted layer "
+        "(perplexity is always taken with the adapters unmerged). With bf16 base weights the merged update is "
+        "rounded to bf16; set false to generate through the adapters exactly.",
+    )
     max_test_examples: int | None = Field(
         None, ge=1, description="(sft) Generate for at most this many test records (the first N), to bound time.",
     )

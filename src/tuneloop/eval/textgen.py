@@ -146,10 +146,18 @@ def evaluate_sft(run_dir: Path, test_path: str | None = None, systems: list[str]
             # bf16 autocast: fp32 adapters on a bf16 base compute in bf16, like in training
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
                 ppl = answer_perplexity(model, tok, convs, recipe.train.max_length, ec.batch_size, dev)
+            merged = (name == "tuned" and ec.merge_adapters and hasattr(model, "merge_and_unload")
+                      and recipe.method.name in ("lora", "dora"))
+            if merged:
+                # Outside autocast, so the update B @ A is formed in fp32 before it is added. Last
+                # system, so the base weights can take it in place.
+                model = model.merge_and_unload()
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
                 gen = generate_answers(model, tok, prompts, ec.max_new_tokens, min(ec.batch_size, 16), dev,
                                        progress, f"{name}: generate")
             answers[name] = gen
             results[name] = {"perplexity": ppl, "rougeL": rouge_l(gen, refs), "bleu": bleu(gen, refs),
+                             "merged_adapters": merged,
                              "mean_answer_words": sum(len(g.split()) for g in gen) / max(1, len(gen)),
                              "seconds": round(time.time() - ts, 1)}
     report = {"task": "sft", "run": str(run_dir), "n": len(records), "decoding": "greedy",
