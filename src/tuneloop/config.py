@@ -187,8 +187,10 @@ class EvalConfig(Section):
     merge_adapters: bool = Field(
         True, description="(sft) Generate with LoRA/DoRA adapters merged into the base weights: each decoded "
         "token then costs what the base model's does, instead of two extra small products per adapted layer "
-        "(perplexity is always taken with the adapters unmerged). With bf16 base weights the merged update is "
-        "rounded to bf16; set false to generate through the adapters exactly.",
+        "(perplexity is always taken with the adapters unmerged). With bf16 base weights the merged weights are "
+        "rounded to bf16, so greedy answers differ in detail from the adapters' (FAQ recipe: 10 of 50 answers "
+        "identical, ROUGE-L 0.1570 → 0.1551, BLEU 3.40 → 3.57, generation 2.9x faster); set false to generate "
+        "exactly as `tuneloop serve` does, through the adapters.",
     )
     max_test_examples: int | None = Field(
         None, ge=1, description="(sft) Generate for at most this many test records (the first N), to bound time.",
