@@ -212,20 +212,8 @@ def train_classifier(recipe: Recipe, run_dir: Path, show_progress: bool = True) 
             for batch in length_bucketed_batches(lengths, tc.batch_size, tc.seed + epoch):
                 ids, mask = pad_batch([enc[i] for i in batch], tok.pad_token_id)
                 y = torch.tensor([ys[i] for i in batch])
-                mode = nullcontext()
-                if cache is not None and cache.has(batch):
-                    if not cache.verified:
-                        gap = cache.verify(model, lambda: forward(ids, mask).logits, batch, mask)
-                        cache.verified = gap <= 1e-3
-                        if not cache.verified:
-                            progress.console.print(f"frozen-layer cache off: a replayed forward differs from "
-                                                   f"the whole one by {gap:.2g}")
-                            cache.close()
-                            cache = None
-                    if cache is not None:
-                        mode = cache.replay(batch, mask)
-                elif cache is not None:
-                    mode = cache.capture(batch, mask)
+                mode = nullcontext() if cache is None else cache.around(
+                    model, batch, mask, lambda: forward(ids, mask).logits, progress.console.print)
                 with mode:
                     out = forward(ids, mask, y)
                 (out.loss / tc.grad_accum).backward()
@@ -247,7 +235,7 @@ def train_classifier(recipe: Recipe, run_dir: Path, show_progress: bool = True) 
             epoch += 1
     train_seconds = time.time() - t_train
 
-    cache_bytes = cache.nbytes() if cache is not None else None
+    cache_bytes = cache.nbytes() if cache is not None and not cache.off else None
     if cache is not None:
         cache.close()
 

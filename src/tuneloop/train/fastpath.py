@@ -19,7 +19,7 @@ implementation in tests/test_fastpath.py.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -293,7 +293,7 @@ class FrozenPrefixCache:
                 if (isinstance(m, torch.nn.Dropout) and m.p > 0) or getattr(m, "attention_dropout", 0) > 0:
                     raise ValueError("the frozen blocks apply dropout, so their output is not fixed")
         self.first = first
-        self.verified = False
+        self.verified = self.off = False
         self.states: dict[int, torch.Tensor] = {}
         self._mode: str | None = None
         self._rows: list[int] = []
@@ -344,6 +344,24 @@ class FrozenPrefixCache:
                 yield
         finally:
             setattr(self.parent, self.attr, self.blocks)
+
+    def around(self, model, rows: list[int], mask: torch.Tensor, logits, say):
+        """The context a training forward over `rows` runs in: capture the first time they are seen,
+        replay afterwards. Before the first replay, `logits()` is run whole and replayed once; if the two
+        differ, `say` tells why and the cache turns itself off (whole forwards from then on)."""
+        if self.off:
+            return nullcontext()
+        if not self.has(rows):
+            return self.capture(rows, mask)
+        if not self.verified:
+            gap = self.verify(model, logits, rows, mask)
+            if gap > 1e-3:
+                say(f"frozen-layer cache off: a replayed forward differs from the whole one by {gap:.2g}")
+                self.close()
+                self.off = True
+                return nullcontext()
+            self.verified = True
+        return self.replay(rows, mask)
 
     @torch.no_grad()
     def verify(self, model, forward, rows: list[int], mask: torch.Tensor) -> float:
