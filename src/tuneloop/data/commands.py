@@ -132,7 +132,8 @@ def clean(
     """Normalise, scrub or flag PII, filter by length, drop duplicates, near duplicates and conflicting
     labels; write OUT and a log of every change, both atomically."""
     from ..fileio import write_text_atomic
-    from .clean import CONFLICT_MODES, PII_MODES, clean_records, load_tokenizer, write_jsonl
+    from .clean import CONFLICT_MODES, PII_MODES, clean_records, load_tokenizer
+    from .records import write_jsonl
 
     if pii not in PII_MODES:
         raise TuneloopError(f"--pii: unknown mode {pii!r} (known: {', '.join(PII_MODES)})")
@@ -201,7 +202,7 @@ def split(
 ) -> None:
     """Deterministic split stratified by label into train/val/test.jsonl plus split.json with a leakage check."""
     from ..fileio import atomic_dir, write_json_atomic
-    from .clean import write_jsonl
+    from .records import write_jsonl
     from .split import split_records
 
     if test < 0 or val < 0 or test + val >= 1:
