@@ -33,15 +33,15 @@ def write_daily(path, days: int = 84):
 
 def test_table_reader_lags_and_template(tmp_path):
     path = write_daily(tmp_path / "d.csv", 20)
-    recs = load_table(str(path), "riders", "{weekday}: game {game}, last week {riders_lag7}", "text", "date", [7])
+    recs = load_table(str(path), "riders", "{{ weekday }}: game {{ game }}, last week {{ riders_lag7 }}", "text", "date", [7])
     assert len(recs) == 13  # the first 7 days have no lag
     rows = list(csv.DictReader(path.open()))
     assert recs[0].meta["lag7"] == float(rows[0]["riders"]) and recs[0].value == float(rows[7]["riders"])
     assert recs[0].text.startswith("Monday: game")
     with pytest.raises(DataError, match=r"d\.csv:2: template: no column 'nope'"):
-        load_table(str(path), "riders", "{nope}", "text", "date")
+        load_table(str(path), "riders", "{{ nope }}", "text", "date")
     with pytest.raises(DataError, match="lags needs data.time_field"):
-        load_table(str(path), "riders", "{temp}", "text", None, [7])
+        load_table(str(path), "riders", "{{ temp }}", "text", None, [7])
 
 
 def test_seasonal_naive_and_metrics():
@@ -58,7 +58,7 @@ def test_regress_trains_and_reports_real_units(tmp_path, tiny_llama_dir):
     recipe = recipe_from_dict({
         "name": "tiny-regress", "task": "regress", "model": str(tiny_llama_dir),
         "data": {"train": str(data), "value_field": "riders", "time_field": "date", "lags": [7],
-                 "test_ratio": 0.2, "val_ratio": 0.15, "template": "{weekday}, game {game}, temp {temp}"},
+                 "test_ratio": 0.2, "val_ratio": 0.15, "template": "{{ weekday }}, game {{ game }}, temp {{ temp }}"},
         "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
         "train": {"max_steps": 20, "batch_size": 8, "lr": 1e-2, "head_lr": 1e-2, "precision": "fp32",
                   "threads": 1, "max_length": 32, "eval_every": 10, "checkpoint_every": 10},
@@ -73,7 +73,7 @@ def test_regress_trains_and_reports_real_units(tmp_path, tiny_llama_dir):
     test = [json.loads(l) for l in (run_dir / "test.jsonl").read_text().splitlines()]
     # time-ordered hold-out: the test days are the latest ones
     assert len(test) == 15  # 84 days, 7 without a lag, 20% of the rest
-    assert min(t["meta_time"] for t in test) == (date(2020, 1, 6) + timedelta(days=84 - 15)).isoformat()
+    assert min(t["time"] for t in test) == (date(2020, 1, 6) + timedelta(days=84 - 15)).isoformat()
     report = evaluate_regress(run_dir, show_progress=False)
     assert set(report["systems"]) >= {"tuned", "seasonal_naive"}
     assert report["systems"]["seasonal_naive"]["n"] == len(test)

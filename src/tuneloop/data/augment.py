@@ -167,7 +167,7 @@ def write_augmented(out: str, originals: list[Record], new: list[Record], keep_o
     self-contained: a split of it can send each augmented record wherever its original went."""
     from pathlib import Path
 
-    from .clean import write_jsonl
+    from .records import write_jsonl
 
     name = Path(out).name
     rows = list(originals) if keep_originals else []

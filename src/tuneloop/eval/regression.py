@@ -53,7 +53,7 @@ def evaluate_regress(run_dir: Path, test_path: str | None = None, out_dir: Path 
         test = [json.loads(l) for l in f.read_text().splitlines() if l.strip()]
         from ..data.records import Record
 
-        test = [Record(text=t["text"], value=t["value"], meta={"time": t.get("meta_time")}) for t in test]
+        test = [Record(text=t["text"], value=t["value"], meta={"time": t.get("time")}) for t in test]
     model, tok, scale, dtype = load_trained(run_dir, dev)
     enc = tok([r.text for r in test], truncation=True, max_length=recipe.train.max_length)["input_ids"]
     z = predict_z(model, enc, tok.pad_token_id, recipe.eval.batch_size, dev, dtype == torch.bfloat16)
