@@ -32,7 +32,7 @@ def recipe(tmp_path, tiny_llama_dir):
             "model": str(tiny_llama_dir),
             "data": {"train": make_reviews(tmp_path / "train.jsonl", 96, 0),
                      "test": make_reviews(tmp_path / "test.jsonl", 40, 1),
-                     "text_field": "review", "label_field": "score"},
+                     "text_field": "review", "label_field": "score", "val_ratio": 0.0},
             "method": {"name": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
             "train": {"epochs": 4, "batch_size": 8, "lr": 3e-3, "head_lr": 1e-2, "max_length": 32,
                       "precision": "fp32", "threads": 1, **train},
@@ -47,7 +47,7 @@ def test_train_writes_a_complete_run_folder_and_loss_falls(recipe, tmp_path):
               "model/adapter_config.json"):
         assert (run_dir / f).exists(), f
     assert not list(run_dir.glob(".*tmp"))  # atomic writes leave no temp folders behind
-    hist = json.loads((run_dir / "history.json").read_text())
+    hist = json.loads((run_dir / "history.json").read_text())["train"]
     first = sum(h["loss"] for h in hist[:4]) / 4
     last = sum(h["loss"] for h in hist[-4:]) / 4
     assert last < 0.5 * first, (first, last)
@@ -91,7 +91,7 @@ def test_frozen_layer_cache_changes_no_result(recipe, tmp_path):
         r = recipe(cache_frozen=cached)
         r.method.top_layers = 1
         run_dir, m = train_run(r, tmp_path / f"ws{cached}", show_progress=False)
-        runs[cached] = ([h["loss"] for h in json.loads((run_dir / "history.json").read_text())], m)
+        runs[cached] = ([h["loss"] for h in json.loads((run_dir / "history.json").read_text())["train"]], m)
     (with_cache, m_on), (without, m_off) = runs[True], runs[False]
     assert m_on["frozen_cache_bytes"] > 0 and m_off["frozen_cache_bytes"] is None
     assert len(with_cache) == len(without) == 48
