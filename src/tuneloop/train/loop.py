@@ -51,6 +51,10 @@ def fit(acc, model, groups: list[dict], tc, lengths: list[int], loss_fn: LossFn,
     `console` a rich Console the progress bar and messages go to; `name` labels the bar, `loss_name`
     the loss in it. With `resume`, the optimizer, schedule, RNGs, position and history come back from
     `run_dir/checkpoints/last`. `validate` None means no validation (nothing extra per step)."""
+    if not lengths:
+        from ..errors import ConfigError
+
+        raise ConfigError("data.train: no training records left after the validation hold-out (data.val_ratio)")
     main = acc.is_main_process
     dev = acc.device
     batches_per_epoch, _, total_steps, eval_every = plan_steps(len(lengths), tc)
