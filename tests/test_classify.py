@@ -32,7 +32,7 @@ def recipe(tmp_path, tiny_llama_dir):
             "model": str(tiny_llama_dir),
             "data": {"train": make_reviews(tmp_path / "train.jsonl", 96, 0),
                      "test": make_reviews(tmp_path / "test.jsonl", 40, 1),
-                     "text_field": "review", "label_field": "score"},
+                     "text_field": "review", "label_field": "score", "val_ratio": 0.0},
             "method": {"name": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
             "train": {"epochs": 4, "batch_size": 8, "lr": 3e-3, "head_lr": 1e-2, "max_length": 32,
                       "precision": "fp32", "threads": 1, **train},
@@ -47,7 +47,7 @@ def test_train_writes_a_complete_run_folder_and_loss_falls(recipe, tmp_path):
               "model/adapter_config.json"):
         assert (run_dir / f).exists(), f
     assert not list(run_dir.glob(".*tmp"))  # atomic writes leave no temp folders behind
-    hist = json.loads((run_dir / "history.json").read_text())
+    hist = json.loads((run_dir / "history.json").read_text())["train"]
     first = sum(h["loss"] for h in hist[:4]) / 4
     last = sum(h["loss"] for h in hist[-4:]) / 4
     assert last < 0.5 * first, (first, last)
@@ -91,7 +91,7 @@ def test_frozen_layer_cache_changes_no_result(recipe, tmp_path):
         r = recipe(cache_frozen=cached)
         r.method.top_layers = 1
         run_dir, m = train_run(r, tmp_path / f"ws{cached}", show_progress=False)
-        runs[cached] = ([h["loss"] for h in json.loads((run_dir / "history.json").read_text())], m)
+        runs[cached] = ([h["loss"] for h in json.loads((run_dir / "history.json").read_text())["train"]], m)
     (with_cache, m_on), (without, m_off) = runs[True], runs[False]
     assert m_on["frozen_cache_bytes"] > 0 and m_off["frozen_cache_bytes"] is None
     assert len(with_cache) == len(without) == 48
@@ -123,3 +123,43 @@ def test_eval_reads_as_far_as_eval_max_length_and_serving_follows(recipe, tmp_pa
     evaluate_classify(run_dir, systems=["tuned"], show_progress=False, print_results=False)
     assert seen == [48]  # training read 32
     assert load_trained(run_dir)[0].input_max_length == 48
+
+
+def test_validation_split_is_stratified_deterministic_and_off_at_zero():
+    from tuneloop.data.records import Record
+    from tuneloop.train.classify import stratified_holdout
+
+    recs = [Record(text=f"t{i}", label="a" if i % 4 else "b") for i in range(80)]  # 60 a, 20 b
+    kept, held = stratified_holdout(recs, 0.25, 7)
+    assert sorted(r.label for r in held).count("a") == 15 and [r.label for r in held].count("b") == 5
+    assert len(kept) + len(held) == 80 and not {id(r) for r in kept} & {id(r) for r in held}
+    assert [r.text for r in kept] == [r.text for r in recs if r in kept]  # the records' order is kept
+    assert [r.text for r in held] == [r.text for r in stratified_holdout(recs, 0.25, 7)[1]]
+    assert [r.text for r in held] != [r.text for r in stratified_holdout(recs, 0.25, 8)[1]]
+    kept0, held0 = stratified_holdout(recs, 0.0, 7)
+    assert held0 == [] and kept0 == recs
+
+
+def test_validation_early_stop_keeps_the_best_checkpoint(recipe, tmp_path):
+    """Random labels: validation loss must rise once the head memorises them. The run stops early, warns
+    about overfitting, and `model/` holds the best validation weights, not the last."""
+    import random
+
+    from tuneloop.train.classify import load_trained
+
+    rng = random.Random(3)
+    data = tmp_path / "noise.jsonl"
+    data.write_text("".join(json.dumps({"review": " ".join(rng.choice(POS + NEG) for _ in range(4)),
+                                        "score": rng.choice(["good", "bad"])}) + "\n" for _ in range(96)))
+    r = recipe(epochs=30, lr=2e-2, head_lr=5e-2, eval_every=4, patience=3, overfit_window=2)
+    r.data.train, r.data.val_ratio = str(data), 0.25
+    run_dir, m = train_run(r, tmp_path / "ws", show_progress=False)
+    assert json.loads((run_dir / "data.json").read_text())["val_records"] == 24
+    assert m["examples"] == 72 and m["stopped_early"] and m["best_step"] < m["steps"]
+    assert m["overfit_warning_step"] is not None
+    vals = json.loads((run_dir / "history.json").read_text())["validation"]
+    assert [v[0] for v in vals] == list(range(4, m["steps"] + 1, 4)) and min(v[2] for v in vals) == m["best_val_loss"]
+    # the saved weights score exactly the best validation loss
+    assert m["val_loss"] == pytest.approx(m["best_val_loss"], abs=1e-6)
+    assert (run_dir / "loss.png").exists() and not (run_dir / "checkpoints").exists()
+    assert load_trained(run_dir)[2] == ["bad", "good"]

@@ -1,5 +1,5 @@
 """Scale-out without new code: the same recipe under `torchrun --nproc_per_node 2` (gloo on CPU) gives the
-same adapter as one process."""
+same adapter as one process, for every task on the shared loop (a new task is a new row)."""
 
 from __future__ import annotations
 
@@ -17,18 +17,37 @@ from tuneloop.config import load_recipe
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
-@pytest.mark.distributed
-def test_two_processes_match_one(tmp_path, tiny_llama_dir):
-    from safetensors.torch import load_file
-
-    from tuneloop.train.sft import train_sft
-
-    data = tmp_path / "chat.jsonl"
-    with data.open("w") as f:
+def _sft_data(path: Path) -> None:
+    with path.open("w") as f:
         for i in range(40):
             f.write(json.dumps({"instruction": f"Name {i}?", "input": "", "output": f"Item {i}. " * (1 + i % 3)}) + "\n")
+
+
+def _classify_data(path: Path) -> None:
+    words = {"good": ["great", "tasty", "lovely"], "bad": ["awful", "stale", "bland"]}
+    with path.open("w") as f:
+        for i in range(40):
+            label = "good" if i % 2 else "bad"
+            f.write(json.dumps({"text": f"the jam {i} was {words[label][i % 3]} " * (1 + i % 3),
+                                "label": label}) + "\n")
+
+
+# (task, its data, a free port for the rendezvous)
+TASKS = {"sft": (_sft_data, 29533), "classify": (_classify_data, 29534)}
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_two_processes_match_one(tmp_path, tiny_llama_dir, task):
+    from safetensors.torch import load_file
+
+    from tuneloop.train import RECIPES
+
+    make_data, port = TASKS[task]
+    data = tmp_path / "data.jsonl"
+    make_data(data)
     doc = {
-        "name": "ddp", "task": "sft", "model": str(tiny_llama_dir),
+        "name": "ddp", "task": task, "model": str(tiny_llama_dir),
         "data": {"train": str(data), "val_ratio": 0.2},
         # dropout 0: each process draws its own dropout masks, so only a dropout-free run can match exactly
         "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
@@ -41,7 +60,7 @@ def test_two_processes_match_one(tmp_path, tiny_llama_dir):
                HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     ws = tmp_path / "ws"
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", "29533", "-m", "tuneloop.cli", "train", str(recipe_file), "-w", str(ws),
+                          "--master_port", str(port), "-m", "tuneloop.cli", "train", str(recipe_file), "-w", str(ws),
                           "--no-progress"], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-4000:]
     runs = list((ws / "runs").iterdir())
@@ -51,10 +70,13 @@ def test_two_processes_match_one(tmp_path, tiny_llama_dir):
 
     one = tmp_path / "one"
     one.mkdir()
-    m1 = train_sft(load_recipe(recipe_file), one, show_progress=False)
+    recipe = load_recipe(recipe_file)
+    m1 = RECIPES[task](recipe, one, False)
     a, b = load_file(str(runs[0] / "model" / "adapter_model.safetensors")), load_file(
         str(one / "model" / "adapter_model.safetensors"))
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
     assert worst < 1e-4, f"2-process adapter differs from 1-process by {worst}"
     assert m2["best_val_loss"] == pytest.approx(m1["best_val_loss"], rel=1e-4)
     assert m2["train_tokens"] == m1["train_tokens"]
+    h1, h2 = (json.loads((d / "history.json").read_text())["train"] for d in (one, runs[0]))
+    assert [h["loss"] for h in h2] == pytest.approx([h["loss"] for h in h1], rel=1e-4)

@@ -1,5 +1,5 @@
-"""Exact resume: a run killed with SIGKILL mid-way and resumed ends with the same adapter as a run that
-was never interrupted (same seed, fp32, tiny model), within 1e-6."""
+"""Exact resume, for every task on the shared loop: a run killed with SIGKILL mid-way and resumed ends
+with the same adapter as a run that was never interrupted (same seed, fp32, tiny model), within 1e-6."""
 
 from __future__ import annotations
 
@@ -31,18 +31,40 @@ def _tensors(path: Path) -> dict:
     return load_file(str(path / "adapter_model.safetensors"))
 
 
-@pytest.fixture()
-def recipe_file(tmp_path, tiny_llama_dir) -> Path:
-    data = tmp_path / "chat.jsonl"
-    with data.open("w") as f:
+def _sft_data(path: Path) -> dict:
+    with path.open("w") as f:
         for i in range(64):
             f.write(json.dumps({"instruction": f"What is {i} times two?", "input": "",
                                 "output": f"{i} times two is {2 * i}. " * (1 + i % 2)}) + "\n")
+    return {"train": str(path), "val_ratio": 0.15}
+
+
+def _classify_data(path: Path) -> dict:
+    words = {"good": ["great", "tasty", "lovely"], "bad": ["awful", "stale", "bland"]}
+    with path.open("w") as f:
+        for i in range(64):
+            label = "good" if i % 2 else "bad"
+            f.write(json.dumps({"text": f"the soup number {i} was {words[label][i % 3]}", "label": label}) + "\n")
+    return {"train": str(path), "val_ratio": 0.15}
+
+
+# A new task is a new row: (task, its data, what its `method` adds). The classify row adapts the top
+# block only, so the frozen-layer cache is on too: after resume it fills again, and nothing changes.
+TASKS = {
+    "sft": (_sft_data, {}),
+    "classify": (_classify_data, {"top_layers": 1}),
+}
+
+
+@pytest.fixture(params=sorted(TASKS))
+def recipe_file(request, tmp_path, tiny_llama_dir) -> Path:
+    task = request.param
+    make_data, method = TASKS[task]
     doc = {
-        "name": "resume", "task": "sft", "model": str(tiny_llama_dir),
-        "data": {"train": str(data), "val_ratio": 0.15},
+        "name": "resume", "task": task, "model": str(tiny_llama_dir),
+        "data": make_data(tmp_path / "data.jsonl"),
         # dropout > 0 so that a wrong RNG state after resume would show
-        "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.1},
+        "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.1, **method},
         "train": {"max_steps": 40, "batch_size": 4, "lr": 5e-3, "precision": "fp32", "threads": 1,
                   "max_length": 64, "eval_every": 10, "checkpoint_every": 5, "seed": 3},
     }
@@ -52,7 +74,7 @@ def recipe_file(tmp_path, tiny_llama_dir) -> Path:
 
 
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path, recipe_file):
-    from tuneloop.train.sft import train_sft
+    from tuneloop.train import RECIPES
 
     ws = tmp_path / "ws"
     cmd = [sys.executable, "-m", "tuneloop.cli", "train", str(recipe_file), "-w", str(ws), "--no-progress"]
@@ -81,7 +103,10 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, recipe_file):
 
     ref_dir = tmp_path / "ref"
     ref_dir.mkdir()
-    ref = train_sft(load_recipe(recipe_file), ref_dir, show_progress=False)
+    recipe = load_recipe(recipe_file)
+    ref = RECIPES[recipe.task](recipe, ref_dir, False)
+    if recipe.task == "classify":  # the row's point: the frozen-layer cache was on in both runs
+        assert ref["frozen_cache_bytes"] and resumed["frozen_cache_bytes"]
     a, b = _tensors(run_dir / "model"), _tensors(ref_dir / "model")
     assert a.keys() == b.keys() and a
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)

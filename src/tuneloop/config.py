@@ -74,8 +74,8 @@ class DataConfig(Section):
         "set (seeded; the latest rows when `time_field` is set). Written to `<run>/test.jsonl`.",
     )
     val_ratio: float = Field(
-        0.1, ge=0, lt=1, description="(sft/regress) Fraction of the training records kept aside for validation "
-        "loss, early stopping and picking the best checkpoint; 0 turns validation off.",
+        0.1, ge=0, lt=1, description="Fraction of the training records kept aside for validation loss (classify: "
+        "per label, with accuracy), early stopping and picking the best checkpoint; 0 turns validation off.",
     )
 
 
@@ -146,11 +146,11 @@ class TrainConfig(Section):
         "per example, so attention never crosses from one example into another.",
     )
     eval_every: int | None = Field(
-        None, ge=1, description="(sft/regress) Validation loss every N optimizer steps (default: once per epoch "
+        None, ge=1, description="Validation loss every N optimizer steps (default: once per epoch "
         "and at the end).",
     )
     patience: int | None = Field(
-        None, ge=1, description="(sft/regress) Stop early after this many validations without a new best "
+        None, ge=1, description="Stop early after this many validations without a new best "
         "validation loss; None trains to the end.",
     )
     overfit_window: int = Field(
@@ -158,7 +158,7 @@ class TrainConfig(Section):
         "consecutive validations.",
     )
     checkpoint_every: int | None = Field(
-        None, ge=1, description="(sft/regress) Write a resumable checkpoint (weights, optimizer, scheduler, RNG, "
+        None, ge=1, description="Write a resumable checkpoint (weights, optimizer, scheduler, RNG, "
         "data position) every N optimizer steps; `tuneloop train --resume RUN_DIR` continues from it exactly.",
     )
 

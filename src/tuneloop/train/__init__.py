@@ -1,4 +1,5 @@
-"""Training recipes: one readable file per method; `common.py` holds the few helpers they share.
+"""Training recipes: one readable file per task, all trained by the one loop in `loop.py` (`fit`);
+`common.py` holds the few helpers they share.
 
 `RECIPES` maps a recipe's `task` to the function that trains it: plain data, registered explicitly.
 Every function takes (recipe, run_dir, show_progress, resume) and returns the training metrics.
@@ -19,9 +20,7 @@ from ..runs import new_run_dir
 def _classify(recipe: Recipe, run_dir: Path, show_progress: bool, resume: bool = False) -> dict:
     from .classify import train_classifier
 
-    if resume:
-        raise ConfigError("--resume: classify runs do not write checkpoints (resumable tasks: regress, sft)")
-    return train_classifier(recipe, run_dir, show_progress)
+    return train_classifier(recipe, run_dir, show_progress, resume)
 
 
 def _regress(recipe: Recipe, run_dir: Path, show_progress: bool, resume: bool = False) -> dict:

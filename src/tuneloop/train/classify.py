@@ -1,7 +1,9 @@
 """Recipe `classify`: a classification head over a pretrained encoder or decoder, LoRA or full.
 
-Reads top to bottom: data → model → loop → save. The run folder ends up holding the recipe, the data
-fingerprint, the adapter (or full weights), the label map and the training metrics.
+Reads top to bottom: data (validation held out per label) → model → fit (the shared loop, train/loop.py:
+validation, early stopping, checkpoints, exact resume, DDP) → save. The run folder ends up holding the
+recipe, the data fingerprint, the adapter (or full weights; the best validation ones when there was
+validation), the label map, the loss history and plot, and the training metrics.
 """
 
 from __future__ import annotations
@@ -13,25 +15,26 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import Progress
 
 from ..config import Recipe, recipe_to_yaml
+from ..data.chat import holdout
 from ..data.validate import load_classification, stratified_sample
 from ..fileio import atomic_dir, write_json_atomic, write_text_atomic
 from ..zoo import resolve_model
 from .fastpath import FrozenPrefixCache, compile_blocks, find_blocks, first_trained_block, keep_adapter_inputs_bf16
 from .common import (
     load_tokenizer,
-    make_scheduler,
     device,
-    length_bucketed_batches,
     pad_batch,
     pick_dtype,
     plan_steps,
-    progress_columns,
+    plot_losses,
+    recipe_for_run,
     seed_everything,
     set_threads,
+    sorted_batches,
 )
+from .loop import finish, fit
 
 console = Console(stderr=True)
 
@@ -149,18 +152,52 @@ def frozen_prefix_cache(model, tc, lengths: list[int], total_steps: int) -> Froz
     return cache
 
 
-def train_classifier(recipe: Recipe, run_dir: Path, show_progress: bool = True) -> dict:
+def stratified_holdout(records, ratio: float, seed: int):
+    """(kept, held_out): `holdout` within each label, so the validation split keeps the label shares;
+    both keep the records' order. Deterministic for a seed."""
+    if ratio <= 0:
+        return list(records), []
+    by_label: dict[str, list] = {}
+    for r in records:
+        by_label.setdefault(r.label, []).append(r)
+    held = {id(r) for label in sorted(by_label) for r in holdout(by_label[label], ratio, seed)[1]}
+    return [r for r in records if id(r) not in held], [r for r in records if id(r) in held]
+
+
+@torch.no_grad()
+def validation_scores(model, enc: list[list[int]], ys: list[int], pad_id: int, batch_size: int, dev,
+                      autocast: bool) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) over the validation rows; every process scores all of them."""
+    was_training = model.training
+    model.eval()
+    loss, right = 0.0, 0
+    for b in sorted_batches([len(e) for e in enc], batch_size):
+        ids, mask = pad_batch([enc[i] for i in b], pad_id)
+        y = torch.tensor([ys[i] for i in b], device=dev)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
+            logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float()
+        loss += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
+        right += int((logits.argmax(-1) == y).sum())
+    model.train(was_training)
+    return loss / len(enc), right / len(enc)
+
+
+def train_classifier(recipe: Recipe, run_dir: Path, show_progress: bool = True, resume: bool = False) -> dict:
+    from accelerate import Accelerator
+
     t0 = time.time()
     tc, dc = recipe.train, recipe.data
+    acc = Accelerator(cpu=not torch.cuda.is_available())
+    main = acc.is_main_process
     set_threads(tc.threads)
     seed_everything(tc.seed)
-    dev = device()
+    dev = acc.device
 
-    # ---- data
+    # ---- data: validation held out per label, then the (optional) stratified sample of the rest
     loaded = load_classification(recipe.resolve_path(dc.train), dc.text_field, dc.label_field, dc.labels, dc.format)
-    records = loaded.records
+    train_recs, val_recs = stratified_holdout(loaded.records, dc.val_ratio, tc.seed + 1)
     if dc.max_train_examples:
-        records = stratified_sample(records, dc.max_train_examples, tc.seed)
+        train_recs = stratified_sample(train_recs, dc.max_train_examples, tc.seed)
     labels = loaded.labels
     label_id = {l: i for i, l in enumerate(labels)}
 
@@ -176,9 +213,12 @@ def train_classifier(recipe: Recipe, run_dir: Path, show_progress: bool = True) 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total_params = sum(p.numel() for p in model.parameters())
 
-    enc = encode_texts(tok, [r.text for r in records], tc.max_length, dc.input_template, dc.as_chat,
-                       dc.system_prompt, dc.truncate)
-    ys = [label_id[r.label] for r in records]
+    def encode(recs) -> list[list[int]]:
+        return encode_texts(tok, [r.text for r in recs], tc.max_length, dc.input_template, dc.as_chat,
+                            dc.system_prompt, dc.truncate) if recs else []
+
+    enc, enc_val = encode(train_recs), encode(val_recs)
+    ys, ys_val = [label_id[r.label] for r in train_recs], [label_id[r.label] for r in val_recs]
     lengths = [len(e) for e in enc]
     total_steps = plan_steps(len(enc), tc)[2]
 
@@ -187,90 +227,77 @@ def train_classifier(recipe: Recipe, run_dir: Path, show_progress: bool = True) 
     groups = [{"params": body, "lr": tc.lr}]
     if head:
         groups.append({"params": head, "lr": tc.head_lr or tc.lr})
-    optimizer = torch.optim.AdamW(groups, weight_decay=tc.weight_decay)
-    scheduler = make_scheduler(optimizer, tc.scheduler, int(tc.warmup_ratio * total_steps), total_steps)
     use_autocast = dtype == torch.bfloat16
     if use_autocast:
         keep_adapter_inputs_bf16(model)
     if tc.compile:
         compile_blocks(model)
     cache = frozen_prefix_cache(model, tc, lengths, total_steps)
+    if main and not resume:
+        write_text_atomic(run_dir / "recipe.yaml", recipe_to_yaml(recipe_for_run(recipe)))
 
-    def forward(ids, mask, y=None):
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_autocast):
-            return model(input_ids=ids.to(dev), attention_mask=mask.to(dev),
-                         labels=None if y is None else y.to(dev))
+    # ---- fit: the model's cross-entropy (a mean over my rows), weighted to my share of the global batch
+    net = model  # the model itself, never its DDP wrapper: the cache's check runs on one process only
 
-    # ---- loop
-    model.train()
-    history: list[dict] = []
-    step, micro, seen_tokens, epoch = 0, 0, 0, 0
-    t_train = time.time()
-    with Progress(*progress_columns(), console=console, disable=not show_progress) as progress:
-        task = progress.add_task("train", total=total_steps, info="")
-        while step < total_steps:
-            for batch in length_bucketed_batches(lengths, tc.batch_size, tc.seed + epoch):
-                ids, mask = pad_batch([enc[i] for i in batch], tok.pad_token_id)
-                y = torch.tensor([ys[i] for i in batch])
-                mode = nullcontext() if cache is None else cache.around(
-                    model, batch, mask, lambda: forward(ids, mask).logits, progress.console.print)
-                with mode:
-                    out = forward(ids, mask, y)
-                (out.loss / tc.grad_accum).backward()
-                seen_tokens += int(mask.sum())
-                micro += 1
-                if micro % tc.grad_accum:
-                    continue
-                torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                loss = out.loss.detach().item()
-                history.append({"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0]})
-                tps = seen_tokens / max(1e-9, time.time() - t_train)
-                progress.update(task, advance=1, info=f"loss {loss:.4f} · {tps:,.0f} tok/s")
-                if step >= total_steps:
-                    break
-            epoch += 1
-    train_seconds = time.time() - t_train
+    def forward(m, ids, mask, y=None):
+        return m(input_ids=ids.to(dev), attention_mask=mask.to(dev), labels=None if y is None else y.to(dev))
 
+    def loss_fn(model, mine: list[int], batch: list[int]) -> torch.Tensor:
+        ids, mask = pad_batch([enc[i] for i in mine], tok.pad_token_id)
+        y = torch.tensor([ys[i] for i in mine])
+        mode = nullcontext() if cache is None else cache.around(
+            net, mine, mask, lambda: forward(net, ids, mask).logits, console.print)
+        with mode:
+            loss = forward(model, ids, mask, y).loss
+        return loss * (len(mine) / len(batch))
+
+    def validate(model) -> tuple[float, str]:
+        val, accuracy = validation_scores(model, enc_val, ys_val, tok.pad_token_id, recipe.eval.batch_size, dev,
+                                          use_autocast)
+        return val, f"validation loss {val:.4f} · accuracy {accuracy:.3f}"
+
+    fitted = fit(acc, model, groups, tc, lengths, loss_fn, validate if enc_val else None, run_dir, resume,
+                 console, autocast=use_autocast, name="train", show_progress=show_progress)
+    inner, history = fitted.model, fitted.history
     cache_bytes = cache.nbytes() if cache is not None and not cache.off else None
     if cache is not None:
         cache.close()
 
-    # ---- save (each piece atomically; the folder is complete only once train_metrics.json exists)
-    model.eval()
-    with atomic_dir(run_dir / "model") as tmp:
-        model.save_pretrained(tmp)
-    write_json_atomic(run_dir / "labels.json", labels)
-    write_text_atomic(run_dir / "recipe.yaml", recipe_to_yaml(recipe))
-    write_json_atomic(
-        run_dir / "data.json",
-        {"train": dc.train, "fingerprint": loaded.fingerprint, "records": len(loaded.records),
-         "used": len(records), "labels": labels},
-    )
-    tail = history[-max(1, len(history) // 10):]
+    # ---- save: the best validation checkpoint when there was validation, else the last weights (each
+    # piece atomically; the folder is complete only once train_metrics.json exists)
+    val_loss = val_accuracy = None
+    if enc_val:
+        val_loss, val_accuracy = validation_scores(inner, enc_val, ys_val, tok.pad_token_id, recipe.eval.batch_size,
+                                                   dev, use_autocast)
+    if main:
+        with atomic_dir(run_dir / "model") as tmp:
+            inner.save_pretrained(tmp)
+        write_json_atomic(run_dir / "labels.json", labels)
+        write_json_atomic(
+            run_dir / "data.json",
+            {"train": dc.train, "fingerprint": loaded.fingerprint, "records": len(loaded.records),
+             "used": len(train_recs), "val_records": len(val_recs), "labels": labels},
+        )
+        write_json_atomic(run_dir / "history.json", {"train": history, "validation": fitted.validations})
+        plot_losses(history, fitted.validations, run_dir / "loss.png")
     metrics = {
         "task": "classify",
         "method": recipe.method.name,
         "base_model": recipe.model,
         "model_path": model_path,
         "dtype": str(dtype).replace("torch.", ""),
-        "steps": step,
-        "examples": len(records),
-        "train_tokens": seen_tokens,
-        "train_seconds": round(train_seconds, 2),
-        "tokens_per_second": round(seen_tokens / max(1e-9, train_seconds), 1),
-        "first_loss": history[0]["loss"] if history else None,
-        "final_loss": sum(h["loss"] for h in tail) / len(tail) if tail else None,
+        "examples": len(train_recs),
+        **fitted.metrics,
+        "val_loss": val_loss,
+        "val_accuracy": val_accuracy,
         "frozen_cache_bytes": cache_bytes,
         "trainable_params": trainable,
         "total_params": total_params,
         "wall_seconds": round(time.time() - t0, 2),
     }
-    write_json_atomic(run_dir / "history.json", history)
-    write_json_atomic(run_dir / "train_metrics.json", metrics)
+    if main:
+        write_json_atomic(run_dir / "train_metrics.json", metrics)
+    finish(acc, run_dir)
     return metrics
 
 

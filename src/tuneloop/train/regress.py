@@ -1,9 +1,9 @@
 """Recipe `regress`: a numeric head over a pretrained encoder or decoder (daily demand, prices, scores).
 
 Reads top to bottom: data (rows rendered to text, time-ordered hold-out) → target standardised with the
-training mean/std → model (one-output head, PEFT method or full) → loop (validation, early stopping,
-checkpoints, exact resume) → save, with the target scale in `<run>/target.json` so predictions come back
-in real units.
+training mean/std → model (one-output head, PEFT method or full) → fit (the shared loop, train/loop.py:
+validation, early stopping, checkpoints, exact resume) → save, with the target scale in
+`<run>/target.json` so predictions come back in real units.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import Progress
 
 from ..config import Recipe, recipe_to_yaml
 from ..data.chat import fingerprint, holdout, write_records_jsonl
@@ -23,22 +22,18 @@ from ..errors import ConfigError
 from ..fileio import atomic_dir, write_json_atomic, write_text_atomic
 from ..zoo import resolve_model
 from .common import (
-    LoopState,
-    plan_steps,
     load_tokenizer,
-    log_line,
     load_kwargs,
-    load_trainable_state,
     pad_batch,
     pick_dtype,
     plot_losses,
-    progress_columns,
     recipe_for_run,
     seed_everything,
     set_threads,
     sorted_batches,
     wrap_method,
 )
+from .loop import finish, fit
 
 console = Console(stderr=True)
 
@@ -118,72 +113,35 @@ def train_regressor(recipe: Recipe, run_dir: Path, show_progress: bool = True, r
     total_params = sum(p.numel() for p in model.parameters())
     use_autocast = dtype == torch.bfloat16 and mc.name != "full"
 
-    lengths = [len(e) for e in enc]
-    batches_per_epoch, steps_per_epoch, total_steps, eval_every = plan_steps(len(enc), tc)
     heads = ("score", "classifier", "pre_classifier")
     head = [p for n, p in model.named_parameters() if p.requires_grad and any(h in n for h in heads)]
     body = [p for n, p in model.named_parameters() if p.requires_grad and not any(h in n for h in heads)]
     groups = [{"params": body, "lr": tc.lr}] + ([{"params": head, "lr": tc.head_lr or tc.lr}] if head else [])
-
-    # ---- optimizer and position (restored on resume)
-    state = LoopState(acc, model, groups, tc, total_steps, run_dir, resume, console.print)
-    model, inner, scheduler = state.model, state.inner, state.scheduler
-    pos, history, watch = state.pos, state.history, state.watch
     if main and not resume:
         write_text_atomic(run_dir / "recipe.yaml", recipe_to_yaml(recipe_for_run(recipe)))
         write_records_jsonl(run_dir / "test.jsonl", test)
         write_records_jsonl(run_dir / "train_tail.jsonl", (train_recs + val_recs)[-30:] if ordered else [])
 
-    # ---- loop: mean squared error on the standardised target
-    model.train()
-    world, rank = acc.num_processes, acc.process_index
-    stop, stopped_early = False, False
-    window: list[float] = []
-    t_train, tokens_at_start = time.time(), pos["seen_tokens"]
-    with Progress(*progress_columns(), console=console, disable=not (show_progress and main)) as progress:
-        task = progress.add_task("regress", total=total_steps, completed=pos["step"], info="")
-        for global_batch in state.global_batches(lengths, tc.batch_size, tc.seed, total_steps):
-            mine = global_batch[rank::world] or global_batch[:1]
-            ids, mask = pad_batch([enc[i] for i in mine], tok.pad_token_id)
-            y = torch.tensor([z[i] for i in mine], dtype=torch.float32)
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_autocast):
-                pred = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float().view(-1)
-            # Sum over my share / size of the global batch, times `world` to undo DDP's averaging.
-            sq = ((pred - y.to(dev)) ** 2).sum() if global_batch[rank::world] else pred.sum() * 0
-            loss = sq / len(global_batch) * world / tc.grad_accum
-            acc.backward(loss)
-            pos["seen_tokens"] += sum(lengths[i] for i in global_batch)
-            window.append(float(sq.detach()) / len(global_batch))
-            if not state.micro_step():
-                continue
-            step_loss = sum(window[-tc.grad_accum:]) / tc.grad_accum
-            if world > 1:
-                step_loss = float(acc.reduce(torch.tensor(step_loss, device=dev), reduction="sum"))
-            history.append({"step": pos["step"], "loss": step_loss, "lr": scheduler.get_last_lr()[0]})
-            tps = (pos["seen_tokens"] - tokens_at_start) / max(1e-9, time.time() - t_train)
-            progress.update(task, advance=1, info=f"mse {step_loss:.4f} · {tps:,.0f} tok/s")
-            if show_progress and main and not console.is_terminal:
-                log_line(console, pos["step"], total_steps, step_loss, tps, time.time() - t_train)
+    # ---- fit: squared error on the standardised target, summed over my rows / size of the global batch
+    def loss_fn(model, mine: list[int], batch: list[int]) -> torch.Tensor:
+        ids, mask = pad_batch([enc[i] for i in mine], tok.pad_token_id)
+        y = torch.tensor([z[i] for i in mine], dtype=torch.float32)
+        pred = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float().view(-1)
+        return ((pred - y.to(dev)) ** 2).sum() / len(batch)
 
-            last = pos["step"] >= total_steps
-            if enc_val and (pos["step"] % eval_every == 0 or last):
-                # Every process scores all validation rows with the unwrapped model (no DDP collectives).
-                pz = predict_z(inner, enc_val, tok.pad_token_id, recipe.eval.batch_size, dev, use_autocast)
-                val = sum((a - b) ** 2 for a, b in zip(pz, z_val)) / len(z_val)
-                val_mae = sum(abs(a - b) for a, b in zip(pz, z_val)) / len(z_val) * std
-                stop = state.record_validation(
-                    val, progress.console.print, f"validation mse {val:.4f} · MAE {val_mae:,.3f}", last)
-                stopped_early = stop and not last
-            if tc.checkpoint_every and pos["step"] % tc.checkpoint_every == 0 and not last and not stop:
-                state.checkpoint()
-            if last or stop:
-                break
-    train_seconds = time.time() - t_train
+    def validate(model) -> tuple[float, str]:
+        # Every process scores all validation rows (no DDP collectives).
+        pz = predict_z(model, enc_val, tok.pad_token_id, recipe.eval.batch_size, dev, use_autocast)
+        val = sum((a - b) ** 2 for a, b in zip(pz, z_val)) / len(z_val)
+        val_mae = sum(abs(a - b) for a, b in zip(pz, z_val)) / len(z_val) * std
+        return val, f"validation mse {val:.4f} · MAE {val_mae:,.3f}"
 
-    # ---- save
-    if state.best_state is not None:
-        load_trainable_state(inner, state.best_state)
-    inner.eval()
+    fitted = fit(acc, model, groups, tc, [len(e) for e in enc], loss_fn, validate if enc_val else None,
+                 run_dir, resume, console, autocast=use_autocast, name="regress", show_progress=show_progress,
+                 loss_name="mse")
+    inner, history = fitted.model, fitted.history
+
+    # ---- save: the best validation checkpoint when there was validation, else the last weights
     val_mae = None
     if enc_val:
         pz = predict_z(inner, enc_val, tok.pad_token_id, recipe.eval.batch_size, dev, use_autocast)
@@ -196,40 +154,26 @@ def train_regressor(recipe: Recipe, run_dir: Path, show_progress: bool = True, r
             "train": dc.train, "test": dc.test, "fingerprint": fingerprint(train_recs + val_recs + test),
             "records": n_all, "train_records": len(train_recs), "val_records": len(val_recs),
             "test_records": len(test), "time_ordered": ordered})
-        write_json_atomic(run_dir / "history.json", {"train": history, "validation": watch.points})
-        plot_losses(history, watch.points, run_dir / "loss.png")
-    tail = history[-max(1, len(history) // 10):]
+        write_json_atomic(run_dir / "history.json", {"train": history, "validation": fitted.validations})
+        plot_losses(history, fitted.validations, run_dir / "loss.png")
     metrics = {
         "task": "regress",
         "method": mc.name,
         "base_model": recipe.model,
         "model_path": model_path,
         "dtype": str(dtype if mc.name != "full" else torch.float32).replace("torch.", ""),
-        "steps": pos["step"],
         "examples": len(train_recs),
         "target_mean": mean,
         "target_std": std,
-        "train_tokens": pos["seen_tokens"],
-        "train_seconds": round(train_seconds, 2),
-        "tokens_per_second": round((pos["seen_tokens"] - tokens_at_start) / max(1e-9, train_seconds), 1),
-        "first_loss": history[0]["loss"] if history else None,
-        "final_loss": sum(h["loss"] for h in tail) / len(tail) if tail else None,
-        "best_val_loss": watch.best if watch.points else None,
+        **fitted.metrics,
         "val_mae": val_mae,
-        "best_step": watch.best_step if watch.points else None,
-        "stopped_early": stopped_early,
-        "overfit_warning_step": watch.overfit_warned_at,
         "trainable_params": trainable,
         "total_params": total_params,
-        "processes": world,
         "wall_seconds": round(time.time() - t0, 2),
     }
     if main:
         write_json_atomic(run_dir / "train_metrics.json", metrics)
-        import shutil
-
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-    acc.wait_for_everyone()
+    finish(acc, run_dir)
     return metrics
 
 

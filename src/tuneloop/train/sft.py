@@ -1,7 +1,8 @@
 """Recipe `sft`: causal-LM supervised fine-tuning on chat records, loss on the assistant's answers only.
 
 Reads top to bottom: data (chat template → token ids + answer mask, truncation report, packing) → model
-(PEFT method or full) → loop (validation, early stopping, checkpoints, exact resume) → save.
+(PEFT method or full) → fit (the shared loop, train/loop.py: validation, early stopping, checkpoints,
+exact resume) → save.
 
 Scale-out needs no other code: under `accelerate launch` / `torchrun` every process takes its share of
 each global batch, and the loss is normalised by the token count of the whole global batch, so N
@@ -16,7 +17,6 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import Progress
 
 from ..config import Recipe, recipe_to_yaml
 from ..data.chat import fingerprint, holdout, load_chat, write_records_jsonl
@@ -25,20 +25,16 @@ from ..fileio import atomic_dir, write_json_atomic, write_text_atomic
 from ..zoo import resolve_model
 from .fastpath import FinalHidden, compile_blocks, keep_adapter_inputs_bf16, linear_cross_entropy
 from .common import (
-    LoopState,
-    plan_steps,
-    log_line,
     load_kwargs,
-    load_trainable_state,
     pick_dtype,
     plot_losses,
-    progress_columns,
     recipe_for_run,
     seed_everything,
     set_threads,
     sorted_batches,
     wrap_method,
 )
+from .loop import finish, fit
 
 console = Console(stderr=True)
 IGNORE = -100
@@ -281,73 +277,28 @@ def train_sft(recipe: Recipe, run_dir: Path, show_progress: bool = True, resume:
         compile_blocks(base)
     out_weight = base.get_output_embeddings().weight
 
-    lengths = [len(r[0]) for r in rows]
-    batches_per_epoch, steps_per_epoch, total_steps, eval_every = plan_steps(len(rows), tc)
     groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": tc.lr}]
-
-    # ---- optimizer and position (restored on resume)
-    state = LoopState(acc, model, groups, tc, total_steps, run_dir, resume, console.print)
-    model, inner, scheduler = state.model, state.inner, state.scheduler
-    pos, history, watch = state.pos, state.history, state.watch
     if main and not resume:
         write_text_atomic(run_dir / "recipe.yaml", recipe_to_yaml(recipe_for_run(recipe)))
         write_records_jsonl(run_dir / "test.jsonl", test)
 
-    # ---- loop
-    model.train()
-    world, rank = acc.num_processes, acc.process_index
-    stop, stopped_early = False, False
-    window_losses: list[float] = []
-    t_train, tokens_at_start = time.time(), pos["seen_tokens"]
-    with Progress(*progress_columns(), console=console, disable=not (show_progress and main)) as progress:
-        task = progress.add_task("sft", total=total_steps, completed=pos["step"], info="")
-        for global_batch in state.global_batches(lengths, tc.batch_size, tc.seed, total_steps):
-            n_global = n_targets(collate([rows[i] for i in global_batch], tok.pad_token_id, tc.packing))
-            mine = global_batch[rank::world]
-            # A process with no share still joins the gradient all-reduce, with a zero loss.
-            batch = collate([rows[i] for i in (mine or global_batch[:1])], tok.pad_token_id, tc.packing)
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_autocast):
-                # normalised by the answer tokens of the whole global batch (see the module doc)
-                batch_loss = summed_loss(model, batch, dev, hidden, out_weight) / max(1, n_global)
-            # DDP averages gradients over processes; scaling by `world` turns that back into the sum.
-            loss = batch_loss * (world if mine else 0) / tc.grad_accum
-            acc.backward(loss)
-            pos["seen_tokens"] += sum(len(rows[i][0]) for i in global_batch)
-            window_losses.append(batch_loss.detach().item() * world if mine else 0.0)
-            if not state.micro_step():
-                continue
-            step_loss = sum(window_losses[-tc.grad_accum:]) / tc.grad_accum
-            if world > 1:
-                step_loss = float(acc.reduce(torch.tensor(step_loss, device=dev), reduction="mean"))
-            # tokens = all tokens of the step (no pads: rows are packed or bucketed); time since the
-            # start of training, so a benchmark can leave the warm-up steps out
-            history.append({"step": pos["step"], "loss": step_loss, "lr": scheduler.get_last_lr()[0],
-                            "tokens": pos["seen_tokens"] - (history[-1].get("seen", tokens_at_start) if history else tokens_at_start),
-                            "seen": pos["seen_tokens"], "seconds": round(time.time() - t_train, 4)})
-            tps = (pos["seen_tokens"] - tokens_at_start) / max(1e-9, time.time() - t_train)
-            progress.update(task, advance=1, info=f"loss {step_loss:.4f} · {tps:,.0f} tok/s")
-            if show_progress and main and not console.is_terminal:
-                log_line(console, pos["step"], total_steps, step_loss, tps, time.time() - t_train)
+    # ---- fit: loss summed over the answer tokens of my rows, normalised by those of the whole global
+    # batch (see the module doc)
+    def loss_fn(model, mine: list[int], batch: list[int]) -> torch.Tensor:
+        n_global = n_targets(collate([rows[i] for i in batch], tok.pad_token_id, tc.packing))
+        mine_batch = collate([rows[i] for i in mine], tok.pad_token_id, tc.packing)
+        return summed_loss(model, mine_batch, dev, hidden, out_weight) / max(1, n_global)
 
-            last = pos["step"] >= total_steps
-            if val_rows and (pos["step"] % eval_every == 0 or last):
-                # The unwrapped model: a DDP forward is a collective (buffer sync), and processes
-                # hold different numbers of validation batches.
-                val = validation_loss(inner, val_rows, tok.pad_token_id, recipe.eval.batch_size, dev, acc,
-                                      use_autocast, hidden, out_weight)
-                stop = state.record_validation(
-                    val, progress.console.print, f"validation loss {val:.4f} (perplexity {math.exp(val):.2f})", last)
-                stopped_early = stop and not last
-            if tc.checkpoint_every and (pos["step"] % tc.checkpoint_every == 0) and not last and not stop:
-                state.checkpoint()
-            if last or stop:
-                break
-    train_seconds = time.time() - t_train
+    def validate(model) -> tuple[float, str]:
+        val = validation_loss(model, val_rows, tok.pad_token_id, recipe.eval.batch_size, dev, acc,
+                              use_autocast, hidden, out_weight)
+        return val, f"validation loss {val:.4f} (perplexity {math.exp(val):.2f})"
+
+    fitted = fit(acc, model, groups, tc, [len(r[0]) for r in rows], loss_fn, validate if val_rows else None,
+                 run_dir, resume, console, autocast=use_autocast, name="sft", show_progress=show_progress)
+    inner, history, fm = fitted.model, fitted.history, fitted.metrics
 
     # ---- save: the best validation checkpoint when there was validation, else the last weights
-    if state.best_state is not None:
-        load_trainable_state(inner, state.best_state)
-    inner.eval()
     if main:
         with atomic_dir(run_dir / "model") as tmp:
             inner.save_pretrained(tmp)
@@ -356,40 +307,25 @@ def train_sft(recipe: Recipe, run_dir: Path, show_progress: bool = True, resume:
             "train": dc.train, "test": dc.test, "fingerprint": fingerprint(train_recs + val_recs + test),
             "records": n_all, "train_records": len(train_recs), "val_records": len(val_recs),
             "test_records": len(test), "truncation": report, "val_truncation": report_val})
-        write_json_atomic(run_dir / "history.json", {"train": history, "validation": watch.points})
-        plot_losses(history, watch.points, run_dir / "loss.png")
-    tail = history[-max(1, len(history) // 10):]
+        write_json_atomic(run_dir / "history.json", {"train": history, "validation": fitted.validations})
+        plot_losses(history, fitted.validations, run_dir / "loss.png")
     metrics = {
         "task": "sft",
         "method": mc.name,
         "base_model": recipe.model,
         "model_path": model_path,
         "dtype": str(dtype if mc.name != "full" else torch.float32).replace("torch.", ""),
-        "steps": pos["step"],
-        "epochs_done": round(pos["epoch"] + pos["batch_idx"] / max(1, batches_per_epoch), 3),
         "examples": len(enc_train),
         "packed_rows": len(rows) if tc.packing else None,
         "truncated_records": report["truncated"],
         "dropped_records": report["dropped"],
-        "train_tokens": pos["seen_tokens"],
-        "train_seconds": round(train_seconds, 2),
-        "tokens_per_second": round((pos["seen_tokens"] - tokens_at_start) / max(1e-9, train_seconds), 1),
-        "first_loss": history[0]["loss"] if history else None,
-        "final_loss": sum(h["loss"] for h in tail) / len(tail) if tail else None,
-        "best_val_loss": watch.best if watch.points else None,
-        "best_val_perplexity": math.exp(watch.best) if watch.points else None,
-        "best_step": watch.best_step if watch.points else None,
-        "stopped_early": stopped_early,
-        "overfit_warning_step": watch.overfit_warned_at,
+        **fm,
+        "best_val_perplexity": math.exp(fm["best_val_loss"]) if fm["best_val_loss"] is not None else None,
         "trainable_params": trainable,
         "total_params": total_params,
-        "processes": world,
         "wall_seconds": round(time.time() - t0, 2),
     }
     if main:
         write_json_atomic(run_dir / "train_metrics.json", metrics)
-        import shutil
-
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # finished: nothing left to resume
-    acc.wait_for_everyone()
+    finish(acc, run_dir)
     return metrics
