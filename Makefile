@@ -55,7 +55,7 @@ test: setup browser
 
 # The inner loop: unit tests only (tiny models built from a config), under 2 minutes on 2 cores.
 test-fast: setup
-	$(BIN)/python -m pytest -q -rs -m "not integration and not browser and not fuzz and not distributed"
+	$(BIN)/python -m pytest -q -rs -m "not integration and not browser and not fuzz and not distributed and not slow"
 
 clean:
 	rm -rf $(VENV) $(LOCK_VENV) workspace .pytest_cache
