@@ -17,6 +17,9 @@ MINIMAL = {"name": "t", "data": {"train": "x.jsonl"}}
 def test_every_shipped_recipe_loads(path):
     r = load_recipe(path)
     assert isinstance(r, Recipe) and r.name
+    # ... and so does the copy a run folder stores (its task's keys only)
+    stored = recipe_from_dict(yaml.safe_load(recipe_to_yaml(r)), source_dir=r.source_dir)
+    assert stored.model_dump(mode="json") == r.model_dump(mode="json")
 
 
 def test_defaults_and_overrides_are_typed():
