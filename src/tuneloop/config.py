@@ -9,12 +9,30 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
 
 from .errors import ConfigError, NotFoundError
+
+Task = Literal["classify", "regress", "sft"]
+TASKS: tuple[str, ...] = get_args(Task)
+
+
+def only(*tasks: str) -> dict:
+    """`json_schema_extra` of a key that only these tasks read. A key without it applies to every task;
+    a recipe that sets a key its task does not read is an error (see `task_key_errors`)."""
+    unknown = sorted(set(tasks) - set(TASKS))
+    if unknown:
+        raise ValueError(f"only(): unknown task {', '.join(unknown)} (known: {', '.join(TASKS)})")
+    return {"tasks": list(tasks)}
+
+
+def field_tasks(field) -> tuple[str, ...]:
+    """The tasks that read a field: its `only(...)` list, else every task."""
+    extra = field.json_schema_extra
+    return tuple(extra["tasks"]) if isinstance(extra, dict) and "tasks" in extra else TASKS
 
 
 class Section(BaseModel):
@@ -30,48 +48,60 @@ class DataConfig(Section):
     format: Literal["auto", "jsonl", "csv", "tsv", "json", "parquet"] = Field(
         "auto", description="File format; `auto` picks by file extension (JSON arrays and Parquet too)."
     )
-    text_field: str = Field("text", description="Column / JSON key holding the input text.")
-    label_field: str = Field("label", description="Column / JSON key holding the class label.")
+    text_field: str = Field(
+        "text", description="Column / JSON key holding the input text.", json_schema_extra=only("classify", "regress")
+    )
+    label_field: str = Field(
+        "label", description="Column / JSON key holding the class label.", json_schema_extra=only("classify")
+    )
     labels: list[str] | None = Field(
         None, description="Allowed labels in order. Default: the sorted distinct labels of `train`. "
-        "A record with a label outside this list is an error."
+        "A record with a label outside this list is an error.", json_schema_extra=only("classify"),
     )
     input_template: str = Field(
         "{text}", description="What the model reads for each record: `{text}` is replaced by the record's "
         "text. A decoder classifies from its last token, so ending with the question (`{text}\\n\\nIs this "
-        "review great or other?`) lets it summarise at the right place. Truncation cuts the text, never the template."
+        "review great or other?`) lets it summarise at the right place. Truncation cuts the text, never the template.",
+        json_schema_extra=only("classify"),
     )
     as_chat: bool = Field(
         False, description="Send the filled `input_template` as the user turn of the model's chat template, "
-        "ending where the assistant's answer starts (instruct models classify best where they would answer)."
+        "ending where the assistant's answer starts (instruct models classify best where they would answer).",
+        json_schema_extra=only("classify"),
     )
     truncate: Literal["end", "middle"] = Field(
         "end", description="How a text longer than its room in `train.max_length` is cut: `end` keeps its "
-        "start; `middle` keeps its first and last halves (reviews and tickets often end with the verdict)."
+        "start; `middle` keeps its first and last halves (reviews and tickets often end with the verdict).",
+        json_schema_extra=only("classify"),
     )
     system_prompt: str | None = Field(
         None, description="With `as_chat`: the system turn (default: the chat template's own, if it has one; "
-        "a short one saves tokens on every record)."
+        "a short one saves tokens on every record).", json_schema_extra=only("classify"),
     )
     max_train_examples: int | None = Field(
         None, ge=1, description="Use at most this many training records (a stratified, seeded sample)."
     )
-    value_field: str = Field("value", description="(regress) Column holding the numeric target.")
+    value_field: str = Field(
+        "value", description="Column holding the numeric target.", json_schema_extra=only("regress")
+    )
     template: str | None = Field(
-        None, description="(regress/classify on tables) Python format string that renders a table row as the "
+        None, description="Python format string that renders a table row as the "
         "input text, e.g. `{date}: {temp} F, rain {weather_rain}`; columns are the row's fields.",
+        json_schema_extra=only("regress"),
     )
     time_field: str | None = Field(
-        None, description="(regress) Date column: rows are sorted by it, held-out rows are the latest ones "
-        "(no peeking into the future) and the seasonal-naive baseline uses it.",
+        None, description="Date column: rows are sorted by it, held-out rows are the latest ones "
+        "(no peeking into the future) and the seasonal-naive baseline uses it.", json_schema_extra=only("regress"),
     )
     lags: list[int] = Field(
-        default_factory=list, description="(regress, needs `time_field`) Add `<value_field>_lag<N>` columns "
+        default_factory=list, description="With `time_field`: add `<value_field>_lag<N>` columns "
         "holding the target N rows earlier, usable in `template`; rows without history are dropped.",
+        json_schema_extra=only("regress"),
     )
     test_ratio: float | None = Field(
         None, gt=0, lt=1, description="When `test` is not given, hold out this fraction of `train` as the test "
         "set (seeded; the latest rows when `time_field` is set). Written to `<run>/test.jsonl`.",
+        json_schema_extra=only("regress", "sft"),
     )
     val_ratio: float = Field(
         0.1, ge=0, lt=1, description="Fraction of the training records kept aside for validation loss (classify: "
@@ -96,7 +126,8 @@ class MethodConfig(Section):
     head_init: Literal["random", "label_words"] = Field(
         "random", description="Classification head start: `random`, or `label_words`: each label's row is the "
         "output embedding of its word (`eval.verbalizer`), so the untrained classifier already equals the "
-        "model's zero-shot answer and training starts from what the model knows."
+        "model's zero-shot answer and training starts from what the model knows.",
+        json_schema_extra=only("classify"),
     )
     top_layers: int | None = Field(
         None, ge=1, description="Adapt only the top N transformer layers. Backward then stops at layer "
@@ -117,7 +148,8 @@ class TrainConfig(Section):
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
     head_lr: float | None = Field(
-        None, gt=0, description="Learning rate of the new classification head (default: `lr`)."
+        None, gt=0, description="Learning rate of the new classification or regression head (default: `lr`).",
+        json_schema_extra=only("classify", "regress"),
     )
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Fraction of steps of linear warm-up.")
     scheduler: Literal["linear", "cosine", "constant"] = Field("linear", description="Decay after warm-up.")
@@ -133,17 +165,19 @@ class TrainConfig(Section):
         False, description="torch.compile each decoder block (compiled once, reused by every layer). Measured "
         "on the 2-core CPU (bench/train_throughput.py): about +17% tokens/s and -15% peak memory for sft, after "
         "20-40 s of compiling; worth it for runs longer than a few minutes.",
+        json_schema_extra=only("classify", "sft"),
     )
     cache_frozen: bool = Field(
-        True, description="(classify) With adapters on the top blocks only (`method.top_layers`) and more than "
+        True, description="With adapters on the top blocks only (`method.top_layers`) and more than "
         "one epoch: keep, per example, the hidden states the frozen bottom blocks hand to the first trained one "
         "during epoch 1, and run only the top blocks in later epochs. Results are unchanged (checked against a "
         "whole forward on the first replayed batch); memory grows by tokens x hidden size x 2 bytes, and the "
         "cache is skipped when that exceeds half the free memory.",
+        json_schema_extra=only("classify"),
     )
     packing: bool = Field(
-        False, description="(sft) Pack short examples into rows of `max_length` tokens; position ids restart "
-        "per example, so attention never crosses from one example into another.",
+        False, description="Pack short examples into rows of `max_length` tokens; position ids restart "
+        "per example, so attention never crosses from one example into another.", json_schema_extra=only("sft"),
     )
     eval_every: int | None = Field(
         None, ge=1, description="Validation loss every N optimizer steps (default: once per epoch "
@@ -172,28 +206,35 @@ class EvalConfig(Section):
     zero_shot_prompt: str = Field(
         "Classify the text.\n\nText: {text}\n\nAnswer with one word: {choices}.",
         description="User message for the base model's zero-shot answer; `{text}` and `{choices}` are filled in.",
+        json_schema_extra=only("classify"),
     )
     verbalizer: dict[str, str] | None = Field(
-        None, description="Word the base model should say for each label (default: the label itself).",
+        None, description="Word the base model should say for each label (default: the label itself); with "
+        "`method.head_init: label_words` also the word each label's head row starts from.",
+        json_schema_extra=only("classify"),
     )
     max_length: int | None = Field(
-        None, ge=8, description="(classify) Tokens each test input is read up to, by `tuned` and `base` here and by "
+        None, ge=8, description="Tokens each test input is read up to, by `tuned` and `base` here and by "
         "`tuneloop serve` (the report measures the model as it is served); default `train.max_length`. Training "
         "may cut inputs short to save time; reading more of a long input at inference usually helps.",
+        json_schema_extra=only("classify"),
     )
     max_new_tokens: int = Field(
-        160, ge=1, description="(sft) Longest generated answer when scoring ROUGE-L / BLEU (greedy decoding)."
+        160, ge=1, description="Longest generated answer when scoring ROUGE-L / BLEU (greedy decoding).",
+        json_schema_extra=only("sft"),
     )
     merge_adapters: bool = Field(
-        True, description="(sft) Generate with LoRA/DoRA adapters merged into the base weights: each decoded "
+        True, description="Generate with LoRA/DoRA adapters merged into the base weights: each decoded "
         "token then costs what the base model's does, instead of two extra small products per adapted layer "
         "(perplexity is always taken with the adapters unmerged). With bf16 base weights the merged weights are "
         "rounded to bf16, so greedy answers differ in detail from the adapters' (FAQ recipe: 10 of 50 answers "
         "identical, ROUGE-L 0.1570 → 0.1551, BLEU 3.40 → 3.57, generation 2.9x faster); set false to generate "
         "exactly as `tuneloop serve` does, through the adapters.",
+        json_schema_extra=only("sft"),
     )
     max_test_examples: int | None = Field(
-        None, ge=1, description="(sft) Generate for at most this many test records (the first N), to bound time.",
+        None, ge=1, description="Generate for at most this many test records (the first N), to bound time.",
+        json_schema_extra=only("sft"),
     )
 
 
@@ -224,7 +265,7 @@ class SweepConfig(Section):
 
 class Recipe(Section):
     name: str = Field(description="Short name; runs are stored as `<workspace>/runs/<name>-<time>`.")
-    task: Literal["classify", "regress", "sft"] = Field(
+    task: Task = Field(
         "classify", description="What is learned: `classify` (text → label), `regress` (text → number), "
         "`sft` (chat records → assistant answers).",
     )
@@ -249,11 +290,65 @@ class Recipe(Section):
             raise ValueError("data.labels: need at least two distinct labels")
         return self
 
+    @model_serializer(mode="wrap")
+    def _task_keys_only(self, handler) -> dict[str, Any]:
+        # A dump holds only the keys this task reads, so a stored run recipe, a sweep trial or the MLflow
+        # params never carry another task's defaults (which would read back as keys set for the wrong task).
+        out = handler(self)
+        for name in _SECTIONS:
+            part = out.get(name)
+            if isinstance(part, dict):
+                fields = type(getattr(self, name)).model_fields
+                out[name] = {k: v for k, v in part.items() if k not in fields or self.task in field_tasks(fields[k])}
+        return out
+
     def resolve_path(self, p: str) -> str:
         if ":" in p.split("/")[0] or os.path.isabs(p) or self.source_dir is None:
             return p
         here = (Path(self.source_dir) / p).resolve()
         return str(here) if here.exists() or not Path(p).exists() else str(Path(p).resolve())
+
+
+_SECTIONS = tuple(n for n, f in Recipe.model_fields.items()
+                  if isinstance(f.annotation, type) and issubclass(f.annotation, Section))
+
+
+def key_field(key: str):
+    """The field declared for a dotted recipe key (`train.packing`), or None when there is none."""
+    cls: Any = Recipe
+    field = None
+    for part in key.split("."):
+        field = getattr(cls, "model_fields", {}).get(part)
+        if field is None:
+            return None
+        cls = field.annotation
+    return field
+
+
+def task_key_errors(recipe: Recipe, where: str = "recipe") -> list[str]:
+    """One line per key the recipe sets (in its YAML, --set or a sweep space) that its task does not read.
+    Keys left at their defaults never count."""
+    lines = []
+
+    def used_by(key: str, field) -> None:
+        tasks = field_tasks(field)
+        if recipe.task not in tasks:
+            lines.append(f"{where}: {key}: not used by task {recipe.task} (used by: {', '.join(tasks)})")
+
+    for name in ("name", "task", "model", *_SECTIONS):
+        if name not in recipe.model_fields_set:
+            continue
+        used_by(name, Recipe.model_fields[name])
+        part = getattr(recipe, name)
+        if isinstance(part, Section):
+            for sub, field in type(part).model_fields.items():
+                if sub in part.model_fields_set:
+                    used_by(f"{name}.{sub}", field)
+    for key in recipe.sweep.space:
+        field = key_field(key)
+        if field is not None:  # an unknown key is the sweep's own error (it lists what is searchable)
+            used_by(f"sweep.space: {key}", field)
+    return lines
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -340,6 +435,9 @@ def recipe_from_dict(
         recipe = Recipe.model_validate(doc)
     except ValidationError as e:
         raise ConfigError(format_validation_error(e, where)) from None
+    unused = task_key_errors(recipe, where)
+    if unused:
+        raise ConfigError("\n".join(unused))
     recipe.source_dir = source_dir
     # Store data paths absolute, so the copy of the recipe saved in a run folder still finds them.
     recipe.data.train = recipe.resolve_path(recipe.data.train)
@@ -352,16 +450,29 @@ def recipe_to_yaml(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
 
 
-def explain(model: type[BaseModel] = Recipe, prefix: str = "") -> list[tuple[str, str, str, str]]:
-    """(key, type, default, doc) for every key: the CLI's `recipe keys` help comes from the schema."""
+class KeyDoc(NamedTuple):
+    key: str
+    type: str
+    default: str
+    doc: str
+    tasks: tuple[str, ...]
+
+
+def explain(model: type[BaseModel] = Recipe, prefix: str = "", task: str | None = None) -> list[KeyDoc]:
+    """Every key with its type, default, doc and the tasks that read it (only those `task` reads, when
+    given): the CLI's `recipe keys` help comes from the schema."""
+    if task is not None and task not in TASKS:
+        raise ConfigError(f"--task {task!r}: unknown task (known: {', '.join(TASKS)})")
     rows = []
     for name, field in model.model_fields.items():
         if name == "source_dir":
             continue
         ann = field.annotation
         key = f"{prefix}{name}"
+        if task is not None and task not in field_tasks(field):
+            continue
         if isinstance(ann, type) and issubclass(ann, BaseModel):
-            rows.extend(explain(ann, key + "."))
+            rows.extend(explain(ann, key + ".", task))
             continue
         if field.is_required():
             default = "(required)"
@@ -370,5 +481,5 @@ def explain(model: type[BaseModel] = Recipe, prefix: str = "") -> list[tuple[str
         else:
             default = repr(field.default)
         type_name = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
-        rows.append((key, type_name, default, field.description or ""))
+        rows.append(KeyDoc(key, type_name, default, field.description or "", field_tasks(field)))
     return rows
