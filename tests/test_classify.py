@@ -47,7 +47,7 @@ def test_train_writes_a_complete_run_folder_and_loss_falls(recipe, tmp_path):
               "model/adapter_config.json"):
         assert (run_dir / f).exists(), f
     assert not list(run_dir.glob(".*tmp"))  # atomic writes leave no temp folders behind
-    hist = json.loads((run_dir / "history.json").read_text())
+    hist = json.loads((run_dir / "history.json").read_text())["train"]  # one shape for every task
     first = sum(h["loss"] for h in hist[:4]) / 4
     last = sum(h["loss"] for h in hist[-4:]) / 4
     assert last < 0.5 * first, (first, last)
@@ -91,7 +91,7 @@ def test_frozen_layer_cache_changes_no_result(recipe, tmp_path):
         r = recipe(cache_frozen=cached)
         r.method.top_layers = 1
         run_dir, m = train_run(r, tmp_path / f"ws{cached}", show_progress=False)
-        runs[cached] = ([h["loss"] for h in json.loads((run_dir / "history.json").read_text())], m)
+        runs[cached] = ([h["loss"] for h in json.loads((run_dir / "history.json").read_text())["train"]], m)
     (with_cache, m_on), (without, m_off) = runs[True], runs[False]
     assert m_on["frozen_cache_bytes"] > 0 and m_off["frozen_cache_bytes"] is None
     assert len(with_cache) == len(without) == 48
@@ -107,7 +107,7 @@ def test_frozen_layer_cache_stays_off_for_one_epoch_or_all_layers(recipe, tmp_pa
 
 def test_eval_reads_as_far_as_eval_max_length_and_serving_follows(recipe, tmp_path, monkeypatch):
     from tuneloop.eval import compare
-    from tuneloop.train.classify import load_trained
+    from tuneloop.runs import load_for_inference
 
     r = recipe(max_steps=2)
     r.eval.max_length = 48
@@ -122,4 +122,4 @@ def test_eval_reads_as_far_as_eval_max_length_and_serving_follows(recipe, tmp_pa
     monkeypatch.setattr(compare, "predict_classifier", spy)
     evaluate_classify(run_dir, systems=["tuned"], show_progress=False, print_results=False)
     assert seen == [48]  # training read 32
-    assert load_trained(run_dir)[0].input_max_length == 48
+    assert load_for_inference(run_dir).input.max_length == 48
