@@ -34,7 +34,7 @@ def train(workspace: Path, cached: bool, args) -> tuple[dict, list[float]]:
            "--set", f"method.top_layers={args.top_layers}", "--set", f"train.cache_frozen={str(cached).lower()}"]
     subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     [run] = list((workspace / "runs").iterdir())
-    history = json.loads((run / "history.json").read_text())
+    history = json.loads((run / "history.json").read_text())["train"]
     return json.loads((run / "train_metrics.json").read_text()), [h["loss"] for h in history]
 
 

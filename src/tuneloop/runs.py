@@ -29,7 +29,7 @@ import os
 import re
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -172,7 +172,7 @@ def input_spec(recipe: "Recipe") -> InputSpec:
                          truncate=dc.truncate, max_length=max_length)
     if recipe.task == "regress":
         return InputSpec(template=dc.template, max_length=max_length)
-    return InputSpec(as_chat=True, system_prompt=dc.system_prompt, max_length=max_length)
+    return InputSpec(as_chat=True, max_length=max_length)  # sft: the conversation carries its own turns
 
 
 def _now() -> str:
@@ -206,6 +206,8 @@ def weights_sha256(model_path: str | os.PathLike) -> str | None:
         with f.open("rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 22), b""):
                 h.update(chunk)
+    # entries of folders that are gone (temporary models, deleted runs) are dropped as new ones come
+    cache = {k: v for k, v in cache.items() if Path(k.split("|", 1)[0]).is_dir()}
     cache[key] = h.hexdigest()
     try:
         write_json_atomic(cache_file, cache)
@@ -328,10 +330,6 @@ class Run:
     def is_adapter(self) -> bool:
         return is_adapter(self.model_dir)
 
-    def path(self, name: str) -> Path:
-        """A file of the run by its name (one of this module's constants)."""
-        return self.dir / name
-
     @property
     def train_metrics(self) -> dict:
         f = self.dir / TRAIN_METRICS
@@ -350,7 +348,6 @@ class Run:
         except NotFoundError as e:
             raise NotFoundError(f"{self.dir}: its base model {self.info.base_model!r} is not on this machine "
                                 f"({e})") from None
-
 
     def tokenizer_path(self) -> str:
         """sft saves the tokenizer it trained with beside the adapter; the heads read the base's."""
@@ -405,7 +402,6 @@ class Loaded:
     input: InputSpec
     labels: list[str] | None = None
     target: TargetScale | None = None
-    extra: dict = field(default_factory=dict)
 
     @property
     def autocast(self) -> bool:

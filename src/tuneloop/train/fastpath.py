@@ -1,16 +1,12 @@
 """The speed levers of the training recipes, each measured by bench/train_throughput.py.
 
-1. `cpu_attention` (infer/attention.py, shared with inference): attention as two bf16 matrix products and
-   a softmax. On CPU, PyTorch's fused (flash) SDPA kernel runs bf16 at a fraction of the matmul peak: for SmolLM2 at 4x512 tokens it took a
-   third of a LoRA step (torch.profiler), while the same attention written as `q @ k.T`, softmax, `@ v`
-   goes through oneDNN's bf16 GEMM and is 2-3x faster forward and backward. The price is the T x T score
-   matrix kept for backward, so it is used up to `MAX_MATMUL_TOKENS` and falls back to SDPA beyond.
+1. `cpu_attention` and `keep_adapter_inputs_bf16`: the GEMM attention for bf16 on CPU and the switched-off
+   fp32 cast of adapter inputs. Inference uses them too, so they live in infer/attention.py (its module doc
+   says what each saves); the recipes reach them here.
 2. `linear_cross_entropy`: the LM loss computed only on the positions that carry a label, in chunks, with
    the gradient taken in the forward pass (as Liger's fused linear cross-entropy does on GPU). The full
    B x T x 49k fp32 logits never exist, and no log-softmax backward runs over them.
-3. `keep_adapter_inputs_bf16` (infer/attention.py): PEFT casts each LoRA input to the adapter's fp32 dtype;
-   under bf16 autocast the matmul casts it straight back. Turning the cast off removes two full-activation copies per
-   adapted Linear, forward and backward, and changes no result (autocast computes in bf16 either way).
+3. `compile_blocks` (regional torch.compile) and `FrozenPrefixCache` (frozen bottom blocks run once).
 
 Why not a library: Liger-Kernel's fused linear cross-entropy is Triton (GPU only), and transformers has no
 CPU attention that uses the GEMM path for bf16; both are small, and each is checked against the reference
@@ -23,7 +19,6 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
-# The attention and bf16 levers live with inference, which uses them too; training reaches them here.
 from ..infer.attention import (  # noqa: F401
     ATTENTION_NAME,
     MAX_MATMUL_TOKENS,
