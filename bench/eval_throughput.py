@@ -37,10 +37,12 @@ def build_run(run_dir: Path) -> None:
     """A classify run folder from the quickstart recipe with an untrained adapter (no training needed)."""
     import torch
 
-    from tuneloop.config import load_recipe, recipe_to_yaml
-    from tuneloop.fileio import atomic_dir, write_json_atomic, write_text_atomic
-    from tuneloop.train.classify import build_classifier, load_tokenizer
-    from tuneloop.train.common import device, pick_dtype
+    from tuneloop.config import load_recipe
+    from tuneloop.fileio import atomic_dir
+    from tuneloop.infer.device import device, pick_dtype
+    from tuneloop.infer.encode import load_tokenizer
+    from tuneloop.runs import MODEL, Fingerprints, finish_run, write_recipe
+    from tuneloop.train.classify import build_classifier
     from tuneloop.zoo import resolve_model
 
     recipe = load_recipe(ROOT / "recipes" / "quickstart-reviews.yaml")
@@ -52,19 +54,19 @@ def build_run(run_dir: Path) -> None:
     torch.manual_seed(0)
     prompt_end = "\n" if recipe.data.as_chat else recipe.data.input_template
     model = build_classifier(path, labels, recipe.method, dtype, tok.pad_token_id, words, prompt_end)
-    with atomic_dir(run_dir / "model") as tmp:
+    with atomic_dir(run_dir / MODEL) as tmp:
         model.save_pretrained(tmp)
-    write_json_atomic(run_dir / "labels.json", labels)
-    write_json_atomic(run_dir / "train_metrics.json", {"model_path": path, "base_model": recipe.model,
-                                                       "dtype": str(dtype).replace("torch.", "")})
-    write_text_atomic(run_dir / "recipe.yaml", recipe_to_yaml(recipe))
+    write_recipe(run_dir, recipe)
+    finish_run(run_dir, recipe, {"model_path": path, "base_model": recipe.model,
+                                 "dtype": str(dtype).replace("torch.", "")},
+               model_path=path, labels=labels, fingerprints=Fingerprints())
 
 
 def load_reviews(run_dir: Path, n: int) -> list[str]:
-    from tuneloop.config import load_recipe
     from tuneloop.data.validate import load_classification
+    from tuneloop.runs import open_run
 
-    recipe = load_recipe(run_dir / "recipe.yaml")
+    recipe = open_run(run_dir).recipe
     dc = recipe.data
     test = load_classification(recipe.resolve_path(dc.test), dc.text_field, dc.label_field, dc.labels, dc.format)
     return [r.text for r in test.records][:n]
@@ -93,10 +95,9 @@ def main() -> None:
     from rich.table import Table
     from transformers import AutoModelForSequenceClassification
 
-    from tuneloop.config import load_recipe
-    from tuneloop.eval.predict import predict_classifier
-    from tuneloop.train.classify import encode_texts, load_trained
-    from tuneloop.train.fastpath import keep_adapter_inputs_bf16
+    from tuneloop.infer.encode import encode_texts
+    from tuneloop.infer.predict import predict_classifier
+    from tuneloop.runs import load_for_inference, open_run
 
     console = Console()
     torch.set_num_threads(args.threads)
@@ -107,27 +108,28 @@ def main() -> None:
         run_dir = Path(tmp.name) / "run"
         console.print("building an untrained classifier from recipes/quickstart-reviews.yaml")
         build_run(run_dir)
-    recipe = load_recipe(run_dir / "recipe.yaml")
+    run = open_run(run_dir)
     texts = load_reviews(run_dir, args.n)
-    max_length, batch = recipe.eval.max_length or recipe.train.max_length, 32  # as `tuneloop eval` reads
+    spec, batch = run.info.input, 32  # as `tuneloop eval` reads
+    max_length = spec.max_length
 
     # ---- tuneloop: what `tuneloop eval` runs
-    model, tok, labels, dtype = load_trained(run_dir)
-    if dtype == torch.bfloat16:
-        keep_adapter_inputs_bf16(model)
-    predict_classifier(model, tok, texts[:batch], batch, max_length, dtype, show_progress=False)  # warm-up
+    loaded = load_for_inference(run)
+    model, tok, labels, dtype = loaded.model, loaded.tokenizer, loaded.labels, loaded.dtype
+    how = {"template": spec.template, "as_chat": spec.as_chat, "system": spec.system_prompt,
+           "truncate": spec.truncate}
+    predict_classifier(model, tok, texts[:batch], batch, max_length, dtype, show_progress=False, **how)  # warm-up
     t_ours, p_ours = timed(lambda: predict_classifier(model, tok, texts, batch, max_length, dtype,
-                                                      show_progress=False), args.repeats)
-    enc = encode_texts(tok, texts, max_length, model.input_template, model.input_as_chat, model.input_system_prompt)
-    del model
+                                                      show_progress=False, **how), args.repeats)
+    enc = encode_texts(tok, texts, max_length, spec.template, spec.as_chat, spec.system_prompt)
+    del model, loaded
 
     # ---- plain: the loop a user writes first
-    metrics = json.loads((run_dir / "train_metrics.json").read_text())
     base = AutoModelForSequenceClassification.from_pretrained(
-        metrics["model_path"], num_labels=len(labels), id2label=dict(enumerate(labels)),
+        run.base_model_path(), num_labels=len(labels), id2label=dict(enumerate(labels)),
         label2id={l: i for i, l in enumerate(labels)})
     base.config.pad_token_id = tok.pad_token_id
-    plain = PeftModel.from_pretrained(base, str(run_dir / "model")).eval()
+    plain = PeftModel.from_pretrained(base, str(run.model_dir)).eval()
 
     def plain_loop(autocast: bool):
         out = []

@@ -47,7 +47,7 @@ def test_train_writes_a_complete_run_folder_and_loss_falls(recipe, tmp_path):
               "model/adapter_config.json"):
         assert (run_dir / f).exists(), f
     assert not list(run_dir.glob(".*tmp"))  # atomic writes leave no temp folders behind
-    hist = json.loads((run_dir / "history.json").read_text())["train"]
+    hist = json.loads((run_dir / "history.json").read_text())["train"]  # one shape for every task
     first = sum(h["loss"] for h in hist[:4]) / 4
     last = sum(h["loss"] for h in hist[-4:]) / 4
     assert last < 0.5 * first, (first, last)
@@ -107,7 +107,7 @@ def test_frozen_layer_cache_stays_off_for_one_epoch_or_all_layers(recipe, tmp_pa
 
 def test_eval_reads_as_far_as_eval_max_length_and_serving_follows(recipe, tmp_path, monkeypatch):
     from tuneloop.eval import compare
-    from tuneloop.train.classify import load_trained
+    from tuneloop.runs import load_for_inference
 
     r = recipe(max_steps=2)
     r.eval.max_length = 48
@@ -122,7 +122,7 @@ def test_eval_reads_as_far_as_eval_max_length_and_serving_follows(recipe, tmp_pa
     monkeypatch.setattr(compare, "predict_classifier", spy)
     evaluate_classify(run_dir, systems=["tuned"], show_progress=False, print_results=False)
     assert seen == [48]  # training read 32
-    assert load_trained(run_dir)[0].input_max_length == 48
+    assert load_for_inference(run_dir).input.max_length == 48
 
 
 def test_validation_split_is_stratified_deterministic_and_off_at_zero():
@@ -145,7 +145,7 @@ def test_validation_early_stop_keeps_the_best_checkpoint(recipe, tmp_path):
     about overfitting, and `model/` holds the best validation weights, not the last."""
     import random
 
-    from tuneloop.train.classify import load_trained
+    from tuneloop.runs import load_for_inference
 
     rng = random.Random(3)
     data = tmp_path / "noise.jsonl"
@@ -162,4 +162,4 @@ def test_validation_early_stop_keeps_the_best_checkpoint(recipe, tmp_path):
     # the saved weights score exactly the best validation loss
     assert m["val_loss"] == pytest.approx(m["best_val_loss"], abs=1e-6)
     assert (run_dir / "loss.png").exists() and not (run_dir / "checkpoints").exists()
-    assert load_trained(run_dir)[2] == ["bad", "good"]
+    assert load_for_inference(run_dir).labels == ["bad", "good"]

@@ -7,7 +7,6 @@ the training contract, plus a classification run. A live uvicorn server on loopb
 from __future__ import annotations
 
 import asyncio
-import json
 import socket
 import threading
 import time
@@ -26,6 +25,19 @@ from tuneloop.serve.launch import build_engine, is_loopback, parse_models, serve
 CHAT = [{"role": "user", "content": "Name a fruit."}]
 
 
+def _write_run(base_dir: Path, run: Path, task: str, labels: list[str] | None = None) -> None:
+    """The run files a finished run has, written the way the recipes write them (runs.py)."""
+    from tuneloop.config import recipe_from_dict
+    from tuneloop.runs import Fingerprints, finish_run, write_recipe
+
+    recipe = recipe_from_dict({"name": run.name, "task": task, "model": str(base_dir),
+                               "data": {"train": str(run / "train.jsonl")}})
+    write_recipe(run, recipe)
+    finish_run(run, recipe, {"task": task, "method": "lora", "base_model": str(base_dir),
+                             "model_path": str(base_dir), "dtype": "float32"},
+               model_path=str(base_dir), labels=labels, fingerprints=Fingerprints())
+
+
 def _lora_run(base_dir: Path, run: Path, seed: int) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
@@ -37,10 +49,7 @@ def _lora_run(base_dir: Path, run: Path, seed: int) -> Path:
         if "lora_B" in n:  # fresh LoRA is a no-op (B = 0); random B makes the adapters really differ
             p.data = torch.randn(p.shape, generator=g) * 2
     pm.save_pretrained(run / "model")
-    (run / "recipe.yaml").write_text("task: sft\n")
-    (run / "train_metrics.json").write_text(json.dumps(
-        {"task": "sft", "method": "lora", "base_model": str(base_dir), "model_path": str(base_dir),
-         "dtype": "float32"}))
+    _write_run(base_dir, run, "sft")
     return run
 
 
@@ -54,11 +63,7 @@ def _classify_run(base_dir: Path, run: Path) -> Path:
     model.config.pad_token_id = 0
     pm = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["q_proj"]))
     pm.save_pretrained(run / "model")
-    (run / "labels.json").write_text(json.dumps(labels))
-    (run / "recipe.yaml").write_text("task: classify\n")
-    (run / "train_metrics.json").write_text(json.dumps(
-        {"task": "classify", "method": "lora", "base_model": str(base_dir), "model_path": str(base_dir),
-         "dtype": "float32"}))
+    _write_run(base_dir, run, "classify", labels)
     return run
 
 

@@ -77,7 +77,7 @@ def test_regress_trains_and_reports_real_units(tmp_path, tiny_llama_dir):
     report = evaluate_regress(run_dir, show_progress=False)
     assert set(report["systems"]) >= {"tuned", "seasonal_naive"}
     assert report["systems"]["seasonal_naive"]["n"] == len(test)
-    preds = [p["pred"] for p in report["predictions"]]
+    preds = [p["value"] for p in report["predictions"]["tuned"].values()]  # the one report schema
     assert all(500 < p < 2500 for p in preds), "predictions come back in real units"
 
 

@@ -78,43 +78,26 @@ def train(
 def eval_(
     run: Annotated[str, typer.Argument(help="Run folder (or its name under <workspace>/runs/).")],
     data: Annotated[Optional[str], typer.Option("--data", help="Test file (default: the recipe's data.test).")] = None,
-    systems: Annotated[Optional[str], typer.Option(help="Comma-separated: base,tuned,tfidf_logreg.")] = None,
+    systems: Annotated[Optional[str], typer.Option(help="Comma-separated, e.g. base,tuned,tfidf_logreg "
+                                                        "(classify), base,tuned (sft), tuned,seasonal_naive "
+                                                        "(regress).")] = None,
     text_field: Annotated[Optional[str], typer.Option(help="Text column in --data (default: the recipe's).")] = None,
     label_field: Annotated[Optional[str], typer.Option(help="Label column in --data (default: the recipe's).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Folder for report.json/html (default: the run folder).")] = None,
     workspace: Workspace = None,
     no_progress: NoProgress = False,
 ) -> None:
-    """Evaluate a run on a test file, side by side with the base model and a TF-IDF baseline."""
-    from .eval.compare import evaluate_classify
-    from .runs import find_run, workspace_path
+    """Evaluate a run on a test file, side by side with the base model and its baselines."""
+    from .eval.tasks import evaluate_run, evaluator_for
+    from .runs import open_run, workspace_path
 
-    run_dir = find_run(run, workspace_path(workspace))
-    task = _run_task(run_dir)
-    if task == "sft":
-        from .eval.textgen import evaluate_sft, print_sft_table
-
-        names = [s.strip() for s in systems.split(",")] if systems else None
-        for n in names or []:
-            if n not in ("base", "tuned"):
-                raise TuneloopError(f"--systems: unknown system {n!r} for sft (known: base, tuned)")
-        print_sft_table(evaluate_sft(run_dir, data, names, out, show_progress=not no_progress), console)
-        console.print(f"report: {(out or run_dir) / 'report.json'}")
-        return
-    if task == "regress":
-        from .eval.regression import evaluate_regress, print_regress_table
-
-        print_regress_table(evaluate_regress(run_dir, data, out, show_progress=not no_progress), console)
-        console.print(f"report: {(out or run_dir) / 'report.json'}")
-        return
+    opened = open_run(run, workspace_path(workspace))
     names = [s.strip() for s in systems.split(",")] if systems else None
-    known = {"base", "tuned", "tfidf_logreg"}
-    for n in names or []:
-        if n not in known:
-            raise TuneloopError(f"--systems: unknown system {n!r} (known: {', '.join(sorted(known))})")
-    report = evaluate_classify(run_dir, data, names, out, text_field, label_field, show_progress=not no_progress)
-    console.print(f"report: {(out or run_dir) / 'report.html'}")
-    _ = report
+    report = evaluate_run(opened, data, names, out, show_progress=not no_progress, text_field=text_field,
+                          label_field=label_field)
+    ev = evaluator_for(opened.task)
+    ev.print_table(report, console)
+    console.print(f"report: {(out or opened.dir) / ev.report_file}")
 
 
 @app.command()
@@ -147,16 +130,6 @@ def serve(
                log_responses=log_responses, admin_keys=admin_key or [],
                max_batch=max_batch, max_queue=max_queue, max_prompt_tokens=max_prompt_tokens,
                max_new_tokens=max_new_tokens, batch_window_ms=batch_window_ms)
-def _run_task(run_dir: Path) -> str:
-    import json
-
-    f = run_dir / "train_metrics.json"
-    if not f.exists():
-        raise TuneloopError(f"{run_dir}: training did not finish (no train_metrics.json); "
-                            f"`tuneloop train --resume {run_dir}` continues it")
-    return json.loads(f.read_text()).get("task", "classify")
-
-
 @app.command()
 def sweep(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML with a `sweep:` section (search space, metric).")],

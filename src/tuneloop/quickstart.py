@@ -17,6 +17,7 @@ RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "quickstart-reviews.y
 
 def run_quickstart(workspace: Path, overrides: list[str] | None = None, show_progress: bool = True) -> dict:
     from .eval.compare import evaluate_classify
+    from .runs import REPORT_HTML, REPORT_JSON, open_run
     from .tracking import log_to_mlflow
     from .train import train_run
 
@@ -32,7 +33,7 @@ def run_quickstart(workspace: Path, overrides: list[str] | None = None, show_pro
         f"{train_metrics['train_seconds']:.0f} s ({train_metrics['tokens_per_second']:.0f} tokens/s, "
         f"{train_metrics['trainable_params']:,} trainable parameters, {train_metrics['dtype']})"
     )
-    report = evaluate_classify(run_dir, show_progress=show_progress, print_results=False)
+    report = evaluate_classify(open_run(run_dir), show_progress=show_progress, print_results=False)
     report["wall_seconds"] = round(time.time() - t0, 2)
     from .eval.report import print_table, write_report
 
@@ -41,6 +42,6 @@ def run_quickstart(workspace: Path, overrides: list[str] | None = None, show_pro
     metrics = {f"{name}.{k}": v[k] for name, v in report["systems"].items() for k in ("accuracy", "macro_f1")}
     metrics["wall_seconds"] = report["wall_seconds"]
     log_to_mlflow(workspace, recipe.name, f"{run_dir.name}-eval", {"run": str(run_dir)}, metrics,
-                  artifacts=[run_dir / "report.json", run_dir / "report.html"], tags={"stage": "eval"})
-    console.print(f"report: {run_dir / 'report.html'}  ·  total {report['wall_seconds']:.0f} s")
+                  artifacts=[run_dir / REPORT_JSON, run_dir / REPORT_HTML], tags={"stage": "eval"})
+    console.print(f"report: {run_dir / REPORT_HTML}  ·  total {report['wall_seconds']:.0f} s")
     return report

@@ -38,6 +38,7 @@ def _suggest(trial, key: str, dim):
 def run_sweep(recipe: Recipe, workspace: Path, trials: int, show_progress: bool = True) -> dict:
     import optuna
 
+    from .runs import TRAIN_METRICS, open_run
     from .train import train_run
 
     _check_space(recipe)
@@ -53,10 +54,11 @@ def run_sweep(recipe: Recipe, workspace: Path, trials: int, show_progress: bool 
         for k, v in values.items():
             apply_override(doc, f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}")
         r = recipe_from_dict(doc, where=f"sweep trial {trial.number}", source_dir=recipe.source_dir)
-        run_dir, m = train_run(r, workspace, show_progress=show_progress)
+        run_dir, _ = train_run(r, workspace, show_progress=show_progress)
+        m = open_run(run_dir).train_metrics
         value = m.get(metric)
         if value is None or (isinstance(value, float) and math.isnan(value)):
-            raise ConfigError(f"sweep.metric: {metric!r} is not in the trial's train_metrics.json "
+            raise ConfigError(f"sweep.metric: {metric!r} is not in the trial's {TRAIN_METRICS} "
                               f"(has: {', '.join(k for k, v in m.items() if isinstance(v, (int, float)))})")
         rows.append({"trial": trial.number, **values, metric: value, "run": str(run_dir),
                      "seconds": m.get("wall_seconds")})

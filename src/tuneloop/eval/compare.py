@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import torch
 from rich.console import Console
 
-from ..config import Recipe, load_recipe
 from ..data.validate import load_classification, stratified_sample
-from ..train.classify import load_tokenizer, load_trained
-from ..train.fastpath import attention_for, keep_adapter_inputs_bf16
-from ..train.common import device, set_threads
-from ..zoo import resolve_model
+from ..errors import ConfigError
+from ..infer.attention import attention_for
+from ..infer.device import device, set_threads
+from ..infer.encode import load_tokenizer
+from ..infer.predict import predict_classifier
+from ..runs import Run, load_for_inference, open_run
 from .metrics import classification_metrics
-from .predict import predict_classifier, predict_zero_shot, tfidf_logreg
+from .predict import predict_zero_shot, tfidf_logreg
 from .report import print_table, write_report
+from .schema import Report, TestSet, headline, keyed, make_examples
+
+SYSTEMS = ("base", "tuned", "tfidf_logreg")
 
 console = Console(stderr=True)
 
@@ -37,7 +40,7 @@ def _base_is_generative(model_path: str) -> bool:
 
 
 def evaluate_classify(
-    run_dir: Path,
+    run_dir: "Path | Run",
     test_path: str | None = None,
     systems: list[str] | None = None,
     out_dir: Path | None = None,
@@ -47,43 +50,47 @@ def evaluate_classify(
     print_results: bool = True,
 ) -> dict:
     t0 = time.time()
-    recipe: Recipe = load_recipe(run_dir / "recipe.yaml")
+    run = open_run(run_dir)
+    recipe, run_dir = run.recipe, run.dir
     dc, ec = recipe.data, recipe.eval
     set_threads(recipe.train.threads)
-    labels = json.loads((run_dir / "labels.json").read_text())
+    labels = run.info.labels
     test_path = test_path or (recipe.resolve_path(dc.test) if dc.test else None)
     if test_path is None:
-        from ..errors import ConfigError
-
         raise ConfigError(f"{run_dir}: the recipe has no data.test; pass --data FILE")
     test = load_classification(test_path, text_field or dc.text_field, label_field or dc.label_field, labels, dc.format)
     texts = [r.text for r in test.records]
     gold = [r.label for r in test.records]
     systems = systems or list(ec.systems)
-    read_up_to = ec.max_length or recipe.train.max_length
+    for name in systems:
+        if name not in SYSTEMS:
+            raise ConfigError(f"unknown system {name!r} for classify (known: {', '.join(SYSTEMS)})")
+    spec = run.info.input
+    read_up_to = spec.max_length
     notes: list[str] = []
     results: dict[str, dict] = {}
-    train_metrics = json.loads((run_dir / "train_metrics.json").read_text())
+    per_example: dict[str, list[dict]] = {}
+    train_metrics = run.train_metrics
 
     for name in systems:
         ts = time.time()
         if name == "tuned":
-            model, tok, _, dtype = load_trained(run_dir)
-            if dtype == torch.bfloat16:
-                keep_adapter_inputs_bf16(model)  # predict_classifier runs under bf16 autocast
-            probs = predict_classifier(model, tok, texts, ec.batch_size, read_up_to, dtype,
-                                       show_progress)
+            tuned = load_for_inference(run)
+            probs = predict_classifier(tuned.model, tuned.tokenizer, texts, ec.batch_size, read_up_to, tuned.dtype,
+                                       show_progress, template=spec.template or "{text}", as_chat=spec.as_chat,
+                                       system=spec.system_prompt, truncate=spec.truncate)
             pred = [labels[i] for i in probs.argmax(-1).tolist()]
-            del model
+            conf = probs.max(-1).values.tolist()
+            del tuned
         elif name == "base":
-            model_path = resolve_model(recipe.model)
+            model_path = run.base_model_path()
             if not _base_is_generative(model_path):
                 notes.append(f"base: {recipe.model} is not a generative model; zero-shot scoring skipped")
                 continue
             from transformers import AutoModelForCausalLM
 
             dev = device()
-            dtype = getattr(torch, train_metrics.get("dtype", "float32"))
+            dtype = getattr(torch, run.info.dtype or "float32")
             model = AutoModelForCausalLM.from_pretrained(
                 model_path, dtype=dtype, attn_implementation=attention_for(dev, dtype)).to(dev).eval()
             tok = load_tokenizer(model_path)
@@ -93,6 +100,7 @@ def evaluate_classify(
                                       # the same system turn the tuned model reads
                                       system=dc.system_prompt if dc.as_chat else None)
             pred = [labels[i] for i in probs.argmax(-1).tolist()]
+            conf = probs.max(-1).values.tolist()
             del model
         elif name == "tfidf_logreg":
             train = load_classification(recipe.resolve_path(dc.train), dc.text_field, dc.label_field, labels, dc.format)
@@ -101,27 +109,32 @@ def evaluate_classify(
                 # The same records the tuned model saw: a fair comparison.
                 recs = stratified_sample(recs, dc.max_train_examples, recipe.train.seed)
             clf = tfidf_logreg([r.text for r in recs], [r.label for r in recs], recipe.train.seed)
-            pred = list(clf.predict(texts))
-        else:
-            from ..errors import ConfigError
-
-            raise ConfigError(f"unknown system {name!r} (known: base, tuned, tfidf_logreg)")
+            p = clf.predict_proba(texts)
+            pred = [str(c) for c in clf.classes_[p.argmax(-1)]]
+            conf = p.max(-1).tolist()
         m = classification_metrics(gold, pred, labels)
         m["wall_seconds"] = round(time.time() - ts, 2)
         m["records_per_second"] = round(len(texts) / max(1e-9, m["wall_seconds"]), 1)
         results[name] = m
+        per_example[name] = [{"label": l, "probability": float(c), "correct": l == g}
+                             for l, c, g in zip(pred, conf, gold)]
 
-    report = {
-        "title": f"{recipe.name}: base vs tuned vs classical baseline",
-        "run": str(run_dir),
-        "model": recipe.model,
-        "labels": labels,
-        "test": {"path": test_path, "n": len(texts), "fingerprint": test.fingerprint},
-        "train": train_metrics,
-        "systems": results,
-        "notes": notes,
-        "wall_seconds": round(time.time() - t0, 2),
-    }
+    examples = make_examples(texts, gold)
+    report = Report(
+        task="classify",
+        title=f"{recipe.name}: base vs tuned vs classical baseline",
+        run=str(run_dir),
+        model=recipe.model,
+        labels=labels,
+        test=TestSet(path=test_path, n=len(texts), fingerprint=test.fingerprint),
+        train=train_metrics,
+        systems=results,
+        headline=headline(results, "accuracy", "higher"),
+        examples=examples,
+        predictions={n: keyed(examples, ps) for n, ps in per_example.items()},
+        notes=notes,
+        wall_seconds=round(time.time() - t0, 2),
+    ).model_dump(mode="json")
     write_report(report, out_dir or run_dir)
     if print_results:
         print_table(report)

@@ -1,6 +1,6 @@
 """Predictions from the three kinds of system compared in every report.
 
-- `tuned`: a trained classifier run (batched, length-sorted, no gradient).
+- `tuned`: a trained classifier run (`infer.predict.predict_classifier`).
 - `base`: the untuned instruct model, zero-shot: each label word is scored by its log-likelihood as the
   assistant's answer to a prompt; the likeliest label wins.
 - `tfidf_logreg`: the classical baseline a data scientist would try first.
@@ -12,33 +12,9 @@ import torch
 from rich.console import Console
 from rich.progress import Progress
 
-from ..train.common import pad_batch, progress_columns, sorted_batches
+from ..infer.batching import pad_batch, progress_columns, sorted_batches
 
 console = Console(stderr=True)
-
-
-@torch.no_grad()
-def predict_classifier(model, tok, texts: list[str], batch_size: int, max_length: int, dtype: torch.dtype,
-                       show_progress: bool = True, desc: str = "eval tuned",
-                       template: str | None = None) -> torch.Tensor:
-    """Class probabilities, shape (len(texts), num_labels). `template` defaults to the one the run
-    was trained with (set on the model by `load_trained`)."""
-    from ..train.classify import encode_texts
-
-    dev = next(model.parameters()).device
-    enc = encode_texts(tok, texts, max_length, template or getattr(model, "input_template", "{text}"),
-                       getattr(model, "input_as_chat", False) if template is None else False,
-                       getattr(model, "input_system_prompt", None), getattr(model, "input_truncate", "end"))
-    probs = torch.zeros(len(texts), model.config.num_labels)
-    with Progress(*progress_columns(), console=console, disable=not show_progress) as progress:
-        task = progress.add_task(desc, total=len(texts), info="")
-        for idx in sorted_batches([len(e) for e in enc], batch_size):
-            ids, mask = pad_batch([enc[i] for i in idx], tok.pad_token_id)
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-                logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits
-            probs[idx] = logits.float().softmax(-1).cpu()
-            progress.update(task, advance=len(idx))
-    return probs
 
 
 def zero_shot_prompts(tok, texts: list[str], prompt: str, words: list[str], max_length: int,

@@ -4,18 +4,21 @@ same weekday one week earlier; for daily demand it is the forecast to beat)."""
 from __future__ import annotations
 
 import json
+import time
 from datetime import date, timedelta
 from pathlib import Path
 
-import torch
 from rich.console import Console
 from rich.table import Table
 
-from ..config import load_recipe
 from ..data.tabular import load_table
-from ..errors import DataError
-from ..fileio import write_json_atomic
-from ..train.common import device, set_threads
+from ..errors import ConfigError, DataError
+from ..infer.device import device, set_threads
+from ..infer.predict import predict_z
+from ..runs import TEST_RECORDS, Run, load_for_inference, open_run
+from .schema import Report, TestSet, headline, keyed, make_examples, write_report_json
+
+SYSTEMS = ("tuned", "seasonal_naive")
 
 
 def regression_metrics(y_true: list[float], y_pred: list[float]) -> dict:
@@ -36,31 +39,47 @@ def seasonal_naive(history: dict[str, float], days: list[str], season: int = 7) 
     return out
 
 
-def evaluate_regress(run_dir: Path, test_path: str | None = None, out_dir: Path | None = None,
-                     show_progress: bool = True) -> dict:
-    from ..train.regress import load_trained, predict_z
+def evaluate_regress(run_dir: "Path | Run", test_path: str | None = None, systems: list[str] | None = None,
+                     out_dir: Path | None = None, show_progress: bool = True) -> dict:
+    from ..data.chat import fingerprint
 
-    recipe = load_recipe(run_dir / "recipe.yaml")
+    t0 = time.time()
+    run = open_run(run_dir)
+    recipe, run_dir = run.recipe, run.dir
     dc = recipe.data
+    systems = systems or list(SYSTEMS)
+    for name in systems:
+        if name not in SYSTEMS:
+            raise ConfigError(f"unknown system {name!r} for regress (known: {', '.join(SYSTEMS)})")
     set_threads(recipe.train.threads)
     dev = device()
     if test_path:
+        source = test_path
         test = load_table(test_path, dc.value_field, dc.template, dc.text_field, dc.time_field, dc.lags)
     else:
-        f = run_dir / "test.jsonl"
+        f = run_dir / TEST_RECORDS
         if not f.exists() or not f.read_text().strip():
             raise DataError(f"{run_dir}: no test records (set data.test or data.test_ratio, or pass --data)")
+        source = str(f)
         test = [json.loads(l) for l in f.read_text().splitlines() if l.strip()]
         from ..data.records import Record
 
         test = [Record(text=t["text"], value=t["value"], meta={"time": t.get("time")}) for t in test]
-    model, tok, scale, dtype = load_trained(run_dir, dev)
-    enc = tok([r.text for r in test], truncation=True, max_length=recipe.train.max_length)["input_ids"]
-    z = predict_z(model, enc, tok.pad_token_id, recipe.eval.batch_size, dev, dtype == torch.bfloat16)
-    pred = [v * scale["std"] + scale["mean"] for v in z]
     y = [r.value for r in test]
-    systems = {"tuned": regression_metrics(y, pred)}
-    if dc.time_field:
+    examples = make_examples([r.text for r in test], y, [{"time": r.meta.get("time")} for r in test])
+    results: dict[str, dict] = {}
+    per_example: dict[str, list[dict | None]] = {}
+    pred: list[float] = []
+    if "tuned" in systems:
+        ts = time.time()
+        tuned = load_for_inference(run, dev)
+        enc = tuned.tokenizer([r.text for r in test], truncation=True, max_length=tuned.input.max_length)["input_ids"]
+        z = predict_z(tuned.model, enc, tuned.tokenizer.pad_token_id, recipe.eval.batch_size, dev, tuned.autocast)
+        pred = [v * tuned.target.std + tuned.target.mean for v in z]
+        results["tuned"] = regression_metrics(y, pred)
+        results["tuned"]["wall_seconds"] = round(time.time() - ts, 2)
+        per_example["tuned"] = [{"value": p, "abs_error": abs(p - t)} for p, t in zip(pred, y)]
+    if "seasonal_naive" in systems and dc.time_field:
         # The whole series (train and test) is the history the baseline may look back into.
         # (a constant template: only the values and dates matter here)
         series = load_table(dc.train, dc.value_field, "-", dc.text_field, dc.time_field, [], dc.format) \
@@ -70,18 +89,25 @@ def evaluate_regress(run_dir: Path, test_path: str | None = None, out_dir: Path 
         naive = seasonal_naive(hist, days)
         keep = [i for i, v in enumerate(naive) if v is not None]
         if keep:
-            systems["seasonal_naive"] = regression_metrics([y[i] for i in keep], [naive[i] for i in keep])
-            if len(keep) < len(y):  # the baseline skipped days without history: compare on the same days too
-                systems["tuned_same_days"] = regression_metrics([y[i] for i in keep], [pred[i] for i in keep])
-    report = {"task": "regress", "run": str(run_dir), "target": dc.value_field, "n": len(test),
-              "systems": systems,
-              "predictions": [{"time": r.meta.get("time"), "y": a, "pred": b} for r, a, b in zip(test, y, pred)]}
-    write_json_atomic(Path(out_dir or run_dir) / "report.json", report)
+            results["seasonal_naive"] = regression_metrics([y[i] for i in keep], [naive[i] for i in keep])
+            per_example["seasonal_naive"] = [None if v is None else {"value": v, "abs_error": abs(v - t)}
+                                             for v, t in zip(naive, y)]
+            if pred and len(keep) < len(y):  # the baseline skipped days without history: compare on the same days too
+                results["tuned_same_days"] = regression_metrics([y[i] for i in keep], [pred[i] for i in keep])
+                per_example["tuned_same_days"] = [per_example["tuned"][i] if naive[i] is not None else None
+                                                  for i in range(len(y))]
+    report = Report(
+        task="regress", title=f"{recipe.name}: {dc.value_field}, tuned vs seasonal naive", run=str(run_dir),
+        model=recipe.model, target=dc.value_field, systems=results, headline=headline(results, "mae", "lower"),
+        test=TestSet(path=source, n=len(test), fingerprint=fingerprint(test)), examples=examples,
+        predictions={n: keyed(examples, ps) for n, ps in per_example.items()}, train=run.train_metrics,
+        wall_seconds=round(time.time() - t0, 2)).model_dump(mode="json")
+    write_report_json(Report.model_validate(report), Path(out_dir or run_dir))
     return report
 
 
 def print_regress_table(report: dict, out: Console | None = None) -> None:
-    t = Table(title=f"{report['target']}: held-out rows (n={report['n']})")
+    t = Table(title=f"{report['target']}: held-out rows (n={report['test']['n']})")
     for c in ("system", "n", "MAE ↓", "RMSE ↓", "MAPE ↓", "R²"):
         t.add_column(c)
     for name, m in report["systems"].items():

@@ -10,7 +10,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from ..fileio import write_json_atomic, write_text_atomic
+from ..fileio import write_text_atomic
+from ..runs import REPORT_HTML
+from .schema import Report, write_report_json
 
 
 def print_table(report: dict, console: Console | None = None) -> None:
@@ -87,6 +89,7 @@ figure{{display:inline-block;margin:1rem}} .meta{{color:#555}}
 <p class="meta">run <code>{e(str(report.get('run', '')))}</code> · model <code>{e(str(report.get('model', '')))}</code>
  · test <code>{e(str(report['test']['path']))}</code> ({report['test']['n']} records)
  · total wall {report.get('wall_seconds', 0):.1f} s</p>
+{_headline_html(report)}
 <table><tr><th rowspan=2>system</th><th rowspan=2>accuracy</th><th rowspan=2>macro-F1</th>{head2}
 <th rowspan=2>wall s</th></tr><tr>{head3}</tr>{''.join(rows)}</table>
 <h2>Confusion matrices</h2>{''.join(plots)}
@@ -95,7 +98,18 @@ figure{{display:inline-block;margin:1rem}} .meta{{color:#555}}
 """
 
 
+def _headline_html(report: dict) -> str:
+    h = report.get("headline")
+    if not h:
+        return ""
+    e = html.escape
+    better = "higher" if h["direction"] == "higher" else "lower"
+    values = " · ".join(f"{e(n)} <b>{v:.4f}</b>" if v is not None else f"{e(n)} -" for n, v in h["values"].items())
+    return f'<p class="headline">{e(h["metric"])} ({better} is better): {values}</p>'
+
+
 def write_report(report: dict, out_dir: Path) -> tuple[Path, Path]:
-    j = write_json_atomic(out_dir / "report.json", report)
-    h = write_text_atomic(out_dir / "report.html", render_html(report))
+    """report.json (checked against the one schema) and report.html, each written atomically."""
+    j = write_report_json(Report.model_validate(report), out_dir)
+    h = write_text_atomic(Path(out_dir) / REPORT_HTML, render_html(report))
     return j, h

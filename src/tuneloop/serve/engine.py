@@ -33,6 +33,7 @@ from typing import Callable
 import torch
 
 from ..errors import ConfigError, NotFoundError, TuneloopError
+from ..runs import ADAPTER_CONFIG, RUN_INFO, Loaded, is_adapter, is_run_dir, load_for_inference, open_run
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 
@@ -89,12 +90,8 @@ class AdapterInfo:
     labels: list[str] | None = None
 
 
-@dataclass
-class ClassifierInfo:
-    model: object
-    tok: object
-    labels: list[str]
-    dtype: torch.dtype
+# What a run of each task is served as; a task missing here cannot be served.
+SERVED_AS = {"classify": "classify", "sft": "generate"}
 
 
 @dataclass
@@ -113,27 +110,23 @@ def read_run_info(path: Path) -> dict:
     path = Path(path).expanduser()
     if not path.is_dir():
         raise NotFoundError(f"{path}: no such folder")
-    if (path / "model").is_dir() and (path / "train_metrics.json").exists():
-        try:
-            metrics = json.loads((path / "train_metrics.json").read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path / 'train_metrics.json'}:{e.lineno}: not valid JSON ({e.msg})") from None
-        kind = "classify" if (path / "labels.json").exists() else "generate"
-        labels = json.loads((path / "labels.json").read_text()) if kind == "classify" else None
-        model_dir = path / "model"
-        if kind == "generate" and not (model_dir / "adapter_config.json").exists():
+    if is_run_dir(path):
+        run = open_run(path)
+        kind = SERVED_AS.get(run.task)
+        if kind is None:
+            raise ConfigError(f"{path}: a {run.task} run; serving knows {', '.join(sorted(SERVED_AS))} runs")
+        if kind == "generate" and not run.is_adapter:
             raise ConfigError(
-                f"{model_dir}: full fine-tuned weights, not a LoRA adapter; serve it as the base "
+                f"{run.model_dir}: full fine-tuned weights, not a LoRA adapter; serve it as the base "
                 f"(tuneloop serve --model {path})"
             )
-        return {"kind": kind, "adapter_dir": model_dir, "labels": labels, "run_dir": path,
-                "base_model": metrics.get("base_model"), "model_path": metrics.get("model_path")}
-    if (path / "adapter_config.json").exists():
-        cfg = json.loads((path / "adapter_config.json").read_text())
-        return {"kind": "generate", "adapter_dir": path, "labels": None, "run_dir": None,
+        return {"kind": kind, "adapter_dir": run.model_dir, "labels": run.info.labels, "run_dir": path, "run": run,
+                "base_model": run.info.base_model, "model_path": run.info.model_path}
+    if is_adapter(path):
+        cfg = json.loads((path / ADAPTER_CONFIG).read_text())
+        return {"kind": "generate", "adapter_dir": path, "labels": None, "run_dir": None, "run": None,
                 "base_model": cfg.get("base_model_name_or_path"), "model_path": cfg.get("base_model_name_or_path")}
-    raise NotFoundError(f"{path}: neither a run folder (model/ + train_metrics.json) nor a PEFT adapter folder "
-                        "(adapter_config.json)")
+    raise NotFoundError(f"{path}: neither a run folder ({RUN_INFO}) nor a PEFT adapter folder ({ADAPTER_CONFIG})")
 
 
 def _same_model(a: str | None, b: str) -> bool:
@@ -161,7 +154,7 @@ class Engine:
                  max_prompt_tokens: int = 2048, max_new_tokens: int = 512, device: torch.device | None = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from ..train.common import device as default_device
+        from ..infer.device import device as default_device
         from ..zoo import resolve_model
 
         self.device = device or default_device()
@@ -182,7 +175,7 @@ class Engine:
         self.max_positions = getattr(self.model.config, "max_position_embeddings", None) or 1 << 30
 
         self.adapters: dict[str, AdapterInfo] = {}
-        self.classifiers: dict[str, ClassifierInfo] = {}
+        self.classifiers: dict[str, Loaded] = {}
         self._refs: dict[str, int] = {}  # internal adapter → requests holding it
         self._retired: set[str] = set()  # internal adapters to delete once unreferenced
         self._ids = itertools.count(1)
@@ -319,15 +312,13 @@ class Engine:
         return new
 
     def _load_classifier(self, name: str, info: dict) -> AdapterInfo:
-        from ..train.classify import load_trained
-
-        model, tok, labels, dtype = load_trained(info["run_dir"], self.device)
+        loaded = load_for_inference(info["run"], self.device)
         new = AdapterInfo(name=name, internal="", path=str(info["run_dir"]), kind="classify",
-                          loaded_at=time.time(), labels=labels)
+                          loaded_at=time.time(), labels=loaded.labels)
         with self._lock:
             old = self.adapters.get(name)
             self.adapters[name] = new
-            self.classifiers[name] = ClassifierInfo(model, tok, labels, dtype)
+            self.classifiers[name] = loaded
         if old is not None and old.kind == "generate":
             self._retire(old.internal)
         return new
@@ -368,11 +359,13 @@ class Engine:
         clf = self.classifiers[name]
 
         def run():
-            from ..eval.predict import predict_classifier
+            from ..infer.predict import predict_classifier
 
-            probs = predict_classifier(clf.model, clf.tok, texts, batch_size=16,
-                                       max_length=max_length or getattr(clf.model, "input_max_length", 512),
-                                       dtype=clf.dtype, show_progress=False)
+            spec = clf.input
+            probs = predict_classifier(clf.model, clf.tokenizer, texts, batch_size=16,
+                                       max_length=max_length or spec.max_length, dtype=clf.dtype,
+                                       show_progress=False, template=spec.template or "{text}",
+                                       as_chat=spec.as_chat, system=spec.system_prompt, truncate=spec.truncate)
             return clf.labels, probs
 
         return self.call(run)
@@ -606,12 +599,12 @@ def _merge(a: _Batch, b: _Batch) -> _Batch:
 
 
 def _check_lora(adapter_dir: Path) -> None:
-    cfg = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    cfg = json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text())
     if cfg.get("peft_type") != "LORA":
-        raise ConfigError(f"{adapter_dir}/adapter_config.json: peft_type {cfg.get('peft_type')!r} cannot share a "
+        raise ConfigError(f"{adapter_dir}/{ADAPTER_CONFIG}: peft_type {cfg.get('peft_type')!r} cannot share a "
                           "mixed-adapter batch; only LoRA adapters are served over the shared base")
     if cfg.get("use_dora"):
-        raise ConfigError(f"{adapter_dir}/adapter_config.json: use_dora: DoRA adapters cannot share a mixed batch "
+        raise ConfigError(f"{adapter_dir}/{ADAPTER_CONFIG}: use_dora: DoRA adapters cannot share a mixed batch "
                           "(PEFT limitation); merge it into full weights and serve those as the base")
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 from pathlib import Path
 
 from ..errors import ConfigError, NotFoundError
+from ..runs import ADAPTER_CONFIG, MODEL, MODEL_CONFIG, is_adapter, is_run_dir, open_run
 from ..zoo import ZOO
-from .engine import _default_base_name, read_run_info, validate_name
+from .engine import _default_base_name, validate_name
 
 
 def is_loopback(host: str) -> bool:
@@ -44,11 +46,11 @@ def parse_models(specs: list[str], workspace: Path | None) -> tuple[tuple[str, s
         if target in ZOO and not p.is_dir():
             kind, path = "base", target
         elif p.is_dir():
-            if (p / "model" / "config.json").exists() and not (p / "model" / "adapter_config.json").exists():
-                kind, path = "base", str(p / "model")  # a full fine-tuning run: its weights are the base
-            elif (p / "adapter_config.json").exists() or (p / "train_metrics.json").exists():
+            if is_run_dir(p) and not is_adapter(p / MODEL) and (p / MODEL / MODEL_CONFIG).exists():
+                kind, path = "base", str(open_run(p).model_dir)  # a full fine-tuning run: its weights are the base
+            elif is_adapter(p) or is_run_dir(p):
                 kind, path = "adapter", str(p)
-            elif (p / "config.json").exists():
+            elif (p / MODEL_CONFIG).exists():
                 kind, path = "base", str(p)
             else:
                 raise NotFoundError(f"--model {spec}: {p} is neither a model folder, a run folder nor a PEFT adapter")
@@ -71,17 +73,20 @@ def parse_models(specs: list[str], workspace: Path | None) -> tuple[tuple[str, s
 
 
 def base_for(adapters: list[tuple[str, str]]) -> tuple[str, str]:
-    """With no base given, serve the one the first adapter was trained on."""
-    info = read_run_info(Path(adapters[0][1]))
-    for cand in (info["model_path"], info["base_model"]):
-        if cand and (Path(cand).expanduser().is_dir() or cand in ZOO):
-            return _default_base_name(info["base_model"] or cand), cand
-    raise NotFoundError(f"{adapters[0][1]}: its base model ({info['base_model']}) is not on this machine; "
-                        "give it with --model")
+    """With no base given, serve the one the first adapter was trained on (a run's base is found the one
+    way `Run.base_model_path` finds it)."""
+    path = Path(adapters[0][1]).expanduser()
+    if is_run_dir(path):
+        run = open_run(path)
+        return _default_base_name(run.info.base_model), run.base_model_path()
+    cand = json.loads((path / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    if cand and (Path(cand).expanduser().is_dir() or cand in ZOO):
+        return _default_base_name(cand), cand
+    raise NotFoundError(f"{adapters[0][1]}: its base model ({cand}) is not on this machine; give it with --model")
 
 
 def build_engine(specs: list[str], workspace: Path | None, dtype: str = "auto", **limits):
-    from ..train.common import device, pick_dtype
+    from ..infer.device import device, pick_dtype
     from .engine import Engine
 
     if not specs:

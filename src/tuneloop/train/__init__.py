@@ -12,9 +12,8 @@ from pathlib import Path
 from typing import Callable
 
 from ..config import Recipe
-from ..errors import ConfigError, NotFoundError
-from ..fileio import write_text_atomic
-from ..runs import new_run_dir
+from ..errors import ConfigError
+from ..runs import DATA, LOSS_PLOT, RECIPE, fail_run, new_run_dir, open_run, read_history, start_run
 
 
 def _classify(recipe: Recipe, run_dir: Path, show_progress: bool, resume: bool = False) -> dict:
@@ -67,31 +66,27 @@ def _is_main() -> bool:
 def _run(recipe: Recipe, run_dir: Path, workspace: Path, show_progress: bool, resume: bool) -> dict:
     if recipe.task not in RECIPES:
         raise ConfigError(f"task {recipe.task!r}: no recipe (known: {', '.join(sorted(RECIPES))})")
+    # run.json says running / failed / finished (each write atomic); the recipe's save section finishes it
+    if _is_main():
+        start_run(run_dir, recipe)
     try:
         metrics = RECIPES[recipe.task](recipe, run_dir, show_progress, resume)
-    except BaseException:
-        # Leave a marker rather than a folder that looks finished.
+    except BaseException as e:
+        # A folder that says it failed, rather than one that looks finished.
         if _is_main():
-            write_text_atomic(run_dir / "FAILED", "training did not finish\n")
+            fail_run(run_dir, recipe, e)
         raise
-    (run_dir / "FAILED").unlink(missing_ok=True)
     if not _is_main():
         return metrics
     from ..tracking import log_to_mlflow
+    from .common import log_history_to_mlflow
 
     numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     run_id = log_to_mlflow(workspace, recipe.name, run_dir.name, recipe.model_dump(mode="json"), numeric,
-                           artifacts=[run_dir / "recipe.yaml", run_dir / "data.json", run_dir / "loss.png"],
+                           artifacts=[run_dir / RECIPE, run_dir / DATA, run_dir / LOSS_PLOT],
                            tags={"stage": "train"})
-    hist = run_dir / "history.json"
-    if hist.exists():
-        import json
-
-        from .common import log_history_to_mlflow
-
-        h = json.loads(hist.read_text())
-        if isinstance(h, dict):
-            log_history_to_mlflow(workspace, run_id, h["train"], h["validation"])
+    h = read_history(run_dir)
+    log_history_to_mlflow(workspace, run_id, h["train"], h["validation"])
     return metrics
 
 
@@ -105,13 +100,8 @@ def train_run(recipe: Recipe, workspace: Path, show_progress: bool = True) -> tu
 
 def resume_run(run_dir: Path, workspace: Path, show_progress: bool = True) -> tuple[Path, dict]:
     """Continue an interrupted run from its last checkpoint, with the recipe it was started with."""
-    from ..config import load_recipe
-
-    run_dir = Path(run_dir)
-    if not (run_dir / "recipe.yaml").exists():
-        raise NotFoundError(f"{run_dir}: not a run folder (no recipe.yaml)")
-    if (run_dir / "train_metrics.json").exists():
-        raise ConfigError(f"{run_dir}: this run already finished; nothing to resume")
+    run = open_run(run_dir, workspace, finished=False)
+    if run.info.status == "finished":
+        raise ConfigError(f"{run.dir}: this run already finished; nothing to resume")
     # The run's copy has its data paths made absolute when it was written, so it stands on its own.
-    recipe = load_recipe(run_dir / "recipe.yaml")
-    return run_dir, _run(recipe, run_dir, workspace, show_progress, resume=True)
+    return run.dir, _run(run.recipe, run.dir, workspace, show_progress, resume=True)

@@ -8,7 +8,6 @@ validation), the label map, the loss history and plot, and the training metrics.
 
 from __future__ import annotations
 
-import json
 from contextlib import nullcontext
 import time
 from pathlib import Path
@@ -16,15 +15,17 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from ..config import Recipe, recipe_to_yaml
+from ..config import Recipe
 from ..data.chat import holdout
+from ..data.records import fingerprint
 from ..data.validate import load_classification, stratified_sample
-from ..fileio import atomic_dir, write_json_atomic, write_text_atomic
+from ..fileio import atomic_dir
+from ..infer.encode import encode_texts
+from ..runs import LOSS_PLOT, MODEL, Fingerprints, finish_run, write_data_info, write_history, write_recipe
 from ..zoo import resolve_model
 from .fastpath import FrozenPrefixCache, compile_blocks, find_blocks, first_trained_block, keep_adapter_inputs_bf16
 from .common import (
     load_tokenizer,
-    device,
     pad_batch,
     pick_dtype,
     plan_steps,
@@ -34,45 +35,9 @@ from .common import (
     set_threads,
     sorted_batches,
 )
-from .loop import finish, fit
+from .loop import fit
 
 console = Console(stderr=True)
-
-
-
-def chat_wrap(tok, template: str, system: str | None = None) -> str:
-    """`template` as the user turn of the tokenizer's chat template, up to where the assistant answers."""
-    if not getattr(tok, "chat_template", None):
-        from ..errors import ConfigError
-
-        raise ConfigError("data.as_chat: this model's tokenizer has no chat template")
-    sentinel = "\u2063TEXT\u2063"  # an invisible separator no real template contains
-    turns = [{"role": "system", "content": system}] if system else []
-    turns.append({"role": "user", "content": template.replace("{text}", sentinel)})
-    rendered = tok.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
-    return rendered.replace(sentinel, "{text}")
-
-
-def encode_texts(tok, texts: list[str], max_length: int, template: str = "{text}",
-                 as_chat: bool = False, system: str | None = None, truncate: str = "end") -> list[list[int]]:
-    """Token ids of `template` around each text; only the text is truncated, so the instruction around
-    it (and the question at the end, where a decoder reads its answer) always survives. `truncate`:
-    `end` keeps the start of a long text, `middle` its first and last halves."""
-    if as_chat:
-        template = chat_wrap(tok, template, system)
-    prefix, suffix = template.split("{text}")
-    pre = tok(prefix, add_special_tokens=False)["input_ids"] if prefix else []
-    suf = tok(suffix, add_special_tokens=False)["input_ids"] if suffix else []
-    room = max(1, max_length - len(pre) - len(suf))
-    if truncate == "middle":
-        head = room // 2
-        body = [ids if len(ids) <= room else ids[:head] + ids[len(ids) - (room - head):]
-                for ids in tok(texts, add_special_tokens=False)["input_ids"]]
-    else:
-        body = tok(texts, add_special_tokens=False, truncation=True, max_length=room)["input_ids"]
-    # BOS-style tokens the model expects, if any (a chat template writes its own).
-    special = [] if as_chat else tok("", add_special_tokens=True)["input_ids"]
-    return [special + pre + b + suf for b in body]
 
 
 def init_head_from_words(model, model_path: str, words: list[str], prompt_end: str = "\n") -> None:
@@ -234,7 +199,7 @@ def train_classifier(recipe: Recipe, run_dir: Path, show_progress: bool = True, 
         compile_blocks(model)
     cache = frozen_prefix_cache(model, tc, lengths, total_steps)
     if main and not resume:
-        write_text_atomic(run_dir / "recipe.yaml", recipe_to_yaml(recipe_for_run(recipe)))
+        write_recipe(run_dir, recipe_for_run(recipe))
 
     # ---- fit: the model's cross-entropy (a mean over my rows), weighted to my share of the global batch
     net = model  # the model itself, never its DDP wrapper: the cache's check runs on one process only
@@ -264,22 +229,19 @@ def train_classifier(recipe: Recipe, run_dir: Path, show_progress: bool = True, 
         cache.close()
 
     # ---- save: the best validation checkpoint when there was validation, else the last weights (each
-    # piece atomically; the folder is complete only once train_metrics.json exists)
+    # piece atomically; the folder is complete only once run.json says finished)
     val_loss = val_accuracy = None
     if enc_val:
         val_loss, val_accuracy = validation_scores(inner, enc_val, ys_val, tok.pad_token_id, recipe.eval.batch_size,
                                                    dev, use_autocast)
     if main:
-        with atomic_dir(run_dir / "model") as tmp:
+        with atomic_dir(run_dir / MODEL) as tmp:
             inner.save_pretrained(tmp)
-        write_json_atomic(run_dir / "labels.json", labels)
-        write_json_atomic(
-            run_dir / "data.json",
-            {"train": dc.train, "fingerprint": loaded.fingerprint, "records": len(loaded.records),
-             "used": len(train_recs), "val_records": len(val_recs), "labels": labels},
-        )
-        write_json_atomic(run_dir / "history.json", {"train": history, "validation": fitted.validations})
-        plot_losses(history, fitted.validations, run_dir / "loss.png")
+        write_data_info(run_dir, {"train": dc.train, "fingerprint": loaded.fingerprint,
+                                  "records": len(loaded.records), "used": len(train_recs),
+                                  "val_records": len(val_recs), "labels": labels})
+        write_history(run_dir, history, fitted.validations)
+        plot_losses(history, fitted.validations, run_dir / LOSS_PLOT)
     metrics = {
         "task": "classify",
         "method": recipe.method.name,
@@ -296,49 +258,9 @@ def train_classifier(recipe: Recipe, run_dir: Path, show_progress: bool = True, 
         "wall_seconds": round(time.time() - t0, 2),
     }
     if main:
-        write_json_atomic(run_dir / "train_metrics.json", metrics)
-    finish(acc, run_dir)
+        finish_run(run_dir, recipe_for_run(recipe), metrics, model_path=model_path, labels=labels,
+                   fingerprints=Fingerprints(train=fingerprint(train_recs),
+                                             validation=fingerprint(val_recs) if val_recs else None))
+    # finish_run removed the checkpoints on the main process; every process leaves together
+    acc.wait_for_everyone()
     return metrics
-
-
-def load_trained(run_dir: Path, dev: torch.device | None = None):
-    """(model, tokenizer, labels) of a finished classify run, ready for inference."""
-    from transformers import AutoModelForSequenceClassification
-
-    from .fastpath import attention_for
-
-    dev = dev or device()
-    labels = json.loads((run_dir / "labels.json").read_text())
-    metrics = json.loads((run_dir / "train_metrics.json").read_text())
-    model_path = metrics["model_path"]
-    if not Path(model_path).exists() and "/" not in model_path:
-        model_path = resolve_model(metrics["base_model"])
-    tok = load_tokenizer(model_path)
-    dtype = getattr(torch, metrics.get("dtype", "float32"))
-    mdir = run_dir / "model"
-    if (mdir / "adapter_config.json").exists():
-        from peft import PeftModel
-
-        base = AutoModelForSequenceClassification.from_pretrained(
-            model_path, num_labels=len(labels), id2label=dict(enumerate(labels)),
-            label2id={l: i for i, l in enumerate(labels)}, dtype=dtype,
-            attn_implementation=attention_for(dev, dtype),
-        )
-        base.config.pad_token_id = tok.pad_token_id
-        model = PeftModel.from_pretrained(base, str(mdir))
-    else:
-        model = AutoModelForSequenceClassification.from_pretrained(str(mdir))
-        model.config.pad_token_id = tok.pad_token_id
-    import yaml
-
-    recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8")) or {}
-    # Inference must read inputs exactly as training did.
-    data = recipe.get("data") or {}
-    model.input_template = data.get("input_template", "{text}")
-    model.input_as_chat = bool(data.get("as_chat", False))
-    model.input_truncate = data.get("truncate", "end")
-    model.input_system_prompt = data.get("system_prompt")
-    # ... and as far as the report measured it (`eval.max_length`, else the training length).
-    model.input_max_length = ((recipe.get("eval") or {}).get("max_length")
-                              or (recipe.get("train") or {}).get("max_length") or 256)
-    return model.to(dev).eval(), tok, labels, dtype

@@ -2,45 +2,22 @@
 
 from __future__ import annotations
 
-import os
 import random
 from typing import Iterator
 
 import numpy as np
 import torch
 
-
-def set_threads(threads: int | None) -> None:
-    n = threads or len(os.sched_getaffinity(0))
-    torch.set_num_threads(n)
+# Inference's building blocks, which the recipes use as they are.
+from ..infer.batching import pad_batch, progress_columns, sorted_batches  # noqa: F401
+from ..infer.device import bf16_supported, device, pick_dtype, set_threads  # noqa: F401
+from ..infer.encode import load_tokenizer  # noqa: F401
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
-def bf16_supported(dev: torch.device) -> bool:
-    if dev.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    # oneDNN reports whether the CPU has native bf16 dot products (AVX512-BF16 or AMX).
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except Exception:
-        return False
-
-
-def pick_dtype(precision: str, dev: torch.device) -> torch.dtype:
-    if precision == "fp32":
-        return torch.float32
-    if precision == "bf16" or (precision == "auto" and bf16_supported(dev)):
-        return torch.bfloat16
-    return torch.float32
 
 
 def length_bucketed_batches(
@@ -65,27 +42,6 @@ def length_bucketed_batches(
     return batches
 
 
-def sorted_batches(lengths: list[int], batch_size: int) -> Iterator[list[int]]:
-    """Evaluation order: longest first (memory peaks early, ETA is honest), no shuffling."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    for i in range(0, len(order), batch_size):
-        yield order[i : i + batch_size]
-
-
-def pad_batch(seqs: list[list[int]], pad_id: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for r, s in enumerate(seqs):
-        if left:
-            ids[r, width - len(s):] = torch.tensor(s)
-            mask[r, width - len(s):] = 1
-        else:
-            ids[r, : len(s)] = torch.tensor(s)
-            mask[r, : len(s)] = 1
-    return ids, mask
-
-
 def log_line(console, step: int, total: int, loss: float, tps: float, elapsed: float, every: int = 20) -> None:
     """Where no live bar can be drawn (logs, CI), a plain line about every 1/`every` of the run, with ETA."""
     if step % max(1, total // every) and step != total:
@@ -93,20 +49,6 @@ def log_line(console, step: int, total: int, loss: float, tps: float, elapsed: f
     eta = elapsed / max(1, step) * (total - step)
     console.print(f"step {step}/{total} · loss {loss:.4f} · {tps:,.0f} tok/s · "
                   f"elapsed {elapsed / 60:.1f} min · ETA {eta / 60:.1f} min", highlight=False)
-
-
-def progress_columns():
-    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    return (
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -142,7 +84,7 @@ def load_kwargs(method_name: str, dtype: torch.dtype) -> dict:
         return {"quantization_config": BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16), "dtype": torch.bfloat16, "device_map": {"": 0}}
-    from .fastpath import attention_for
+    from ..infer.attention import attention_for
 
     # Full fine-tuning keeps fp32 weights: bf16 master weights lose small updates.
     dtype = torch.float32 if method_name == "full" else dtype
@@ -204,16 +146,6 @@ def wrap_method(model, method, task_type: str, tokenizer_path: str | None = None
     return model
 
 
-def load_tokenizer(model_path: str):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_path)
-    if tok.pad_token_id is None:
-        # Decoders often ship without a pad token; any id works because padded positions are masked.
-        tok.pad_token = tok.eos_token
-    return tok
-
-
 def make_scheduler(optimizer, kind: str, warmup: int, total: int):
     from transformers import get_scheduler
 
@@ -255,16 +187,19 @@ def save_checkpoint(ckpt_dir, payload: dict) -> None:
     """One folder, replaced in one rename: a kill at any moment leaves the previous checkpoint intact."""
     from ..fileio import atomic_dir
 
+    from ..runs import CHECKPOINT_STATE
+
     with atomic_dir(ckpt_dir) as tmp:
-        torch.save(payload, tmp / "state.pt")
+        torch.save(payload, tmp / CHECKPOINT_STATE)
 
 
 def load_checkpoint(ckpt_dir) -> dict:
     from pathlib import Path
 
     from ..errors import NotFoundError
+    from ..runs import CHECKPOINT_STATE
 
-    path = Path(ckpt_dir) / "state.pt"
+    path = Path(ckpt_dir) / CHECKPOINT_STATE
     if not path.exists():
         raise NotFoundError(f"{ckpt_dir}: no checkpoint to resume from (was train.checkpoint_every set?)")
     # Our own file: it holds RNG states and optimizer state, which are not plain tensors.
@@ -394,7 +329,7 @@ class LoopState:
     process and waits for the others, so every process leaves the call at the same step."""
 
     def __init__(self, acc, model, groups: list[dict], tc, total_steps: int, run_dir, resume: bool, say):
-        from pathlib import Path
+        from ..runs import checkpoint_dir
 
         self.params = [p for g in groups for p in g["params"]]
         optimizer = torch.optim.AdamW(groups, lr=tc.lr, weight_decay=tc.weight_decay)
@@ -402,7 +337,7 @@ class LoopState:
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.inner = acc.unwrap_model(self.model)
         self.acc, self.grad_accum = acc, tc.grad_accum
-        self.ckpt_dir = Path(run_dir) / "checkpoints" / "last"
+        self.ckpt_dir = checkpoint_dir(run_dir)
         self.pos = {"step": 0, "epoch": 0, "batch_idx": 0, "micro": 0, "seen_tokens": 0}
         self.history: list[dict] = []
         self.watch = ValWatch(tc.patience, tc.overfit_window)

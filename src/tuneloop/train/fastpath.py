@@ -1,16 +1,12 @@
-"""The speed levers shared by the training recipes and evaluation, each measured by bench/train_throughput.py.
+"""The speed levers of the training recipes, each measured by bench/train_throughput.py.
 
-1. `cpu_attention`: attention as two bf16 matrix products and a softmax. On CPU, PyTorch's fused
-   (flash) SDPA kernel runs bf16 at a fraction of the matmul peak: for SmolLM2 at 4x512 tokens it took a
-   third of a LoRA step (torch.profiler), while the same attention written as `q @ k.T`, softmax, `@ v`
-   goes through oneDNN's bf16 GEMM and is 2-3x faster forward and backward. The price is the T x T score
-   matrix kept for backward, so it is used up to `MAX_MATMUL_TOKENS` and falls back to SDPA beyond.
+1. `cpu_attention` and `keep_adapter_inputs_bf16`: the GEMM attention for bf16 on CPU and the switched-off
+   fp32 cast of adapter inputs. Inference uses them too, so they live in infer/attention.py (its module doc
+   says what each saves); the recipes reach them here.
 2. `linear_cross_entropy`: the LM loss computed only on the positions that carry a label, in chunks, with
    the gradient taken in the forward pass (as Liger's fused linear cross-entropy does on GPU). The full
    B x T x 49k fp32 logits never exist, and no log-softmax backward runs over them.
-3. `keep_adapter_inputs_bf16`: PEFT casts each LoRA input to the adapter's fp32 dtype; under bf16
-   autocast the matmul casts it straight back. Turning the cast off removes two full-activation copies per
-   adapted Linear, forward and backward, and changes no result (autocast computes in bf16 either way).
+3. `compile_blocks` (regional torch.compile) and `FrozenPrefixCache` (frozen bottom blocks run once).
 
 Why not a library: Liger-Kernel's fused linear cross-entropy is Triton (GPU only), and transformers has no
 CPU attention that uses the GEMM path for bf16; both are small, and each is checked against the reference
@@ -23,120 +19,15 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
-ATTENTION_NAME = "tuneloop_cpu"
-# Above this many keys the T x T scores (kept for backward) cost more memory than the speed is worth.
-MAX_MATMUL_TOKENS = 2048
-IGNORE = -100
-
-
-def _allowed(attention_mask, is_causal: bool, tq: int, tk: int, device) -> torch.Tensor | None:
-    """Boolean mask broadcastable to (B, 1, 1, Tq, Tk): True where a query may see a key; None = all."""
-    if attention_mask is None:
-        if is_causal and tq > 1:
-            # aligned to the end: with a cache the Tq new queries are the last Tq of the Tk positions
-            return torch.ones(tq, tk, dtype=torch.bool, device=device).tril(tk - tq)
-        return None
-    if attention_mask.dtype == torch.bool:
-        return attention_mask[:, :, None, :, -tk:]
-    return attention_mask[:, :, None, :, -tk:] > torch.finfo(attention_mask.dtype).min / 2
-
-
-class _MatmulAttention(torch.autograd.Function):
-    """softmax(q k^T + mask) v with grouped heads, keeping only q, k, v for backward.
-
-    The probabilities are recomputed in backward (as flash attention does) instead of being stored: they
-    are the largest activation of a LoRA step (B x H x T x T, ~0.57 GB for 4 x 512 tokens on SmolLM2), and
-    recomputing them costs one more bf16 product per layer.
-    q: (B, Hkv, G*Tq, D), already scaled; k, v: (B, Hkv, Tk, D); allowed: see `_allowed`.
-    """
-
-    @staticmethod
-    def _probs(q, k, allowed, g: int):
-        b, hkv, gtq, _ = q.shape
-        scores = torch.matmul(q, k.transpose(-1, -2))
-        if allowed is not None:
-            # a fully masked row (a pad) gets the dtype minimum everywhere: uniform, not NaN
-            scores = scores.view(b, hkv, g, gtq // g, -1).masked_fill(~allowed, torch.finfo(scores.dtype).min)
-        # The CPU softmax accumulates reduced-precision inputs in fp32 internally.
-        return torch.softmax(scores, dim=-1).view(b, hkv, gtq, -1)
-
-    @staticmethod
-    def forward(ctx, q, k, v, allowed, g: int):
-        out = torch.matmul(_MatmulAttention._probs(q, k, allowed, g), v)
-        ctx.save_for_backward(q, k, v, allowed if allowed is not None else torch.empty(0))
-        ctx.g, ctx.masked = g, allowed is not None
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        q, k, v, allowed = ctx.saved_tensors
-        probs = _MatmulAttention._probs(q, k, allowed if ctx.masked else None, ctx.g)
-        grad_out = grad_out.to(q.dtype)
-        grad_v = torch.matmul(probs.transpose(-1, -2), grad_out)
-        grad_p = torch.matmul(grad_out, v.transpose(-1, -2))
-        # the softmax backward autograd itself would run (fp32 accumulation inside)
-        grad_s = torch.ops.aten._softmax_backward_data(grad_p, probs, -1, probs.dtype)
-        grad_q = torch.matmul(grad_s, k)
-        grad_k = torch.matmul(grad_s.transpose(-1, -2), q)
-        return grad_q, grad_k, grad_v, None, None
-
-
-def cpu_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
-                  is_causal: bool | None = None, **kwargs):
-    """transformers attention interface: query (B, H, Tq, D), key/value (B, Hkv, Tk, D) → (B, Tq, H, D).
-
-    Grouped-query attention without copying keys: the H query heads are viewed as Hkv groups of H/Hkv
-    heads stacked along the time axis, so one batched product serves each key/value head.
-    """
-    b, h, tq, d = query.shape
-    hkv, tk = key.shape[1], key.shape[2]
-    if (tk > MAX_MATMUL_TOKENS or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None
-            or (dropout and module.training)):
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
-    g = h // hkv
-    scale = scaling if scaling is not None else d ** -0.5
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    allowed = _allowed(attention_mask, causal, tq, tk, query.device)
-    # the scale goes on the queries (T x D) rather than the scores (T x T)
-    q = (query * scale).reshape(b, hkv, g * tq, d)
-    if torch.is_grad_enabled() and (q.requires_grad or key.requires_grad or value.requires_grad):
-        out = _MatmulAttention.apply(q, key, value, allowed, g)
-    else:
-        out = torch.matmul(_MatmulAttention._probs(q, key, allowed, g), value)
-    return out.view(b, h, tq, d).transpose(1, 2).contiguous(), None
-
-
-def register_attention() -> str:
-    """Make `attn_implementation="tuneloop_cpu"` known to transformers (its masks are SDPA's boolean masks)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(ATTENTION_NAME, cpu_attention)
-    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
-    return ATTENTION_NAME
-
-
-def attention_for(dev: torch.device, dtype: torch.dtype) -> str:
-    """The attention implementation to load a model with: the GEMM path for bf16 on CPU, SDPA elsewhere
-    (on CUDA, SDPA dispatches to fused flash / memory-efficient kernels)."""
-    if dev.type == "cpu" and dtype == torch.bfloat16:
-        return register_attention()
-    return "sdpa"
-
-
-def keep_adapter_inputs_bf16(model) -> int:
-    """Switch off PEFT's cast of each adapter input to fp32 (see the module doc); returns how many layers.
-
-    Only valid under bf16 autocast, which the recipes use whenever the frozen weights are bf16."""
-    n = 0
-    for m in model.modules():
-        if hasattr(m, "cast_input_dtype_enabled"):
-            m.cast_input_dtype_enabled = False
-            n += 1
-    return n
+from ..infer.attention import (  # noqa: F401
+    ATTENTION_NAME,
+    MAX_MATMUL_TOKENS,
+    attention_for,
+    cpu_attention,
+    keep_adapter_inputs_bf16,
+    register_attention,
+)
+from ..infer.encode import IGNORE
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -128,11 +128,3 @@ def fit(acc, model, groups: list[dict], tc, lengths: list[int], loss_fn: LossFn,
     return Fitted(inner, history, watch.points, metrics)
 
 
-def finish(acc, run_dir: Path) -> None:
-    """After the run's files are written: drop its checkpoints (nothing left to resume) and let every
-    process leave together."""
-    if acc.is_main_process:
-        import shutil
-
-        shutil.rmtree(Path(run_dir) / "checkpoints", ignore_errors=True)
-    acc.wait_for_everyone()

@@ -15,11 +15,24 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from ..config import Recipe, recipe_to_yaml
+from ..config import Recipe
 from ..data.chat import fingerprint, holdout, write_records_jsonl
 from ..data.tabular import load_table
 from ..errors import ConfigError
-from ..fileio import atomic_dir, write_json_atomic, write_text_atomic
+from ..fileio import atomic_dir
+from ..infer.predict import predict_z
+from ..runs import (
+    LOSS_PLOT,
+    MODEL,
+    TEST_RECORDS,
+    TRAIN_TAIL,
+    Fingerprints,
+    TargetScale,
+    finish_run,
+    write_data_info,
+    write_history,
+    write_recipe,
+)
 from ..zoo import resolve_model
 from .common import (
     load_tokenizer,
@@ -30,10 +43,9 @@ from .common import (
     recipe_for_run,
     seed_everything,
     set_threads,
-    sorted_batches,
     wrap_method,
 )
-from .loop import finish, fit
+from .loop import fit
 
 console = Console(stderr=True)
 
@@ -53,21 +65,6 @@ def load_records(recipe: Recipe):
     dc = recipe.data
     return load_table(recipe.resolve_path(dc.train), dc.value_field, dc.template, dc.text_field, dc.time_field,
                       dc.lags, dc.format)
-
-
-@torch.no_grad()
-def predict_z(model, enc: list[list[int]], pad_id: int, batch_size: int, dev, autocast: bool) -> list[float]:
-    """Standardised predictions, in input order."""
-    model.eval()
-    out = [0.0] * len(enc)
-    for b in sorted_batches([len(e) for e in enc], batch_size):
-        ids, mask = pad_batch([enc[i] for i in b], pad_id)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
-            logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits
-        for i, v in zip(b, logits.float().view(-1).tolist()):
-            out[i] = v
-    model.train()
-    return out
 
 
 def train_regressor(recipe: Recipe, run_dir: Path, show_progress: bool = True, resume: bool = False) -> dict:
@@ -118,9 +115,9 @@ def train_regressor(recipe: Recipe, run_dir: Path, show_progress: bool = True, r
     body = [p for n, p in model.named_parameters() if p.requires_grad and not any(h in n for h in heads)]
     groups = [{"params": body, "lr": tc.lr}] + ([{"params": head, "lr": tc.head_lr or tc.lr}] if head else [])
     if main and not resume:
-        write_text_atomic(run_dir / "recipe.yaml", recipe_to_yaml(recipe_for_run(recipe)))
-        write_records_jsonl(run_dir / "test.jsonl", test)
-        write_records_jsonl(run_dir / "train_tail.jsonl", (train_recs + val_recs)[-30:] if ordered else [])
+        write_recipe(run_dir, recipe_for_run(recipe))
+        write_records_jsonl(run_dir / TEST_RECORDS, test)
+        write_records_jsonl(run_dir / TRAIN_TAIL, (train_recs + val_recs)[-30:] if ordered else [])
 
     # ---- fit: squared error on the standardised target, summed over my rows / size of the global batch
     def loss_fn(model, mine: list[int], batch: list[int]) -> torch.Tensor:
@@ -147,15 +144,14 @@ def train_regressor(recipe: Recipe, run_dir: Path, show_progress: bool = True, r
         pz = predict_z(inner, enc_val, tok.pad_token_id, recipe.eval.batch_size, dev, use_autocast)
         val_mae = sum(abs(a - b) for a, b in zip(pz, z_val)) / len(z_val) * std
     if main:
-        with atomic_dir(run_dir / "model") as tmp:
+        with atomic_dir(run_dir / MODEL) as tmp:
             inner.save_pretrained(tmp)
-        write_json_atomic(run_dir / "target.json", {"field": dc.value_field, "mean": mean, "std": std})
-        write_json_atomic(run_dir / "data.json", {
+        write_data_info(run_dir, {
             "train": dc.train, "test": dc.test, "fingerprint": fingerprint(train_recs + val_recs + test),
             "records": n_all, "train_records": len(train_recs), "val_records": len(val_recs),
             "test_records": len(test), "time_ordered": ordered})
-        write_json_atomic(run_dir / "history.json", {"train": history, "validation": fitted.validations})
-        plot_losses(history, fitted.validations, run_dir / "loss.png")
+        write_history(run_dir, history, fitted.validations)
+        plot_losses(history, fitted.validations, run_dir / LOSS_PLOT)
     metrics = {
         "task": "regress",
         "method": mc.name,
@@ -172,36 +168,9 @@ def train_regressor(recipe: Recipe, run_dir: Path, show_progress: bool = True, r
         "wall_seconds": round(time.time() - t0, 2),
     }
     if main:
-        write_json_atomic(run_dir / "train_metrics.json", metrics)
-    finish(acc, run_dir)
+        finish_run(run_dir, recipe_for_run(recipe), metrics, model_path=model_path,
+                   target=TargetScale(field=dc.value_field, mean=mean, std=std), fingerprints=Fingerprints(
+                       train=fingerprint(train_recs), validation=fingerprint(val_recs), test=fingerprint(test)))
+    # finish_run removed the checkpoints on the main process; every process leaves together
+    acc.wait_for_everyone()
     return metrics
-
-
-def load_trained(run_dir: Path, dev: torch.device | None = None):
-    """(model, tokenizer, target scale, dtype) of a finished regress run, ready for inference."""
-    import json
-
-    from transformers import AutoModelForSequenceClassification
-
-    from .common import device
-
-    dev = dev or device()
-    metrics = json.loads((run_dir / "train_metrics.json").read_text())
-    scale = json.loads((run_dir / "target.json").read_text())
-    model_path = metrics["model_path"]
-    if not Path(model_path).exists():
-        model_path = resolve_model(metrics["base_model"])
-    tok = load_tokenizer(model_path)
-    dtype = getattr(torch, metrics.get("dtype", "float32"))
-    mdir = run_dir / "model"
-    if (mdir / "adapter_config.json").exists():
-        from peft import PeftModel
-
-        base = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1,
-                                                                  problem_type="regression", dtype=dtype)
-        base.config.pad_token_id = tok.pad_token_id
-        model = PeftModel.from_pretrained(base, str(mdir))
-    else:
-        model = AutoModelForSequenceClassification.from_pretrained(str(mdir))
-        model.config.pad_token_id = tok.pad_token_id
-    return model.to(dev).eval(), tok, scale, dtype

@@ -18,10 +18,21 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from ..config import Recipe, recipe_to_yaml
+from ..config import Recipe
 from ..data.chat import fingerprint, holdout, load_chat, write_records_jsonl
 from ..errors import ConfigError
-from ..fileio import atomic_dir, write_json_atomic, write_text_atomic
+from ..fileio import atomic_dir
+from ..infer.encode import IGNORE, collate, encode_chat, load_tokenizer
+from ..runs import (
+    LOSS_PLOT,
+    MODEL,
+    TEST_RECORDS,
+    Fingerprints,
+    finish_run,
+    write_data_info,
+    write_history,
+    write_recipe,
+)
 from ..zoo import resolve_model
 from .fastpath import FinalHidden, compile_blocks, keep_adapter_inputs_bf16, linear_cross_entropy
 from .common import (
@@ -34,66 +45,13 @@ from .common import (
     sorted_batches,
     wrap_method,
 )
-from .loop import finish, fit
+from .loop import fit
 
 console = Console(stderr=True)
-IGNORE = -100
 
 
 # ----------------------------------------------------------------------------------------------------
 # data: the model's own chat template, with a mask that is true on answer tokens only
-
-
-def load_tokenizer(model_path: str):
-    """The shared loader, plus what sft needs: a chat template and a fast tokenizer."""
-    from .common import load_tokenizer as load_base_tokenizer
-
-    tok = load_base_tokenizer(model_path)
-    if not tok.chat_template:
-        raise ConfigError(f"model {model_path}: its tokenizer has no chat template, which sft needs")
-    if not tok.is_fast:
-        raise ConfigError(f"model {model_path}: sft needs a fast tokenizer (character offsets for the answer mask)")
-    return tok
-
-
-def encode_chat(tok, messages: list[dict]) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) for one conversation; labels are IGNORE except on assistant answers.
-
-    The answer spans are found in the rendered text (prefix with a generation prompt vs prefix with the
-    answer), then mapped to tokens through character offsets, so any template works, including ones
-    without `{% generation %}` markers. Each answer ends with the EOS token (the template's end-of-turn);
-    where a template omits it, it is added, so the model learns when to stop.
-    """
-    eos = tok.eos_token
-    text = tok.apply_chat_template(messages, tokenize=False)
-    spans: list[tuple[int, int]] = []
-    inserted = 0
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        before = tok.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
-        upto = tok.apply_chat_template(messages[: i + 1], tokenize=False)
-        if not upto.startswith(before) or not text.startswith(upto):
-            raise ConfigError("the chat template renders a conversation differently from its prefixes; "
-                              "the answer mask cannot be derived from it")
-        start = len(before)
-        at = upto.find(eos, start + len(m["content"].rstrip()) - 1 if m["content"] else start)
-        if at >= 0:
-            end = at + len(eos)
-        else:
-            end = len(upto.rstrip())
-            text = text[: end + inserted] + eos + text[end + inserted:]
-            end += len(eos)
-        spans.append((start + inserted, end + inserted))
-        if at < 0:
-            inserted += len(eos)
-    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = enc["input_ids"]
-    labels = [IGNORE] * len(ids)
-    for j, (s, e) in enumerate(enc["offset_mapping"]):
-        if e > s and any(a <= s < b for a, b in spans):
-            labels[j] = ids[j]
-    return ids, labels
 
 
 def encode_all(tok, records, max_length: int) -> tuple[list[tuple[list[int], list[int]]], dict]:
@@ -139,27 +97,6 @@ def pack(examples: list[tuple[list[int], list[int]]], max_length: int, seed: int
     if cur[0]:
         rows.append(cur)
     return rows
-
-
-def collate(rows, pad_id: int, packed: bool) -> dict[str, torch.Tensor]:
-    """Right-padded batch. Packed rows get pads as a segment of their own (positions from 0, no labels)
-    and no attention mask, so the position ids decide the attention blocks (call the model with
-    `use_cache=False`: a cache disables that detection)."""
-    width = max(len(r[0]) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-    pos = torch.zeros((len(rows), width), dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for k, r in enumerate(rows):
-        n = len(r[0])
-        ids[k, :n] = torch.tensor(r[0])
-        labels[k, :n] = torch.tensor(r[1])
-        pos[k, :n] = torch.tensor(r[2]) if packed else torch.arange(n)
-        pos[k, n:] = torch.arange(width - n)
-        mask[k, :n] = 1
-    if packed:
-        return {"input_ids": ids, "labels": labels, "position_ids": pos}
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
 def n_targets(batch: dict) -> int:
@@ -241,7 +178,7 @@ def train_sft(recipe: Recipe, run_dir: Path, show_progress: bool = True, resume:
         train_recs = train_recs[: dc.max_train_examples]
 
     model_path = resolve_model(recipe.model)
-    tok = load_tokenizer(model_path)
+    tok = load_tokenizer(model_path, chat=True)
     enc_train, report = encode_all(tok, train_recs, tc.max_length)
     enc_val, report_val = encode_all(tok, val_recs, tc.max_length)
     if not enc_train:
@@ -279,8 +216,8 @@ def train_sft(recipe: Recipe, run_dir: Path, show_progress: bool = True, resume:
 
     groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": tc.lr}]
     if main and not resume:
-        write_text_atomic(run_dir / "recipe.yaml", recipe_to_yaml(recipe_for_run(recipe)))
-        write_records_jsonl(run_dir / "test.jsonl", test)
+        write_recipe(run_dir, recipe_for_run(recipe))
+        write_records_jsonl(run_dir / TEST_RECORDS, test)
 
     # ---- fit: loss summed over the answer tokens of my rows, normalised by those of the whole global
     # batch (see the module doc)
@@ -300,15 +237,15 @@ def train_sft(recipe: Recipe, run_dir: Path, show_progress: bool = True, resume:
 
     # ---- save: the best validation checkpoint when there was validation, else the last weights
     if main:
-        with atomic_dir(run_dir / "model") as tmp:
+        with atomic_dir(run_dir / MODEL) as tmp:
             inner.save_pretrained(tmp)
             tok.save_pretrained(tmp)
-        write_json_atomic(run_dir / "data.json", {
+        write_data_info(run_dir, {
             "train": dc.train, "test": dc.test, "fingerprint": fingerprint(train_recs + val_recs + test),
             "records": n_all, "train_records": len(train_recs), "val_records": len(val_recs),
             "test_records": len(test), "truncation": report, "val_truncation": report_val})
-        write_json_atomic(run_dir / "history.json", {"train": history, "validation": fitted.validations})
-        plot_losses(history, fitted.validations, run_dir / "loss.png")
+        write_history(run_dir, history, fitted.validations)
+        plot_losses(history, fitted.validations, run_dir / LOSS_PLOT)
     metrics = {
         "task": "sft",
         "method": mc.name,
@@ -326,6 +263,8 @@ def train_sft(recipe: Recipe, run_dir: Path, show_progress: bool = True, resume:
         "wall_seconds": round(time.time() - t0, 2),
     }
     if main:
-        write_json_atomic(run_dir / "train_metrics.json", metrics)
-    finish(acc, run_dir)
+        finish_run(run_dir, recipe_for_run(recipe), metrics, model_path=model_path, fingerprints=Fingerprints(
+            train=fingerprint(train_recs), validation=fingerprint(val_recs), test=fingerprint(test)))
+    # finish_run removed the checkpoints on the main process; every process leaves together
+    acc.wait_for_everyone()
     return metrics
