@@ -168,7 +168,7 @@ def main() -> None:
     import torch
     from transformers.utils import logging as hf_logging
 
-    from tuneloop.train.common import pick_dtype
+    from tuneloop.infer.device import pick_dtype
     from tuneloop.zoo import resolve_model
 
     hf_logging.set_verbosity_error()

@@ -58,7 +58,8 @@ RUNS = ("trl_default", "trl_best", "tuneloop_eager", "tuneloop")
 
 
 def split_faq():
-    from tuneloop.data.chat import holdout, load_chat, resolve_data_path
+    from tuneloop.data.chat import holdout, load_chat
+    from tuneloop.data.formats import resolve_data_path
 
     records = load_chat(resolve_data_path(FAQ), "auto")
     return holdout(records, HELD_OUT / len(records), SEED)  # (train, held_out)
@@ -87,7 +88,8 @@ def heldout_loss(model, tok, records) -> float:
     """Mean NLL per answer token over the held-out records (bf16 autocast, the model's own loss)."""
     import torch
 
-    from tuneloop.train.sft import collate, encode_all, n_targets
+    from tuneloop.infer.encode import collate
+    from tuneloop.train.sft import encode_all, n_targets
 
     enc, _ = encode_all(tok, records, 512)
     rows = [(ids, labels, list(range(len(ids)))) for ids, labels in enc]
@@ -125,7 +127,7 @@ def run_trl(kind: str, args, workdir: Path) -> dict:
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from tuneloop.train.sft import load_tokenizer
+    from tuneloop.infer.encode import load_tokenizer
     from tuneloop.zoo import resolve_model
 
     model_path = resolve_model("smollm2-135m-instruct")
@@ -188,7 +190,7 @@ def run_trl(kind: str, args, workdir: Path) -> dict:
 
 def run_tuneloop(args, workdir: Path, compile_blocks: bool) -> dict:
     from tuneloop.config import Recipe
-    from tuneloop.data.chat import write_records_jsonl
+    from tuneloop.data.records import write_jsonl as write_records_jsonl
     from tuneloop.train.classify import load_tokenizer
     from tuneloop.train.sft import train_sft
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tuneloop.infer import attention
 from tuneloop.train import fastpath
 
 
@@ -37,7 +38,7 @@ def test_attention_matches_sdpa(tq, tk, masked):
         # left padding on row 0 (its first two keys), causal everywhere
         mask = torch.ones(tq, tk, dtype=torch.bool).tril(tk - tq).repeat(b, 1, 1, 1)
         mask[0, :, :, :2] = False
-    out, _ = fastpath.cpu_attention(_Module(), q, k, v, mask)
+    out, _ = attention.cpu_attention(_Module(), q, k, v, mask)
     ref = _reference(q, k, v, mask, causal=True)
     assert out.shape == (b, tq, h, d)
     # queries with no visible key (pads) are undefined in both; compare the rest
@@ -48,7 +49,7 @@ def test_attention_matches_sdpa(tq, tk, masked):
 def test_attention_fully_masked_row_is_finite():
     q, k, v = torch.randn(1, 2, 3, 4), torch.randn(1, 1, 3, 4), torch.randn(1, 1, 3, 4)
     mask = torch.zeros(1, 1, 3, 3, dtype=torch.bool)
-    out, _ = fastpath.cpu_attention(_Module(), q, k, v, mask)
+    out, _ = attention.cpu_attention(_Module(), q, k, v, mask)
     assert torch.isfinite(out).all()
 
 
@@ -86,14 +87,14 @@ def test_linear_cross_entropy_without_labels_is_zero():
 def _tiny(path, attn):
     from transformers import AutoModelForCausalLM
 
-    if attn == fastpath.ATTENTION_NAME:
-        fastpath.register_attention()
+    if attn == attention.ATTENTION_NAME:
+        attention.register_attention()
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn).eval()
 
 
 def test_model_with_cpu_attention_matches_sdpa(tiny_llama_dir):
     """Padded, packed and cached (generation) calls give the same numbers with either attention."""
-    fast, ref = _tiny(tiny_llama_dir, fastpath.ATTENTION_NAME), _tiny(tiny_llama_dir, "sdpa")
+    fast, ref = _tiny(tiny_llama_dir, attention.ATTENTION_NAME), _tiny(tiny_llama_dir, "sdpa")
     torch.manual_seed(0)
     ids = torch.randint(10, 1000, (2, 12))
     mask = torch.ones_like(ids)

@@ -20,7 +20,7 @@ IGNORE = -100
 
 @pytest.fixture(scope="module")
 def tok(smol_dir):
-    from tuneloop.train.sft import load_tokenizer
+    from tuneloop.infer.encode import load_tokenizer
 
     return load_tokenizer(str(smol_dir))
 
@@ -81,7 +81,7 @@ def expected_mask(tok, ids: list[int]) -> list[bool]:
 
 
 def test_answer_mask_token_by_token(tok):
-    from tuneloop.train.sft import encode_chat
+    from tuneloop.infer.encode import encode_chat
 
     msgs = [
         {"role": "system", "content": "You answer about Swedish building permits."},
@@ -113,7 +113,7 @@ def test_answer_mask_token_by_token(tok):
 
 def test_mask_with_default_system_prompt(tok):
     """No system message: the template inserts its default one, which is never learned."""
-    from tuneloop.train.sft import encode_chat
+    from tuneloop.infer.encode import encode_chat
 
     ids, labels = encode_chat(tok, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}])
     assert "SmolLM" in tok.decode(ids)
@@ -142,7 +142,8 @@ def test_truncation_counts_and_never_cuts_a_prompt(tok):
 def test_packing_matches_examples_alone(tok, tiny_llama_dir):
     from transformers import AutoModelForCausalLM
 
-    from tuneloop.train.sft import collate, encode_chat, pack
+    from tuneloop.infer.encode import collate, encode_chat
+    from tuneloop.train.sft import pack
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
     convs = [[{"role": "user", "content": f"Question {i}?" * (i + 1)},
@@ -175,7 +176,8 @@ def test_packed_training_loss_equals_unpacked(tok, tiny_llama_dir):
     """The summed answer loss of a packed row equals the sum over the examples run one by one."""
     from transformers import AutoModelForCausalLM
 
-    from tuneloop.train.sft import collate, encode_chat, pack
+    from tuneloop.infer.encode import collate, encode_chat
+    from tuneloop.train.sft import pack
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
     convs = [[{"role": "user", "content": f"Q{i}"}, {"role": "assistant", "content": f"A{i} " * (i + 2)}]

@@ -9,9 +9,7 @@ from __future__ import annotations
 import random
 
 from ..errors import DataError
-from .formats import PACKAGE_PREFIX, resolve_data_path  # noqa: F401  (the resolver lives in formats; kept importable here)
-from .records import Record, fingerprint, record_key  # noqa: F401  (one fingerprint, in records)
-from .records import write_jsonl as write_records_jsonl  # noqa: F401  (one canonical writer, in records)
+from .records import Record, record_key
 from .validate import SHAPES, ReadResult, read_records
 
 CHAT_SHAPES = ("openai", "sharegpt", "alpaca", "prompt_completion")

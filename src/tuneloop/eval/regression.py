@@ -41,7 +41,7 @@ def seasonal_naive(history: dict[str, float], days: list[str], season: int = 7) 
 
 def evaluate_regress(run_dir: "Path | Run", test_path: str | None = None, systems: list[str] | None = None,
                      out_dir: Path | None = None, show_progress: bool = True) -> dict:
-    from ..data.chat import fingerprint
+    from ..data.records import fingerprint
 
     t0 = time.time()
     run = open_run(run_dir)

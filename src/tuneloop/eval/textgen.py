@@ -72,7 +72,7 @@ def evaluate_sft(run_dir: "Path | Run", test_path: str | None = None, systems: l
     generations.jsonl (every prompt with the reference and both answers)."""
     from transformers import AutoModelForCausalLM
 
-    from ..data.chat import fingerprint
+    from ..data.records import fingerprint
 
     run = open_run(run_dir)
     recipe, run_dir = run.recipe, run.dir

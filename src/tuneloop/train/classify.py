@@ -23,18 +23,12 @@ from ..fileio import atomic_dir
 from ..infer.encode import encode_texts
 from ..runs import LOSS_PLOT, MODEL, Fingerprints, finish_run, write_data_info, write_history, write_recipe
 from ..zoo import resolve_model
-from .fastpath import FrozenPrefixCache, compile_blocks, find_blocks, first_trained_block, keep_adapter_inputs_bf16
-from .common import (
-    load_tokenizer,
-    pad_batch,
-    pick_dtype,
-    plan_steps,
-    plot_losses,
-    recipe_for_run,
-    seed_everything,
-    set_threads,
-    sorted_batches,
-)
+from ..infer.attention import keep_adapter_inputs_bf16
+from ..infer.batching import pad_batch, sorted_batches
+from ..infer.device import pick_dtype, set_threads
+from ..infer.encode import load_tokenizer
+from .fastpath import FrozenPrefixCache, compile_blocks, find_blocks, first_trained_block
+from .common import plan_steps, plot_losses, recipe_for_run, seed_everything
 from .loop import fit
 
 console = Console(stderr=True)

@@ -9,9 +9,7 @@ import numpy as np
 import torch
 
 # Inference's building blocks, which the recipes use as they are.
-from ..infer.batching import pad_batch, progress_columns, sorted_batches  # noqa: F401
-from ..infer.device import bf16_supported, device, pick_dtype, set_threads  # noqa: F401
-from ..infer.encode import load_tokenizer  # noqa: F401
+from ..infer.device import device
 
 
 def seed_everything(seed: int) -> None:

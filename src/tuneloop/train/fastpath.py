@@ -2,7 +2,7 @@
 
 1. `cpu_attention` and `keep_adapter_inputs_bf16`: the GEMM attention for bf16 on CPU and the switched-off
    fp32 cast of adapter inputs. Inference uses them too, so they live in infer/attention.py (its module doc
-   says what each saves); the recipes reach them here.
+   says what each saves).
 2. `linear_cross_entropy`: the LM loss computed only on the positions that carry a label, in chunks, with
    the gradient taken in the forward pass (as Liger's fused linear cross-entropy does on GPU). The full
    B x T x 49k fp32 logits never exist, and no log-softmax backward runs over them.
@@ -19,14 +19,6 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
-from ..infer.attention import (  # noqa: F401
-    ATTENTION_NAME,
-    MAX_MATMUL_TOKENS,
-    attention_for,
-    cpu_attention,
-    keep_adapter_inputs_bf16,
-    register_attention,
-)
 from ..infer.encode import IGNORE
 
 
@@ -96,8 +88,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
 
 class FinalHidden:
     """Catches the decoder's last hidden state (after its final norm) through a forward hook, so the loss
-    can be taken from it while the model itself is asked for the logits of one position only
-    (`logits_to_keep=1`). A hook, rather than calling the inner decoder directly, keeps the call going
+    can be taken from it while the model itself is asked for no logits at all (`logits_to_keep` an empty
+    index: asking for one position made matmul copy the 49k x 576 output matrix per row). A hook, rather than calling the inner decoder directly, keeps the call going
     through DDP's forward, which gradient synchronisation needs."""
 
     def __init__(self, model):

@@ -23,7 +23,8 @@ from typing import Callable
 import torch
 from rich.progress import Progress
 
-from .common import LoopState, load_trainable_state, log_line, plan_steps, progress_columns
+from ..infer.batching import progress_columns
+from .common import LoopState, load_trainable_state, log_line, plan_steps
 
 # (model, my rows, the whole global batch) -> my share of the global batch's loss (see the module doc)
 LossFn = Callable[[torch.nn.Module, list[int], list[int]], torch.Tensor]

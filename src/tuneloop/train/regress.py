@@ -16,7 +16,8 @@ import torch
 from rich.console import Console
 
 from ..config import Recipe
-from ..data.chat import fingerprint, holdout, write_records_jsonl
+from ..data.chat import holdout
+from ..data.records import fingerprint, write_jsonl
 from ..data.tabular import load_table
 from ..errors import ConfigError
 from ..fileio import atomic_dir
@@ -34,17 +35,10 @@ from ..runs import (
     write_recipe,
 )
 from ..zoo import resolve_model
-from .common import (
-    load_tokenizer,
-    load_kwargs,
-    pad_batch,
-    pick_dtype,
-    plot_losses,
-    recipe_for_run,
-    seed_everything,
-    set_threads,
-    wrap_method,
-)
+from ..infer.batching import pad_batch
+from ..infer.device import pick_dtype, set_threads
+from ..infer.encode import load_tokenizer
+from .common import load_kwargs, plot_losses, recipe_for_run, seed_everything, wrap_method
 from .loop import fit
 
 console = Console(stderr=True)
@@ -116,8 +110,8 @@ def train_regressor(recipe: Recipe, run_dir: Path, show_progress: bool = True, r
     groups = [{"params": body, "lr": tc.lr}] + ([{"params": head, "lr": tc.head_lr or tc.lr}] if head else [])
     if main and not resume:
         write_recipe(run_dir, recipe_for_run(recipe))
-        write_records_jsonl(run_dir / TEST_RECORDS, test)
-        write_records_jsonl(run_dir / TRAIN_TAIL, (train_recs + val_recs)[-30:] if ordered else [])
+        write_jsonl(run_dir / TEST_RECORDS, test)
+        write_jsonl(run_dir / TRAIN_TAIL, (train_recs + val_recs)[-30:] if ordered else [])
 
     # ---- fit: squared error on the standardised target, summed over my rows / size of the global batch
     def loss_fn(model, mine: list[int], batch: list[int]) -> torch.Tensor:

@@ -19,7 +19,8 @@ import torch
 from rich.console import Console
 
 from ..config import Recipe
-from ..data.chat import fingerprint, holdout, load_chat, write_records_jsonl
+from ..data.chat import holdout, load_chat
+from ..data.records import fingerprint, write_jsonl
 from ..errors import ConfigError
 from ..fileio import atomic_dir
 from ..infer.encode import IGNORE, collate, encode_chat, load_tokenizer
@@ -34,17 +35,11 @@ from ..runs import (
     write_recipe,
 )
 from ..zoo import resolve_model
-from .fastpath import FinalHidden, compile_blocks, keep_adapter_inputs_bf16, linear_cross_entropy
-from .common import (
-    load_kwargs,
-    pick_dtype,
-    plot_losses,
-    recipe_for_run,
-    seed_everything,
-    set_threads,
-    sorted_batches,
-    wrap_method,
-)
+from ..infer.attention import keep_adapter_inputs_bf16
+from ..infer.batching import sorted_batches
+from ..infer.device import pick_dtype, set_threads
+from .fastpath import FinalHidden, compile_blocks, linear_cross_entropy
+from .common import load_kwargs, plot_losses, recipe_for_run, seed_everything, wrap_method
 from .loop import fit
 
 console = Console(stderr=True)
@@ -217,7 +212,7 @@ def train_sft(recipe: Recipe, run_dir: Path, show_progress: bool = True, resume:
     groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": tc.lr}]
     if main and not resume:
         write_recipe(run_dir, recipe_for_run(recipe))
-        write_records_jsonl(run_dir / TEST_RECORDS, test)
+        write_jsonl(run_dir / TEST_RECORDS, test)
 
     # ---- fit: loss summed over the answer tokens of my rows, normalised by those of the whole global
     # batch (see the module doc)
