@@ -39,7 +39,7 @@ def test_unknown_key_names_path_and_allowed_keys():
 
 
 def test_unknown_top_level_key():
-    with pytest.raises(ConfigError, match=r"modle: unknown key \(allowed: data, eval, method, model, name"):
+    with pytest.raises(ConfigError, match=r"modle: unknown key \(allowed: data, eval, gate, method, model, name"):
         recipe_from_dict({**MINIMAL, "modle": "x"})
 
 
@@ -114,6 +114,7 @@ TASK_KEYS = {  # key: (a valid value to set it to, the tasks that read it)
     "eval.max_new_tokens": (32, ("sft",)),
     "eval.merge_adapters": (False, ("sft",)),
     "eval.max_test_examples": (5, ("sft",)),
+    "gate.exact_below": (10, ("classify",)),
 }
 # Read by every task since classify trains on the shared loop: a row each, so none of them regresses.
 SHARED_KEYS = {"data.val_ratio": 0.2, "train.eval_every": 5, "train.patience": 2, "train.overfit_window": 4,
@@ -168,7 +169,7 @@ def test_the_table_above_covers_every_task_specific_key():
 def test_defaults_of_other_tasks_are_never_errors_and_never_dumped(task):
     r = recipe_from_dict(_doc(task))
     dumped = r.model_dump(mode="json")
-    kept = {f"{s}.{k}" for s in ("data", "method", "train", "eval") for k in dumped[s]}
+    kept = {f"{s}.{k}" for s in ("data", "method", "train", "eval", "gate") for k in dumped[s]}
     assert kept == {row.key for row in explain(task=task) if row.key.count(".") == 1 and
                     not row.key.startswith("sweep.")}
     # a dump (the run folder's recipe.yaml, a sweep trial) reads back as the same recipe

@@ -148,6 +148,60 @@ def sweep(
     print_trials(result, console)
 
 
+@app.command("gate")
+def gate_(
+    candidate: Annotated[str, typer.Argument(help="The candidate: NAME:VERSION (or a run folder).")],
+    against: Annotated[str, typer.Option("--against", help="What it must not regress against: NAME@production, "
+                                         "NAME:VERSION (or a run folder).")],
+    margin: Annotated[Optional[float], typer.Option("--margin", min=0, help="Non-inferiority margin in the "
+                                                    "metric's units (default: the candidate recipe's gate.margin).")] = None,
+    promote: Annotated[bool, typer.Option("--promote", help="Move the alias of --against (default production) "
+                                          "to the candidate when it passes; nothing moves when it fails.")] = False,
+    workspace: Workspace = None,
+) -> None:
+    """Does the candidate provably not regress? Paired non-inferiority test on one frozen test set; exits 0
+    (passes), 1 (regression) or 2 (cannot compare: other task, other test set, leakage)."""
+    from .gate import gate, gate_runs
+    from .registry import is_ref
+    from .runs import workspace_path
+
+    ws = workspace_path(workspace)
+    if is_ref(candidate) and is_ref(against):
+        result = gate(ws, candidate, against, margin=margin, promote=promote)
+    elif is_ref(candidate) or is_ref(against):
+        raise TuneloopError(f"gate: give two registry versions (NAME:VERSION, NAME@ALIAS) or two run folders, "
+                            f"not one of each ({candidate!r}, --against {against!r})")
+    elif promote:
+        raise TuneloopError("--promote: only registry versions have aliases to move; run folders are gated "
+                            "without it")
+    else:
+        result = gate_runs(candidate, against, workspace=ws, margin=margin)
+    print_gate(result.details, console)
+    console.print(f"gate report: {result.report_html}")
+    # the verdict is the exit code (CI branches on it); 1 is a finding, not an error to print
+    sys.exit(result.code)
+
+
+def print_gate(details: dict, out: Console) -> None:
+    verdict = {0: "[green]passes[/]", 1: "[red]regression[/]", 2: "[yellow]cannot compare[/]"}[details["code"]]
+    title = f"{details['candidate']['name']} vs {details['production']['name']}"
+    if "overall" in details:
+        t = Table(title=f"{title} · {details['n']} test examples · {details['confidence']:.0%} one-sided bounds · delta: better > 0")
+        for c in ("", "metric", "candidate", "production", "delta", "lower bound", "margin", "verdict"):
+            t.add_column(c, justify="left" if c in ("", "metric") else "right")
+        rows = [("overall", details["overall"])] + [(f"{g['kind']} {g['name']}", g) for g in details["groups"]]
+        for what, r in rows:
+            t.add_row(what, r["metric"], f"{r['candidate']:.4f}", f"{r['production']:.4f}", f"{r['delta']:+.4f}",
+                      f"{r['lower']:+.4f}", f"{r['margin']:.4f}", "pass" if r["passed"] else "[red]REGRESSION[/]")
+        out.print(t)
+    out.print(f"{title}: {verdict}")
+    for line in details["reasons"]:
+        out.print(f"  - {line}", markup=False, highlight=False)
+    if details.get("promoted"):
+        p = details["promoted"]
+        out.print(f"promoted: {p['alias']} → {p['to']}")
+
+
 @models_app.command("list")
 def models_list() -> None:
     """Models known by name. Any local HF folder or hub id works too."""

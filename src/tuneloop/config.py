@@ -263,6 +263,31 @@ class SweepConfig(Section):
     )
 
 
+class GateConfig(Section):
+    metric: str | None = Field(
+        None, description="The metric `tuneloop gate` decides on (default: the report's headline: classify "
+        "`accuracy`, regress `mae`, sft `rougeL`); also classify `macro_f1`, regress `rmse`, sft `loss`.",
+    )
+    margin: float | None = Field(
+        None, ge=0, description="Non-inferiority margin in the metric's units: the candidate passes when the "
+        "one-sided lower confidence bound of its improvement over production is above -margin. Default: 0.02 "
+        "for accuracy, macro-F1 and ROUGE-L; 5% of production's value for MAE, RMSE and loss.",
+    )
+    class_margin: float | None = Field(
+        None, ge=0, description="The same for each class (its recall; classify) and each declared slice (an "
+        "example's `meta.slice` in the report). Default: 0.05; 10% of production's value for lower-is-better "
+        "metrics.",
+    )
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="Confidence of the one-sided lower bounds.")
+    bootstrap_samples: int = Field(
+        2000, ge=100, description="Paired bootstrap resamples of the test examples behind each interval."
+    )
+    exact_below: int = Field(
+        25, ge=0, description="McNemar's test is exact (binomial) when fewer pairs than this disagree on "
+        "correctness, else chi-square with continuity correction.", json_schema_extra=only("classify"),
+    )
+
+
 class Recipe(Section):
     name: str = Field(description="Short name; runs are stored as `<workspace>/runs/<name>-<time>`.")
     task: Task = Field(
@@ -278,6 +303,7 @@ class Recipe(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig)
+    gate: GateConfig = Field(default_factory=GateConfig)
 
     # Where the YAML came from, so relative data paths resolve against it (not part of the schema).
     source_dir: str | None = Field(None, exclude=True, description="(internal) folder of the recipe file")
