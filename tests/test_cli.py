@@ -20,7 +20,7 @@ def run_cli(monkeypatch, capsys, *args):
 
 
 def test_help_on_every_command(monkeypatch, capsys):
-    for args in ([], ["quickstart"], ["train"], ["eval"], ["models", "list"], ["recipe", "keys"]):
+    for args in ([], ["quickstart"], ["train"], ["eval"], ["models", "list"], ["recipe", "keys"], ["gate"]):
         code, out, err = run_cli(monkeypatch, capsys, *args, "--help")
         assert code == 0 and "Usage" in out
 

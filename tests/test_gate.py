@@ -256,6 +256,8 @@ def test_margins_default_per_direction_and_an_unknown_metric_names_the_known():
     assert cls["overall"]["margin"] == 0.02 and cls["groups"][0]["margin"] == 0.05
     reg = compare_reports(ROWS[1].production, ROWS[1].production)
     assert reg["overall"]["margin"] == pytest.approx(0.05 * np.mean(BASE_ERR))
+    # a zero margin still lets an identical candidate through (not worse at all)
+    assert compare_reports(ROWS[1].production, ROWS[1].production, margin=0, class_margin=0)["code"] == PASS
     # a wide enough margin lets the worse candidate through: the margin is what decides
     assert compare_reports(ROWS[2].worse, ROWS[2].production, margin=0.3)["code"] == PASS
     with pytest.raises(ConfigError, match=r"gate.metric: 'bleu' is not a sft metric \(known: rougeL, loss\)"):
@@ -266,3 +268,141 @@ def test_the_same_seed_gives_the_same_bounds():
     a = compare_reports(ROWS[1].worse, ROWS[1].production, seed=3)
     b = compare_reports(ROWS[1].worse, ROWS[1].production, seed=3)
     assert a["overall"] == b["overall"]
+
+
+# ---- end to end: tiny trained runs through the registry and the CLI
+
+
+def _soup(path, n: int, start: int, rng: random.Random) -> str:
+    rows = []
+    for i in range(start, start + n):
+        good = i % 2
+        word = rng.choice(["great", "tasty", "lovely"] if good else ["awful", "stale", "bland"])
+        # the word last: the tiny model classifies from the last token
+        rows.append({"text": f"soup {i} was {word}", "label": "good" if good else "bad"})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _gate_cli(monkeypatch, capsys, *args):
+    import sys
+
+    from tuneloop import cli
+
+    monkeypatch.setattr(sys, "argv", ["tuneloop", "gate", *args])
+    try:
+        cli.main()
+        code = 0
+    except SystemExit as e:
+        code = e.code or 0
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+def test_gate_end_to_end_through_the_registry_and_the_cli(tmp_path, tiny_llama_dir, monkeypatch, capsys):
+    from tuneloop import registry
+    from tuneloop.config import recipe_from_dict
+    from tuneloop.eval.tasks import evaluate_run
+    from tuneloop.gate import GATE_HTML, GATE_JSON, gate
+    from tuneloop.train import train_run
+
+    rng = random.Random(0)
+    train, test = _soup(tmp_path / "train.jsonl", 64, 0, rng), _soup(tmp_path / "test.jsonl", 60, 1000, rng)
+    other_test = _soup(tmp_path / "other.jsonl", 40, 5000, rng)
+    ws = tmp_path / "ws"
+    good = {"max_steps": 40, "lr": 3e-2}  # 100% on this test set
+    broken = {"max_steps": 1, "lr": 1e-6}  # the untrained head: far below
+
+    def trained(name: str, train_keys: dict, data: dict | None = None) -> str:
+        recipe = recipe_from_dict({
+            "name": name, "task": "classify", "model": str(tiny_llama_dir),
+            "data": data or {"train": train, "test": test},
+            "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0}, "eval": {"batch_size": 16, "systems": ["tuned"]},
+            "train": {"batch_size": 8, "precision": "fp32", "threads": 1, "max_length": 48, **train_keys}})
+        run_dir, _ = train_run(recipe, ws, show_progress=False)
+        return registry.register(ws, run_dir, name="soup").ref
+
+    v1 = trained("prod", good)
+    evaluate_run(registry.resolve(ws, v1).run_dir, show_progress=False)  # production has its report
+    registry.promote(ws, v1)  # the first holder needs no gate
+    v2 = trained("same", good)  # no report: the gate evaluates it
+    v3 = trained("broken", broken)
+    # the broken one was evaluated on another test set: the gate re-runs it on production's
+    evaluate_run(registry.resolve(ws, v3).run_dir, test_path=other_test, show_progress=False)
+
+    # ---- equal: passes, and --promote moves production
+    code, out = _gate_cli(monkeypatch, capsys, v2, "--against", "soup@production", "--promote", "-w", str(ws))
+    assert code == 0, out
+    assert "passes" in out and "promoted: production → soup:2" in out and "accuracy" in out
+    assert registry.resolve(ws, "soup@production").ref == v2
+
+    # ---- worse: exit 1, the report says where, nothing moves
+    code, out = _gate_cli(monkeypatch, capsys, v3, "--against", "soup@production", "--promote", "-w", str(ws))
+    assert code == 1, out
+    assert "regression" in out and "accuracy: candidate" in out and "Traceback" not in out
+    assert registry.resolve(ws, "soup@production").ref == v2
+    with pytest.raises(ConfigError, match="failed the gate"):
+        registry.promote(ws, v3)
+    r3 = registry.resolve(ws, v3)
+    assert json.loads((r3.run_dir / "report.json").read_text())["test"]["path"] == other_test  # left as it was
+    folder = sorted((ws / "gates").glob("soup-3-vs-soup-2-*"))[-1]
+    result = json.loads((folder / GATE_JSON).read_text())
+    assert result["code"] == 1 and result["test"]["path"] == test and result["overall"]["delta"] < -0.3
+    assert (folder / "candidate" / "report.json").exists()  # the re-run on production's test set
+    page = (folder / GATE_HTML).read_text()
+    assert "data:image/png;base64," in page and "class bad" in page and "class good" in page
+
+    # ---- leakage: a candidate trained on the test records cannot be compared
+    leaky = tmp_path / "leaky.jsonl"
+    leaky.write_text((tmp_path / "train.jsonl").read_text() + (tmp_path / "test.jsonl").read_text())
+    v4 = trained("leaky", good, {"train": str(leaky), "test": test})
+    res = gate(ws, v4, "soup@production")
+    assert res.code == 2 and res.reasons[0].startswith("leakage: 60 of 60 test examples")
+
+    # ---- the frozen test set changed since production was evaluated: cannot compare
+    (tmp_path / "test.jsonl").write_text("".join((tmp_path / "test.jsonl").read_text().splitlines(True)[:-1]))
+    code, out = _gate_cli(monkeypatch, capsys, v2, "--against", v1, "-w", str(ws))
+    assert code == 2 and "different test sets" in out, out
+
+    # ---- the registry remembers: history, and a rollback to the version before
+    assert [(h["how"], h["to"]) for h in registry.history(ws, "soup")] == [("first", v1), ("gate", v2)]
+    assert registry.history(ws, "soup")[1]["gate_report"].endswith(GATE_JSON)
+    assert registry.rollback(ws, "soup").ref == v1
+
+
+@pytest.mark.parametrize("task", ["regress", "sft"])
+def test_gate_end_to_end_on_held_out_test_sets(task, tmp_path, tiny_llama_dir):
+    """regress and sft hold their test set out of the training file: two runs of one recipe and seed hold out
+    the same records, so a version without a report is evaluated on its own held-out set, which is
+    production's. An equal retrain passes and is promoted; a broken one is a regression."""
+    from test_run_contract import TINY_METHOD, regress_data, sft_data
+
+    from tuneloop import registry
+    from tuneloop.config import recipe_from_dict
+    from tuneloop.eval.tasks import evaluate_run
+    from tuneloop.gate import gate
+    from tuneloop.train import train_run
+
+    ws = tmp_path / "ws"
+    data = (regress_data if task == "regress" else sft_data)(tmp_path)
+    ev = {"batch_size": 8} if task == "regress" else {"batch_size": 4, "max_new_tokens": 6, "systems": ["tuned"]}
+
+    def trained(train_keys: dict) -> str:
+        recipe = recipe_from_dict({"name": f"g-{task}", "task": task, "model": str(tiny_llama_dir), "data": data,
+                                   "method": TINY_METHOD, "eval": ev, "train": {
+                                       "batch_size": 8, "precision": "fp32", "threads": 1, "max_length": 48,
+                                       **train_keys}})
+        return registry.register(ws, train_run(recipe, ws, show_progress=False)[0], name="m").ref
+
+    v1 = trained({"max_steps": 30, "lr": 3e-2})
+    evaluate_run(registry.resolve(ws, v1).run_dir, show_progress=False)
+    registry.promote(ws, v1)
+    v2 = trained({"max_steps": 30, "lr": 3e-2})
+    v3 = trained({"max_steps": 1, "lr": 1e-6})
+    res = gate(ws, v2, "m@production", promote=True)
+    assert res.code == 0, res.reasons
+    assert res.details["notes"] == [f"candidate: evaluated tuned on its own test set into {res.report_json.parent}/candidate"]
+    assert registry.resolve(ws, "m@production").ref == v2
+    res = gate(ws, v3, "m@production", promote=True)
+    assert res.code == 1 and res.reasons, res.details
+    assert registry.resolve(ws, "m@production").ref == v2

@@ -153,8 +153,9 @@ def gate_(
     candidate: Annotated[str, typer.Argument(help="The candidate: NAME:VERSION (or a run folder).")],
     against: Annotated[str, typer.Option("--against", help="What it must not regress against: NAME@production, "
                                          "NAME:VERSION (or a run folder).")],
-    margin: Annotated[Optional[float], typer.Option("--margin", min=0, help="Non-inferiority margin in the "
-                                                    "metric's units (default: the candidate recipe's gate.margin).")] = None,
+    margin: Annotated[Optional[float], typer.Option(
+        "--margin", min=0, help="Non-inferiority margin in the metric's units (default: the candidate recipe's "
+        "gate.margin).")] = None,
     promote: Annotated[bool, typer.Option("--promote", help="Move the alias of --against (default production) "
                                           "to the candidate when it passes; nothing moves when it fails.")] = False,
     workspace: Workspace = None,
@@ -186,7 +187,8 @@ def print_gate(details: dict, out: Console) -> None:
     verdict = {0: "[green]passes[/]", 1: "[red]regression[/]", 2: "[yellow]cannot compare[/]"}[details["code"]]
     title = f"{details['candidate']['name']} vs {details['production']['name']}"
     if "overall" in details:
-        t = Table(title=f"{title} · {details['n']} test examples · {details['confidence']:.0%} one-sided bounds · delta: better > 0")
+        t = Table(title=f"{title} · {details['n']} test examples · {details['confidence']:.0%} one-sided bounds "
+                        f"· delta: better > 0")
         for c in ("", "metric", "candidate", "production", "delta", "lower bound", "margin", "verdict"):
             t.add_column(c, justify="left" if c in ("", "metric") else "right")
         rows = [("overall", details["overall"])] + [(f"{g['kind']} {g['name']}", g) for g in details["groups"]]

@@ -270,8 +270,8 @@ class GateConfig(Section):
     )
     margin: float | None = Field(
         None, ge=0, description="Non-inferiority margin in the metric's units: the candidate passes when the "
-        "one-sided lower confidence bound of its improvement over production is above -margin. Default: 0.02 "
-        "for accuracy, macro-F1 and ROUGE-L; 5% of production's value for MAE, RMSE and loss.",
+        "one-sided lower confidence bound of its improvement over production is not below -margin. Default: "
+        "0.02 for accuracy, macro-F1 and ROUGE-L; 5% of production's value for MAE, RMSE and loss.",
     )
     class_margin: float | None = Field(
         None, ge=0, description="The same for each class (its recall; classify) and each declared slice (an "

@@ -3,7 +3,7 @@
 Both are compared on the same frozen test set, example by example, from their reports' per-example
 predictions of the `tuned` system (eval/schema.py). The decision is *non-inferiority*: the candidate passes
 when the one-sided lower confidence bound of its improvement over production (candidate - production, the
-sign flipped for a lower-is-better metric so that better is always positive) is above -margin on the
+sign flipped for a lower-is-better metric so that better is always positive) is not below -margin on the
 recipe's gate metric, and no class (classify: its recall) or declared slice (an example's `meta.slice`)
 drops by more than its own margin. Intervals come from a paired bootstrap over the test examples (the same
 resampled examples for both systems); classification also gets McNemar's test of the accuracy difference.
@@ -208,7 +208,7 @@ def compare_reports(candidate: dict, production: dict, *, margin: float | None =
                               samples=bootstrap_samples, rng=rng)
     overall.update(metric=name, margin=_margin(margin, m, overall["production"], DEFAULT_MARGIN,
                                                DEFAULT_RELATIVE_MARGIN))
-    overall["passed"] = overall["lower"] > -overall["margin"]
+    overall["passed"] = overall["lower"] >= -overall["margin"]
 
     details: dict[str, Any] = {"task": task, "metric": name, "direction": m.direction, "confidence": confidence,
                                "bootstrap_samples": bootstrap_samples, "seed": seed,
@@ -235,7 +235,7 @@ def compare_reports(candidate: dict, production: dict, *, margin: float | None =
         g.update(kind=kind, name=gval, metric="recall" if kind == "class" and gname == "accuracy" else gname,
                  margin=_margin(class_margin, gm, g["production"], DEFAULT_CLASS_MARGIN,
                                 DEFAULT_RELATIVE_CLASS_MARGIN))
-        g["passed"] = g["lower"] > -g["margin"]
+        g["passed"] = g["lower"] >= -g["margin"]
         rows.append(g)
     details["groups"] = rows
 
@@ -249,7 +249,7 @@ def compare_reports(candidate: dict, production: dict, *, margin: float | None =
 
 def _regressed(what: str, r: dict) -> str:
     return (f"{what}: candidate {r['candidate']:.4f} vs production {r['production']:.4f} (n={r['n']}); the "
-            f"lower bound of the improvement {r['lower']:+.4f} is not above -{r['margin']:.4f}")
+            f"lower bound of the improvement {r['lower']:+.4f} is below -{r['margin']:.4f}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -343,21 +343,28 @@ def _same_test(report: dict | None, other: dict) -> bool:
     return a == b if a and b else {e["id"] for e in report["examples"]} == {e["id"] for e in other["examples"]}
 
 
+def _on(run: Run, report: dict | None, target: dict | None, out: Path, notes: list[str], who: str) -> dict:
+    """The run's tuned predictions on `target`'s test set (None: its own): its report when that is on it,
+    else an evaluation into the gate folder."""
+    has_tuned = report is not None and bool((report.get("predictions") or {}).get(SYSTEM))
+    if has_tuned and (target is None or _same_test(report, target)):
+        return report
+    if target is None:
+        return _evaluate(run, None, out / who, notes, who)
+    fp, path = target["test"].get("fingerprint"), target["test"].get("path")
+    if fp and run.info.data.test == fp:
+        # the run held out the very same records as its own test set (same data, same seed)
+        return _evaluate(run, None, out / who, notes, who)
+    if not path or not Path(path).exists():
+        raise TuneloopError(f"the test set {path} is not on this machine: {who} cannot be evaluated on it")
+    return _evaluate(run, path, out / who, notes, who)
+
+
 def _reports(cand: Run, prod: Run, out: Path, notes: list[str]) -> tuple[dict, dict]:
-    """Both reports on one test set: production's when it has one (else the candidate's), re-running only
-    the version whose report is missing or was made on another test set."""
-    rc, rp = _read_report(cand), _read_report(prod)
-    if rp is None or not (rp.get("predictions") or {}).get(SYSTEM):
-        if rc is None or not (rc.get("predictions") or {}).get(SYSTEM):
-            rc = _evaluate(cand, None, out / "candidate", notes, "candidate")
-        rp = _evaluate(prod, rc["test"]["path"], out / "production", notes, "production")
-    elif not _same_test(rc, rp):
-        path = rp["test"]["path"]
-        if not path or not Path(path).exists():
-            raise TuneloopError(f"production's test set {path} is not on this machine: the candidate cannot be "
-                                f"evaluated on it")
-        rc = _evaluate(cand, path, out / "candidate", notes, "candidate")
-    return rc, rp
+    """Both reports on production's test set (the one its report was made on, else its own), re-running
+    only the version whose report is missing or was made on another test set."""
+    rp = _on(prod, _read_report(prod), None, out, notes, "production")
+    return _on(cand, _read_report(cand), rp, out, notes, "candidate"), rp
 
 
 def gate_runs(candidate: "Run | str | Path", production: "Run | str | Path", *, out_dir: Path | None = None,
@@ -373,11 +380,13 @@ def gate_runs(candidate: "Run | str | Path", production: "Run | str | Path", *, 
     out.mkdir(parents=True, exist_ok=True)
     gc = cand.recipe.gate
     notes: list[str] = []
+    step = "evaluate both on one test set"
     try:
         rc, rp = _reports(cand, prod, out, notes)
+        step = "read the candidate's training data to check it for test records"
         keys = training_keys(cand)
     except TuneloopError as e:
-        decision = _cannot([f"cannot evaluate both on one test set: {e}"], task=cand.task)
+        decision = _cannot([f"cannot {step}: {e}"], task=cand.task)
     else:
         decision = compare_reports(rc, rp, margin=margin if margin is not None else gc.margin,
                                    class_margin=gc.class_margin, metric=gc.metric, confidence=gc.confidence,
@@ -441,8 +450,7 @@ def intervals_png(details: dict) -> bytes:
     ax.axvline(0, color="#999", lw=0.8)
     ax.set_yticks(range(len(rows)), [label for label, _ in reversed(rows)])
     conf = details["confidence"]
-    ax.set_xlabel(f"improvement of candidate over production (better > 0), {conf:.0%} one-sided bounds; "
-                  "dashed: -margin", fontsize=8)
+    ax.set_xlabel(f"candidate - production (better > 0), {conf:.0%} bounds; dashed: -margin", fontsize=8)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
