@@ -317,7 +317,8 @@ def test_gate_end_to_end_through_the_registry_and_the_cli(tmp_path, tiny_llama_d
         recipe = recipe_from_dict({
             "name": name, "task": "classify", "model": str(tiny_llama_dir),
             "data": data or {"train": train, "test": test},
-            "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0}, "eval": {"batch_size": 16, "systems": ["tuned"]},
+            "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+            "eval": {"batch_size": 16, "systems": ["tuned"]},
             "train": {"batch_size": 8, "precision": "fp32", "threads": 1, "max_length": 48, **train_keys}})
         run_dir, _ = train_run(recipe, ws, show_progress=False)
         return registry.register(ws, run_dir, name="soup").ref
@@ -387,9 +388,9 @@ def test_gate_end_to_end_on_held_out_test_sets(task, tmp_path, tiny_llama_dir):
     data = (regress_data if task == "regress" else sft_data)(tmp_path)
     ev = {"batch_size": 8} if task == "regress" else {"batch_size": 4, "max_new_tokens": 6, "systems": ["tuned"]}
 
-    def trained(train_keys: dict) -> str:
+    def trained(train_keys: dict, gate_keys: dict | None = None) -> str:
         recipe = recipe_from_dict({"name": f"g-{task}", "task": task, "model": str(tiny_llama_dir), "data": data,
-                                   "method": TINY_METHOD, "eval": ev, "train": {
+                                   "method": TINY_METHOD, "eval": ev, "gate": gate_keys or {}, "train": {
                                        "batch_size": 8, "precision": "fp32", "threads": 1, "max_length": 48,
                                        **train_keys}})
         return registry.register(ws, train_run(recipe, ws, show_progress=False)[0], name="m").ref
@@ -397,11 +398,14 @@ def test_gate_end_to_end_on_held_out_test_sets(task, tmp_path, tiny_llama_dir):
     v1 = trained({"max_steps": 30, "lr": 3e-2})
     evaluate_run(registry.resolve(ws, v1).run_dir, show_progress=False)
     registry.promote(ws, v1)
-    v2 = trained({"max_steps": 30, "lr": 3e-2})
+    v2 = trained({"max_steps": 30, "lr": 3e-2}, {"confidence": 0.9, "bootstrap_samples": 500})
     v3 = trained({"max_steps": 1, "lr": 1e-6})
     res = gate(ws, v2, "m@production", promote=True)
     assert res.code == 0, res.reasons
-    assert res.details["notes"] == [f"candidate: evaluated tuned on its own test set into {res.report_json.parent}/candidate"]
+    # the candidate's recipe says how it is gated
+    assert res.details["confidence"] == 0.9 and res.details["bootstrap_samples"] == 500
+    folder = res.report_json.parent
+    assert res.details["notes"] == [f"candidate: evaluated tuned on its own test set into {folder}/candidate"]
     assert registry.resolve(ws, "m@production").ref == v2
     res = gate(ws, v3, "m@production", promote=True)
     assert res.code == 1 and res.reasons, res.details
