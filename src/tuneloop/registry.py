@@ -47,7 +47,6 @@ _REF = re.compile(r"(?P<name>[A-Za-z0-9][A-Za-z0-9_.-]*)(?::(?P<version>\d+)|@(?
 _TAG_MAX = 8000
 # the per-example field of a report's predictions whose mean is the headline metric (eval/schema.py)
 _PER_EXAMPLE = {"accuracy": "correct", "mae": "abs_error", "rougeL": "rougeL"}
-HOWS = ("first", "gate", "force", "rollback")
 
 
 @dataclass(frozen=True)
@@ -386,7 +385,9 @@ def _interval(values: list[float], seed: int = 0, n_boot: int = 2000) -> tuple[f
 
     x = np.asarray(values, dtype=float)
     rng = np.random.default_rng(seed)
-    means = x[rng.integers(0, len(x), size=(n_boot, len(x)))].mean(axis=1)
+    # in chunks: all resamples of a 10k-example test set at once would be 160 MB
+    means = np.concatenate([x[rng.integers(0, len(x), size=(min(100, n_boot - i), len(x)))].mean(axis=1)
+                            for i in range(0, n_boot, 100)])
     return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
 
 
@@ -610,7 +611,7 @@ def promote(workspace, ref: str, alias: str = "production", force: bool = False,
                           f"--against {name}@{alias} --promote`, or `--force --why \"...\"`")
 
 
-def _holders(events: list[dict], alias: str) -> list[str]:
+def _chain(events: list[dict], alias: str) -> list[str]:
     """The chain of holders of `alias` that a rollback walks back: a promotion pushes, a rollback pops."""
     stack: list[str] = []
     for e in events:
@@ -635,7 +636,7 @@ def rollback(workspace, name: str, alias: str = "production") -> Version:
         holder = alias_holder(ws, name, alias)
         if holder is None:
             raise NotFoundError(f"{name}@{alias}: no version holds this alias; nothing to roll back")
-        chain = _holders(history(ws, name), alias)
+        chain = _chain(history(ws, name), alias)
         if not chain or chain[-1] != holder.ref:
             raise ConfigError(f"{name}@{alias} is held by {holder.ref}, but the history says "
                               f"{chain[-1] if chain else 'nothing'}: the alias was moved outside tuneloop; "
