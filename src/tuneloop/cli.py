@@ -17,8 +17,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Fine-tune pretrained language models into task specialists and keep them good.")
 models_app = typer.Typer(no_args_is_help=True, help="The model zoo.")
 recipe_app = typer.Typer(no_args_is_help=True, help="Recipes: the typed training configuration.")
+registry_app = typer.Typer(no_args_is_help=True, help="The model registry: versions with their lineage, aliases, "
+                                                    "promotion through the gate, rollback, history.")
 app.add_typer(models_app, name="models")
 app.add_typer(recipe_app, name="recipe")
+app.add_typer(registry_app, name="registry")
 from .data.commands import data_app  # noqa: E402  (the data studio's commands live with the data layer)
 
 app.add_typer(data_app, name="data")
@@ -52,6 +55,8 @@ def train(
     no_progress: NoProgress = False,
     resume: Annotated[Optional[Path], typer.Option(
         "--resume", help="Continue an interrupted run folder from its last checkpoint (same recipe).")] = None,
+    register: Annotated[Optional[str], typer.Option(
+        "--register", help="Register the finished run as the next version of NAME (see `tuneloop registry`).")] = None,
 ) -> None:
     """Train a recipe into a new run folder under <workspace>/runs/ (or --resume RUN_DIR)."""
     from .config import load_recipe
@@ -72,6 +77,11 @@ def train(
     console.print(f"run: {run_dir}")
     console.print(f"steps {metrics['steps']} · loss {metrics['first_loss']:.4f} → {metrics['final_loss']:.4f} · "
                   f"{metrics['tokens_per_second']:.0f} tokens/s · {metrics['train_seconds']:.0f} s")
+    if register is not None:
+        from .registry import register as register_run
+
+        console.print(f"registered: {register_run(workspace_path(workspace), run_dir, name=register).ref}",
+                      highlight=False)
 
 
 @app.command("eval")
@@ -136,6 +146,140 @@ def serve(
                follow_interval=follow_interval,
                max_batch=max_batch, max_queue=max_queue, max_prompt_tokens=max_prompt_tokens,
                max_new_tokens=max_new_tokens, batch_window_ms=batch_window_ms)
+Ref = Annotated[str, typer.Argument(help="NAME:VERSION or NAME@ALIAS.")]
+AliasOpt = Annotated[str, typer.Option("--alias", help="The alias (production, staging, any name).")]
+
+
+@registry_app.command("register")
+def registry_register(
+    run: Annotated[str, typer.Argument(help="A finished run folder (or its name under <workspace>/runs/).")],
+    name: Annotated[Optional[str], typer.Option("--name", help="Registered name (default: the recipe's name).")] = None,
+    parent: Annotated[Optional[str], typer.Option("--parent", help="The version this one was retrained from "
+                                                  "(NAME:VERSION or NAME@ALIAS).")] = None,
+    workspace: Workspace = None,
+) -> None:
+    """Register a run as the next version of NAME; prints NAME:VERSION."""
+    from .registry import register
+    from .runs import workspace_path
+
+    # plain print: scripts capture the ref
+    print(register(workspace_path(workspace), run, name=name, parent=parent).ref)
+
+
+def _headline(tags: dict) -> str:
+    metric = tags.get("headline.metric")
+    if not metric:
+        return "—"
+    value = tags.get("headline.tuned")
+    return f"{metric} {float(value):.4f}" if value not in (None, "none") else metric
+
+
+def _short_time(iso: str) -> str:
+    return iso[:19].replace("T", " ")
+
+
+@registry_app.command("list")
+def registry_list(
+    name: Annotated[Optional[str], typer.Argument(help="Only this registered name.")] = None,
+    workspace: Workspace = None,
+) -> None:
+    """Registered versions: aliases, task, tuned headline metric, parent, run folder."""
+    from .registry import list_versions
+    from .runs import workspace_path
+
+    versions = list_versions(workspace_path(workspace), name)
+    if not versions:
+        console.print("no registered versions yet; `tuneloop registry register RUN` adds one")
+        return
+    t = Table()
+    t.add_column("version", no_wrap=True)
+    for c in ("aliases", "task", "created", "tuned", "parent", "run folder"):
+        t.add_column(c, overflow="fold")
+    for v in versions:
+        t.add_row(v.ref, ", ".join(v.aliases) or "—", v.task, _short_time(v.created), _headline(v.tags),
+                  v.tags.get("parent", "—"), v.run_dir.name)
+    console.print(t)
+
+
+@registry_app.command("show")
+def registry_show(ref: Ref, workspace: Workspace = None) -> None:
+    """One version: its lineage, aliases, metrics, gate results and model card."""
+    import json
+
+    from .registry import resolve
+    from .runs import workspace_path
+
+    v = resolve(workspace_path(workspace), ref)
+    console.print(f"[bold]{v.ref}[/]  {v.task} · created {v.created} · aliases {', '.join(v.aliases) or '—'}",
+                  highlight=False)
+    t = Table(show_header=False)
+    t.add_column("key", no_wrap=True)
+    t.add_column("value", overflow="fold")
+    gates = []
+    for key, value in sorted(v.tags.items()):
+        if key.startswith("gate."):
+            gates.append(json.loads(value))
+        else:
+            t.add_row(key, value)
+    console.print(t)
+    for g in gates:
+        console.print(f"gate against {g.get('against')}: {'passed' if g.get('passed') else 'failed'} "
+                      f"({g.get('report')}, {g.get('time')})", highlight=False)
+    console.print(f"model card: {v.model_card or '—'}", highlight=False)
+
+
+@registry_app.command("history")
+def registry_history(
+    name: Annotated[str, typer.Argument(help="Registered name.")],
+    workspace: Workspace = None,
+) -> None:
+    """Every alias change of NAME in time order, and what made it (a gate report, or a forced reason)."""
+    from .registry import history
+    from .runs import workspace_path
+
+    events = history(workspace_path(workspace), name)
+    if not events:
+        console.print(f"{name}: no alias has been set yet")
+        return
+    t = Table()
+    for c in ("time", "alias", "from", "to", "how", "gate report / why", "by"):
+        t.add_column(c, overflow="fold")
+    for e in events:
+        basis = " · ".join(x for x in (e.get("gate_report"), e.get("why")) if x) or "—"
+        t.add_row(_short_time(e["time"]), e["alias"], e.get("from") or "—", e["to"], e["how"], basis, e.get("by") or "—")
+    console.print(t)
+
+
+@registry_app.command("promote")
+def registry_promote(
+    ref: Ref,
+    alias: AliasOpt = "production",
+    force: Annotated[bool, typer.Option("--force", help="Promote without a passing gate report (needs --why).")] = False,
+    why: Annotated[Optional[str], typer.Option("--why", help="Why a forced promotion skips the gate.")] = None,
+    workspace: Workspace = None,
+) -> None:
+    """Move ALIAS to a version that passed the gate against its current holder (or --force --why)."""
+    from .registry import promote
+    from .runs import workspace_path
+
+    v = promote(workspace_path(workspace), ref, alias=alias, force=force, why=why)
+    console.print(f"{v.name}@{alias} → {v.ref}", highlight=False)
+
+
+@registry_app.command("rollback")
+def registry_rollback(
+    name: Annotated[str, typer.Argument(help="Registered name.")],
+    alias: AliasOpt = "production",
+    workspace: Workspace = None,
+) -> None:
+    """Move ALIAS back to the version that held it before the current one."""
+    from .registry import rollback
+    from .runs import workspace_path
+
+    v = rollback(workspace_path(workspace), name, alias=alias)
+    console.print(f"{v.name}@{alias} → {v.ref} (rolled back)", highlight=False)
+
+
 @app.command()
 def sweep(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML with a `sweep:` section (search space, metric).")],

@@ -160,6 +160,8 @@ class RunInfo(BaseModel):
     data: Fingerprints = Field(default_factory=Fingerprints)
     metrics: dict[str, Any] = Field(default_factory=dict)
     error: str | None = None
+    mlflow_run_id: str | None = Field(None, description="The MLflow tracking run this run was logged to "
+                                                        "(the registry links a version to it).")
 
 
 def input_spec(recipe: "Recipe") -> InputSpec:
@@ -259,6 +261,16 @@ def fail_run(run_dir: Path, recipe: "Recipe", error: BaseException) -> None:
     text = f"{type(error).__name__}: {error}".strip()
     _write_info(run_dir, info.model_copy(update={"status": "failed", "finished": _now(), "error": text[:2000]}))
     write_text_atomic(Path(run_dir) / FAILED, "training did not finish\n")
+
+
+def set_mlflow_run_id(run_dir: Path, run_id: str) -> RunInfo:
+    """Remember the MLflow tracking run of a run folder in its `run.json`."""
+    info = _read_info(run_dir)
+    if info is None:
+        raise NotFoundError(f"{run_dir}: not a run folder (no {RUN_INFO})")
+    info = info.model_copy(update={"mlflow_run_id": run_id})
+    _write_info(run_dir, info)
+    return info
 
 
 def write_recipe(run_dir: Path, recipe: "Recipe") -> None:

@@ -19,6 +19,11 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def tracking_uri(workspace: Path) -> str:
+    """The workspace's one MLflow store: tracking runs and the model registry both live in it."""
+    return f"sqlite:///{Path(workspace) / 'mlflow.db'}"
+
+
 def log_to_mlflow(
     workspace: Path,
     experiment: str,
@@ -37,7 +42,7 @@ def log_to_mlflow(
     logging.getLogger("mlflow").setLevel(logging.ERROR)
     logging.getLogger("alembic").setLevel(logging.ERROR)
 
-    mlflow.set_tracking_uri(f"sqlite:///{workspace / 'mlflow.db'}")
+    mlflow.set_tracking_uri(tracking_uri(workspace))
     exp = mlflow.get_experiment_by_name(experiment)
     if exp is None:
         exp_id = mlflow.create_experiment(experiment, artifact_location=(workspace / "mlartifacts").as_uri())

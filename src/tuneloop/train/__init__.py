@@ -13,7 +13,8 @@ from typing import Callable
 
 from ..config import Recipe
 from ..errors import ConfigError
-from ..runs import DATA, LOSS_PLOT, RECIPE, fail_run, new_run_dir, open_run, read_history, start_run
+from ..runs import (DATA, LOSS_PLOT, RECIPE, fail_run, new_run_dir, open_run, read_history, set_mlflow_run_id,
+                    start_run)
 
 
 def _classify(recipe: Recipe, run_dir: Path, show_progress: bool, resume: bool = False) -> dict:
@@ -85,6 +86,7 @@ def _run(recipe: Recipe, run_dir: Path, workspace: Path, show_progress: bool, re
     run_id = log_to_mlflow(workspace, recipe.name, run_dir.name, recipe.model_dump(mode="json"), numeric,
                            artifacts=[run_dir / RECIPE, run_dir / DATA, run_dir / LOSS_PLOT],
                            tags={"stage": "train"})
+    set_mlflow_run_id(run_dir, run_id)  # the registry links a version to its tracking run through it
     h = read_history(run_dir)
     log_history_to_mlflow(workspace, run_id, h["train"], h["validation"])
     return metrics
