@@ -60,7 +60,11 @@ class Follower:
                 log.warning("%s: cannot read the registry (%s: %s); %s keeps serving %s", info.follows,
                             type(e).__name__, e, info.name, info.version)
                 continue
-            if holder is None or holder.ref == info.version or self.failed.get(info.name) == holder.ref:
+            if holder is None:
+                continue
+            if self.failed.get(info.name) not in (None, holder.ref):
+                del self.failed[info.name]  # the alias moved on: that version gets another try if it comes back
+            if holder.ref == info.version or self.failed.get(info.name) == holder.ref:
                 continue
             current = self.engine.adapters.get(info.name)
             if current is not info:  # replaced or unloaded through /admin meanwhile: that wins
