@@ -225,11 +225,6 @@ class Engine:
                         "version": a.version, "follows": a.follows})
         return out
 
-    def version_of(self, name: str) -> str:
-        """The version a served name serves now (a request's answer names the one it was admitted on)."""
-        kind, info = self.resolve(name)
-        return self.base_version if info is None else info.version
-
     # ------------------------------------------------------------------ requests
     def queue_depth(self) -> int:
         return len(self._waiting)

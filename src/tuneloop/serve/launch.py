@@ -90,7 +90,7 @@ def resolve_refs(specs: list[str], workspace: Path | None) -> tuple[list[str], d
         name, sep, target = spec.partition("=")
         if not sep:
             name, target = "", spec
-        if (":" in target or "@" in target) and not Path(target).expanduser().exists():
+        if ":" in target or "@" in target:  # only then can it be a ref, and is the registry (MLflow) imported
             from .. import registry
 
             if registry.is_ref(target):
