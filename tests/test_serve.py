@@ -111,7 +111,7 @@ def live(runs, tiny_llama_dir):
     engine = Engine(str(tiny_llama_dir), base_name="tiny", max_batch=64, max_queue=256, max_new_tokens=64)
     for name in ("ra", "rb", "clf"):
         engine.load_adapter(name, runs[name]).result()
-    srv = LiveServer(engine, ServeSettings(max_new_tokens=64, max_prompt_tokens=256),
+    srv = LiveServer(engine, ServeSettings(max_new_tokens=64, max_prompt_tokens=256, workspace=runs["root"]),
                      FeedbackStore.for_workspace(runs["root"]))
     yield srv
     srv.close()
@@ -323,7 +323,7 @@ def test_hot_swap_under_load_and_rollback(live, runs, client):
     admin.close()
 
 
-def test_a_bad_adapter_is_refused_and_the_served_one_stays(live, runs, tmp_path, client):
+def test_a_bad_adapter_is_refused_and_the_served_one_stays(live, runs, client):
     """An adapter whose shapes do not fit the base: 400 naming the path, and `rb` keeps its weights."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -333,10 +333,11 @@ def test_a_bad_adapter_is_refused_and_the_served_one_stays(live, runs, tmp_path,
                                         num_attention_heads=4, num_key_value_heads=2))
     pm = get_peft_model(wide, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "o_proj"]))
     pm.peft_config["default"].base_model_name_or_path = str(live.engine.base_path)
-    pm.save_pretrained(tmp_path / "wide")
+    wide_dir = runs["root"] / "wide"  # inside the workspace: /admin loads nothing from elsewhere
+    pm.save_pretrained(wide_dir)
     n_adapters = len(live.engine.peft.peft_config)
-    r = httpx.post(live.url + "/admin/adapters", json={"name": "rb", "path": str(tmp_path / "wide")}, timeout=30)
-    assert r.status_code == 400 and str(tmp_path / "wide") in r.json()["error"]["message"], r.text
+    r = httpx.post(live.url + "/admin/adapters", json={"name": "rb", "path": str(wide_dir)}, timeout=30)
+    assert r.status_code == 400 and str(wide_dir) in r.json()["error"]["message"], r.text
     assert len(live.engine.peft.peft_config) == n_adapters and _chat(client, "rb") == before
 
 
@@ -506,3 +507,132 @@ def test_a_receiver_that_fails_drops_only_its_own_row(tiny_llama_dir):
         assert reasons == ["length"] and len(got) == 6 and engine.stats["cancelled"] == 1
     finally:
         engine.close()
+
+
+# ------------------------------------------------------------------------------ what /admin may read
+def test_admin_loads_only_inside_the_workspace(live, runs, tmp_path):
+    import shutil
+
+    outside = tmp_path / "elsewhere"
+    shutil.copytree(runs["rb"], outside)  # a perfectly good run, but not in the workspace
+    link = runs["root"] / "runs" / "link-out"
+    link.symlink_to(outside, target_is_directory=True)
+    before = {m["id"]: m["version"] for m in live.engine.list_models()}
+    admin = httpx.Client(base_url=live.url, timeout=30)
+    try:
+        for path in (str(outside), str(runs["root"] / ".." / outside.parent.name / "elsewhere"), "link-out",
+                     str(link), "../../etc", "/etc"):
+            r = admin.post("/admin/adapters", json={"name": "x", "path": path})
+            err = r.json()["error"]
+            assert r.status_code == 403 and err["param"] == "path" and err["code"] == "path_not_allowed", (path, r.text)
+            assert set(err) == {"message", "type", "param", "code"} and "outside the workspace" in err["message"]
+        # Nothing was loaded by the refusals.
+        assert {m["id"]: m["version"] for m in live.engine.list_models()} == before
+        # A run's name, a relative path and an absolute path inside the workspace are fine.
+        for path in ("rb", "runs/rb", str(runs["rb"])):
+            r = admin.post("/admin/adapters", json={"name": "x", "path": path})
+            assert r.status_code == 200 and r.json()["version"] == "rb", r.text
+        assert admin.post("/admin/adapters", json={"name": "x", "path": "no-such-run"}).status_code == 404
+        assert admin.post("/admin/adapters", json={"action": "unload", "name": "x"}).status_code == 200
+    finally:
+        admin.close()
+        link.unlink()
+
+    # A server without a workspace loads nothing while serving.
+    from fastapi.testclient import TestClient
+
+    tc = TestClient(create_app(live.engine, ServeSettings(), None))
+    r = tc.post("/admin/adapters", json={"name": "x", "path": str(runs["rb"])})
+    assert r.status_code == 403 and r.json()["error"]["param"] == "path"
+
+
+# ------------------------------------------------------------------------------ body limit
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/classify", "/v1/feedback", "/admin/adapters",
+                                   "/no/such/route"])
+def test_a_body_over_the_limit_is_413_before_it_is_parsed(live, route):
+    limit = ServeSettings().max_body_bytes
+    big = b'{"model": "ra", "messages": [{"role": "user", "content": "' + b"x" * limit + b'"}]}'
+    r = httpx.post(live.url + route, content=big, headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large", r.text
+
+    def chunks(n: int):  # no Content-Length: the server must count
+        for _ in range(n):
+            yield b" " * 65536
+
+    r = httpx.post(live.url + route, content=chunks(limit // 65536 + 2), timeout=30,
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 413 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_a_chunked_body_under_the_limit_is_served(live):
+    def chunks():
+        yield b'{"model": "clf", '
+        yield b'"input": ["good food"]}'
+
+    r = httpx.post(live.url + "/v1/classify", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 200 and r.json()["data"][0]["label"] in ("great", "other"), r.text
+
+
+# ------------------------------------------------------------------------------ version names
+def test_every_answer_names_its_version(live, client, runs):
+    models = {m.id: m for m in client.models.list().data}
+    assert models["rb"].version == "rb" and models["clf"].version == "clf" and models["tiny"].version
+
+    raw = client.chat.completions.with_raw_response.create(model="rb", messages=CHAT, max_tokens=3, temperature=0)
+    resp = raw.parse()
+    assert resp.system_fingerprint == "rb" and raw.headers["x-tuneloop-version"] == "rb"
+    stream = list(client.chat.completions.create(model="rb", messages=CHAT, max_tokens=3, stream=True))
+    assert {c.system_fingerprint for c in stream} == {"rb"}
+    done = client.completions.create(model="tiny", prompt="Hello", max_tokens=3)
+    assert done.system_fingerprint == models["tiny"].version
+
+    r = httpx.post(live.url + "/v1/classify", json={"model": "clf", "input": "good food"})
+    assert r.json()["version"] == "clf" and r.headers["x-tuneloop-version"] == "clf"
+
+    # The feedback store ties the answer to its version.
+    store = FeedbackStore.for_workspace(runs["root"])
+    assert store.get_response(resp.id)["model_version"] == "rb"
+    assert httpx.post(live.url + "/v1/feedback", json={"response_id": resp.id, "rating": 4}).status_code == 201
+    assert store.feedback(resp.id)[0]["model_version"] == "rb"
+
+    # An unknown model or version is 404, as an unknown model always was.
+    for name in ("rb:7", "reviews@production"):
+        r = httpx.post(live.url + "/v1/chat/completions", json={"model": name, "messages": CHAT})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+def test_a_feedback_db_from_before_model_version_keeps_working(tmp_path):
+    import sqlite3
+
+    db = tmp_path / "feedback.db"
+    # The schema feedback.py created before `model_version` existed, with one answer and its rating.
+    con = sqlite3.connect(db)
+    con.executescript("""
+        CREATE TABLE responses (id VARCHAR(64) NOT NULL, created FLOAT NOT NULL, model VARCHAR(128) NOT NULL,
+            endpoint VARCHAR(32) NOT NULL, prompt JSON NOT NULL, output TEXT NOT NULL,
+            finish_reason VARCHAR(32) NOT NULL, PRIMARY KEY (id));
+        CREATE INDEX ix_responses_model ON responses (model);
+        CREATE TABLE feedback (id INTEGER NOT NULL, response_id VARCHAR(64) NOT NULL, created FLOAT NOT NULL,
+            rating INTEGER, correction TEXT, comment TEXT, user VARCHAR(128), PRIMARY KEY (id),
+            FOREIGN KEY(response_id) REFERENCES responses (id));
+        INSERT INTO responses VALUES ('old-1', 1.0, 'ra', 'chat', '"hi"', 'hello', 'stop');
+        INSERT INTO feedback (response_id, created, rating) VALUES ('old-1', 2.0, 5);
+    """)
+    con.commit()
+    con.close()
+
+    store = FeedbackStore(db)
+    assert store.get_response("old-1")["model_version"] is None  # its version was never known
+    store.log_response("new-1", "ra", "chat", [{"role": "user", "content": "hi"}], "hey", "stop", "reviews:2")
+    store.add_feedback("old-1", correction="Hello there.")
+    store.add_feedback("new-1", rating=1)
+    rows = store.feedback()
+    assert [(r["response_id"], r["model_version"]) for r in rows] == [("old-1", None), ("old-1", None),
+                                                                     ("new-1", "reviews:2")]
+    store.close()
+    # Opening it again finds the column there and changes nothing.
+    again = FeedbackStore(db)
+    assert again.get_response("new-1")["model_version"] == "reviews:2"
+    cols = [c[1] for c in sqlite3.connect(db).execute("PRAGMA table_info(responses)")]
+    assert cols.count("model_version") == 1
+    again.close()

@@ -113,8 +113,10 @@ def eval_(
 @app.command()
 def serve(
     model: Annotated[list[str], typer.Option("--model", "-m", help="Base model (zoo name / HF folder) and/or "
-                                              "adapters (run folder or name, PEFT folder); NAME=PATH names one. "
-                                              "Repeatable; the base defaults to the first adapter's.")],
+                                              "adapters (run folder or name, PEFT folder, registered version "
+                                              "NAME:VERSION, or NAME@ALIAS, which is followed as it moves); "
+                                              "NAME=PATH names one. Repeatable; the base defaults to the first "
+                                              "adapter's.")],
     host: Annotated[str, typer.Option(help="Address to bind; anything but loopback requires API keys.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port.")] = 8000,
     api_key: Annotated[Optional[list[str]], typer.Option("--api-key", help="Accepted Bearer key (repeatable; "
@@ -130,6 +132,9 @@ def serve(
     threads: Annotated[Optional[int], typer.Option(help="CPU threads for the model (default: all).")] = None,
     log_responses: Annotated[bool, typer.Option(help="Keep each answer and its prompt in <workspace>/feedback.db "
                                                 "(feedback needs them).")] = True,
+    max_body_bytes: Annotated[int, typer.Option(min=1, help="Larger request bodies get 413.")] = 1 << 20,
+    follow_interval: Annotated[float, typer.Option(min=0.05, help="Seconds between looks at the registry "
+                                                   "aliases served NAME@ALIAS models follow.")] = 2.0,
     workspace: Workspace = None,
 ) -> None:
     """Serve an OpenAI-compatible API: one base model, many LoRA adapters, batching, hot-swap."""
@@ -137,7 +142,8 @@ def serve(
     from .serve.launch import serve as run_server
 
     run_server(model, host, port, api_key or [], workspace_path(workspace), dtype=dtype, threads=threads,
-               log_responses=log_responses, admin_keys=admin_key or [],
+               log_responses=log_responses, admin_keys=admin_key or [], max_body_bytes=max_body_bytes,
+               follow_interval=follow_interval,
                max_batch=max_batch, max_queue=max_queue, max_prompt_tokens=max_prompt_tokens,
                max_new_tokens=max_new_tokens, batch_window_ms=batch_window_ms)
 Ref = Annotated[str, typer.Argument(help="NAME:VERSION or NAME@ALIAS.")]

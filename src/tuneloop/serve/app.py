@@ -2,11 +2,14 @@
 
 The official `openai` client works against it unchanged. Every error, bad requests included, answers in
 OpenAI's shape `{"error": {"message", "type", "param", "code"}}` with a 4xx status; busy means 429 with
-`Retry-After`.
+`Retry-After`; a body over the limit 413. Every answer names the version that produced it (header
+`X-Tuneloop-Version`, and `system_fingerprint` in OpenAI's bodies).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import time
 
 from fastapi import FastAPI
@@ -14,18 +17,35 @@ from fastapi import FastAPI
 from ..feedback import FeedbackStore
 from .dependencies import ServeSettings
 from .engine import Engine
-from .errors import add_error_handlers
+from .errors import add_error_handlers, error_body
+from .follow import Follower
 from .metrics import Metrics
 from .routers import admin, classify, feedback, openai, ops
 
 
 def create_app(engine: Engine, settings: ServeSettings, store: FeedbackStore | None = None) -> FastAPI:
-    app = FastAPI(title="tuneloop serve", version="1", description=__doc__)
+    follower = Follower(engine, settings.workspace, settings.follow_interval) if settings.workspace else None
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        # The follower runs while the app serves: names loaded from `NAME@ALIAS` track that alias's holder.
+        if follower is not None:
+            follower.start()
+        try:
+            yield
+        finally:
+            if follower is not None:
+                follower.stop()
+
+    app = FastAPI(title="tuneloop serve", version="1", description=__doc__, lifespan=lifespan)
     metrics = Metrics(engine)
     # Handlers read these through serve/dependencies.py.
     app.state.engine, app.state.settings, app.state.store, app.state.metrics = engine, settings, store, metrics
+    app.state.follower = follower
     add_error_handlers(app)
-    # A plain ASGI middleware: Starlette's BaseHTTPMiddleware would hide client disconnects from handlers.
+    # Plain ASGI middlewares: Starlette's BaseHTTPMiddleware would hide client disconnects from handlers.
+    # The body limit sits inside _Observe, so its 413s are counted too.
+    app.add_middleware(_LimitBody, limit=settings.max_body_bytes)
     app.add_middleware(_Observe, metrics=metrics)
     app.include_router(ops.router)
     app.include_router(openai.router)
@@ -56,3 +76,61 @@ class _Observe:
         finally:
             route = getattr(scope.get("route"), "path", "other")
             self.metrics.observe(route, status[0], time.perf_counter() - t0)
+
+
+class _LimitBody:
+    """413 for a request body over `limit` bytes, before any handler parses it, on every route.
+
+    A declared Content-Length over the limit is refused without reading a byte; a body without one
+    (chunked) is read here, counting, up to the limit and then handed on whole, so no handler ever holds
+    more than `limit` bytes of a request.
+    """
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = None
+        for k, v in scope.get("headers", ()):
+            if k == b"content-length":
+                declared = v
+        if declared is not None:
+            if not declared.strip().isdigit():
+                return await _refuse(send, 400, "Content-Length: not a byte count", "invalid_value")
+            if int(declared) > self.limit:
+                return await _refuse(send, 413, f"request body of {int(declared)} bytes is over this server's "
+                                                f"limit of {self.limit} bytes", "request_too_large")
+            return await self.app(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left before its body was in
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                return await _refuse(send, 413, f"request body is over this server's limit of {self.limit} bytes",
+                                     "request_too_large")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()  # then disconnects as they come
+
+        await self.app(scope, replay, send)
+
+
+async def _refuse(send, status: int, message: str, code: str) -> None:
+    body = json.dumps(error_body(message, "invalid_request_error", None, code)).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})

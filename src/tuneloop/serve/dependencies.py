@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hmac
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated, Optional
 
 from fastapi import Depends, Request
@@ -18,6 +19,10 @@ from .errors import APIError
 from .metrics import Metrics
 
 
+# Every answer names the version that produced it in this header.
+VERSION_HEADER = "X-Tuneloop-Version"
+
+
 @dataclass
 class ServeSettings:
     api_keys: list[str] = field(default_factory=list)
@@ -26,6 +31,9 @@ class ServeSettings:
     max_new_tokens: int = 512
     classify_max_texts: int = 256
     log_responses: bool = True
+    max_body_bytes: int = 1 << 20  # a larger request body gets 413 before it is read any further
+    workspace: Optional[Path] = None  # what /admin may load from (with the registry in it); None: nothing
+    follow_interval: float = 2.0  # seconds between looks at the aliases the served names follow
 
 
 # ---------------------------------------------------------------------------- shared state

@@ -13,6 +13,10 @@ given per row, so padding never shifts a sequence.
 Hot-swap: each load gets a fresh internal adapter name; the public name points at the newest one. A
 request holds the internal name it was admitted with, so it finishes on the weights it started with;
 a replaced or unloaded adapter is deleted once no request holds it any more.
+
+Every served name knows which version it serves (`AdapterInfo.version`: `NAME:VERSION` for a registered
+version, else the run or adapter folder's name); a request records the version it was admitted on, so
+its answer names the weights that really produced it, even when a swap lands while it runs.
 """
 
 from __future__ import annotations
@@ -73,6 +77,7 @@ class GenRequest:
     on_finish: Callable[[str], None]
     adapter: str = BASE  # internal adapter name, set by `Engine.submit`
     model_name: str = ""
+    version: str = ""  # the version `adapter` is, set by `Engine.submit`
     generated: list[int] = field(default_factory=list)
     cancelled: bool = False
     finished: bool = False
@@ -88,6 +93,8 @@ class AdapterInfo:
     kind: str  # "generate" (causal-LM LoRA over the shared base) or "classify"
     loaded_at: float
     labels: list[str] | None = None
+    version: str = ""  # `NAME:VERSION` of a registered version, else the run (or adapter) folder's name
+    follows: str | None = None  # `NAME@ALIAS` whose holder this name serves (serve/follow.py keeps it current)
 
 
 # What a run of each task is served as; a task missing here cannot be served.
@@ -151,7 +158,8 @@ def _same_model(a: str | None, b: str) -> bool:
 class Engine:
     def __init__(self, base: str, *, base_name: str | None = None, dtype: torch.dtype = torch.float32,
                  max_batch: int = 16, max_queue: int = 64, batch_window_ms: float = 5.0,
-                 max_prompt_tokens: int = 2048, max_new_tokens: int = 512, device: torch.device | None = None):
+                 max_prompt_tokens: int = 2048, max_new_tokens: int = 512, device: torch.device | None = None,
+                 base_version: str | None = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from ..infer.device import device as default_device
@@ -160,6 +168,7 @@ class Engine:
         self.device = device or default_device()
         self.base_path = resolve_model(base)
         self.base_name = validate_name(base_name or _default_base_name(base))
+        self.base_version = base_version or _default_base_name(base)
         self.dtype = dtype
         self.max_batch, self.max_queue = max_batch, max_queue
         self.batch_window = batch_window_ms / 1000
@@ -197,7 +206,7 @@ class Engine:
     def resolve(self, name: str) -> tuple[str, AdapterInfo | None]:
         """A request's `model` → ("base" | "generate" | "classify", adapter). The one place names resolve.
 
-        Registry aliases (`reviews@production`) will map to a loaded adapter here.
+        A registry alias is served under its own name (`reviews@production`), loaded like any adapter.
         """
         validate_name(name)
         if name == self.base_name:
@@ -209,9 +218,11 @@ class Engine:
         return info.kind, info
 
     def list_models(self) -> list[dict]:
-        out = [{"id": self.base_name, "kind": "base", "path": self.base_path, "created": 0}]
+        out = [{"id": self.base_name, "kind": "base", "path": self.base_path, "created": 0,
+                "version": self.base_version, "follows": None}]
         for a in sorted(self.adapters.values(), key=lambda a: a.name):
-            out.append({"id": a.name, "kind": a.kind, "path": a.path, "created": int(a.loaded_at)})
+            out.append({"id": a.name, "kind": a.kind, "path": a.path, "created": int(a.loaded_at),
+                        "version": a.version, "follows": a.follows})
         return out
 
     # ------------------------------------------------------------------ requests
@@ -241,6 +252,7 @@ class Engine:
                                 f"{self.max_queue}); retry shortly")
             req.adapter = info.internal if info else BASE
             req.model_name = model_name
+            req.version = info.version if info else self.base_version
             if req.params.seed is not None:
                 req.generator = torch.Generator().manual_seed(int(req.params.seed))
             self._refs[req.adapter] = self._refs.get(req.adapter, 0) + 1
@@ -261,12 +273,18 @@ class Engine:
             self._wake.notify()
         return fut
 
-    def load_adapter(self, name: str, path: str | Path) -> Future:
-        """Load or replace adapter `name` from a run folder or a PEFT folder; returns a Future of AdapterInfo."""
+    def load_adapter(self, name: str, path: str | Path, version: str | None = None,
+                     follows: str | None = None) -> Future:
+        """Load or replace adapter `name` from a run folder or a PEFT folder; returns a Future of AdapterInfo.
+
+        `version` names what it is (default: the folder's name); `follows` is the `NAME@ALIAS` it came from.
+        """
         validate_name(name)
         if name == self.base_name:
             raise ConfigError(f"adapter name {name!r} is the base model's name")
         info = read_run_info(Path(path))
+        info["version"] = version or Path(path).expanduser().resolve().name
+        info["follows"] = follows
         if info["kind"] == "classify":
             # A classifier carries its own head and is loaded beside the shared base, so any base fits.
             return self.call(lambda: self._load_classifier(name, info))
@@ -302,7 +320,7 @@ class Engine:
                         self.peft.delete_adapter(internal)
                 raise
         new = AdapterInfo(name=name, internal=internal, path=str(info["run_dir"] or path), kind="generate",
-                          loaded_at=time.time())
+                          loaded_at=time.time(), version=info["version"], follows=info["follows"])
         with self._lock:
             old = self.adapters.get(name)
             self.adapters[name] = new
@@ -314,7 +332,8 @@ class Engine:
     def _load_classifier(self, name: str, info: dict) -> AdapterInfo:
         loaded = load_for_inference(info["run"], self.device)
         new = AdapterInfo(name=name, internal="", path=str(info["run_dir"]), kind="classify",
-                          loaded_at=time.time(), labels=loaded.labels)
+                          loaded_at=time.time(), labels=loaded.labels, version=info["version"],
+                          follows=info["follows"])
         with self._lock:
             old = self.adapters.get(name)
             self.adapters[name] = new
@@ -350,13 +369,18 @@ class Engine:
                 self.peft.delete_adapter(a)
 
     def classify(self, name: str, texts: list[str], max_length: int | None = None) -> Future:
-        """Class probabilities for `texts`; each is read up to `max_length` tokens, by default as far as
-        the run's report read them (`eval.max_length`), so the service delivers the measured accuracy."""
+        """A Future of (labels, class probabilities for `texts`, the version that computed them); each text
+        is read up to `max_length` tokens, by default as far as the run's report read them (`eval.max_length`),
+        so the service delivers the measured accuracy."""
         kind, info = self.resolve(name)
         if kind != "classify":
             raise ConfigError(f"model {name!r} is not a classification run (classification runs: "
                               f"{', '.join(sorted(self.classifiers)) or 'none'})")
-        clf = self.classifiers[name]
+        with self._lock:  # the classifier and its version from the same load, even mid-swap
+            info, clf = self.adapters.get(name), self.classifiers.get(name)
+        if clf is None:
+            raise NotFoundError(f"model {name!r} was just unloaded")
+        version = info.version
 
         def run():
             from ..infer.predict import predict_classifier
@@ -366,7 +390,7 @@ class Engine:
                                        max_length=max_length or spec.max_length, dtype=clf.dtype,
                                        show_progress=False, template=spec.template or "{text}",
                                        as_chat=spec.as_chat, system=spec.system_prompt, truncate=spec.truncate)
-            return clf.labels, probs
+            return clf.labels, probs, version
 
         return self.call(run)
 

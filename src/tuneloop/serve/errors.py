@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ConfigError, NotFoundError, TuneloopError
 from .engine import Engine, QueueFull
+from .sources import OutsideWorkspace
 
 
 class APIError(Exception):
@@ -33,6 +34,8 @@ def error_body(message: str, type: str, param: str | None = None, code: str | No
 def from_tuneloop(e: TuneloopError, param: str | None = None) -> APIError:
     if isinstance(e, QueueFull):
         return APIError(429, str(e), "rate_limit_exceeded", None, "queue_full", {"Retry-After": "1"})
+    if isinstance(e, OutsideWorkspace):
+        return APIError(403, str(e), "invalid_request_error", param, "path_not_allowed")
     if isinstance(e, NotFoundError):
         return APIError(404, str(e), "invalid_request_error", param, "model_not_found" if param == "model" else
                         "not_found")
@@ -61,7 +64,7 @@ class ErrorResponse(BaseModel):
 
 
 # The error statuses every API route documents in the OpenAPI schema.
-ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 404, 429)}
+ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 404, 413, 429)}
 
 
 # ---------------------------------------------------------------------------- exception handlers

@@ -1,9 +1,14 @@
-"""`tuneloop serve`: turn `--model` arguments into one base model plus adapters, check the key rules, run."""
+"""`tuneloop serve`: turn `--model` arguments into one base model plus adapters, check the key rules, run.
+
+A `--model` may be a registered version: `NAME:VERSION`, or `NAME@ALIAS`, which is then followed (the
+server loads each new holder of the alias as it changes; serve/follow.py).
+"""
 
 from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -11,6 +16,9 @@ from ..errors import ConfigError, NotFoundError
 from ..runs import ADAPTER_CONFIG, MODEL, MODEL_CONFIG, is_adapter, is_run_dir, open_run
 from ..zoo import ZOO
 from .engine import _default_base_name, validate_name
+from .sources import Source, source_for_ref
+
+log = logging.getLogger("tuneloop.serve")
 
 
 def is_loopback(host: str) -> bool:
@@ -72,6 +80,30 @@ def parse_models(specs: list[str], workspace: Path | None) -> tuple[tuple[str, s
     return base, adapters
 
 
+def resolve_refs(specs: list[str], workspace: Path | None) -> tuple[list[str], dict[str, Source]]:
+    """Registered versions among `--model` values → `NAME=RUN_FOLDER` specs, and what each name is.
+
+    A ref is served under its own text (`reviews@production`) unless NAME= is given.
+    """
+    out, sources = [], {}
+    for spec in specs:
+        name, sep, target = spec.partition("=")
+        if not sep:
+            name, target = "", spec
+        if ":" in target or "@" in target:  # only then can it be a ref, and is the registry (MLflow) imported
+            from .. import registry
+
+            if registry.is_ref(target):
+                if workspace is None:
+                    raise ConfigError(f"--model {spec}: a registry ref needs a workspace (--workspace)")
+                src = source_for_ref(workspace, target)
+                name = validate_name(name or target)
+                sources[name] = src
+                spec = f"{name}={src.path}"
+        out.append(spec)
+    return out, sources
+
+
 def base_for(adapters: list[tuple[str, str]]) -> tuple[str, str]:
     """With no base given, serve the one the first adapter was trained on (a run's base is found the one
     way `Run.base_model_path` finds it)."""
@@ -91,17 +123,26 @@ def build_engine(specs: list[str], workspace: Path | None, dtype: str = "auto", 
 
     if not specs:
         raise ConfigError("give at least one --model (a zoo name, a model folder, a run or an adapter folder)")
+    specs, sources = resolve_refs(specs, workspace)
     base, adapters = parse_models(specs, workspace)
     if base is None:
         base = base_for(adapters)
     names = {"auto": "auto", "bfloat16": "bf16", "bf16": "bf16", "float32": "fp32", "fp32": "fp32"}
     if dtype not in names:
         raise ConfigError(f"--dtype {dtype!r}: known: auto, bfloat16, float32")
-    engine = Engine(base[1], base_name=base[0], dtype=pick_dtype(names[dtype], device()), **limits)
+    base_src = sources.get(base[0])
+    if base_src is not None and base_src.follows:
+        # Full weights are the engine's base, which is never hot-swapped (only adapters are).
+        log.warning("%s: %s is a full fine-tuning run, served as the base; it is not swapped when %s moves",
+                    base[0], base_src.version, base_src.follows)
+    engine = Engine(base[1], base_name=base[0], dtype=pick_dtype(names[dtype], device()),
+                    base_version=base_src.version if base_src else None, **limits)
     try:
         for name, path in adapters:
+            src = sources.get(name)
             try:
-                engine.load_adapter(name, path).result()
+                engine.load_adapter(name, path, version=src.version if src else None,
+                                    follows=src.follows if src else None).result()
             except (OSError, ValueError, KeyError, RuntimeError) as e:  # unreadable or mismatched adapter files
                 raise ConfigError(f"--model {name}: could not load {path}: {type(e).__name__}: {e}") from None
     except BaseException:
@@ -112,7 +153,7 @@ def build_engine(specs: list[str], workspace: Path | None, dtype: str = "auto", 
 
 def serve(specs: list[str], host: str, port: int, api_keys: list[str], workspace: Path, dtype: str = "auto",
           threads: int | None = None, log_responses: bool = True, admin_keys: list[str] | None = None,
-          **limits) -> None:
+          max_body_bytes: int = 1 << 20, follow_interval: float = 2.0, **limits) -> None:
     import torch
     import uvicorn
 
@@ -123,13 +164,22 @@ def serve(specs: list[str], host: str, port: int, api_keys: list[str], workspace
     if not is_loopback(host) and not keys:
         raise ConfigError(f"--host {host}: binding beyond loopback needs API keys (--api-key KEY or "
                           "TUNELOOP_API_KEYS=k1,k2)")
+    if max_body_bytes < 1 or follow_interval <= 0:
+        raise ConfigError(f"--max-body-bytes {max_body_bytes} / --follow-interval {follow_interval}: both must be "
+                          "above 0")
+    if not log.handlers:  # uvicorn sets up its own loggers only; alias switches must show in the server's log
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
     if threads:
         torch.set_num_threads(threads)
     engine = build_engine(specs, workspace, dtype, **limits)
     admin = [k for k in (admin_keys or []) if k]
     admin += [k.strip() for k in os.environ.get("TUNELOOP_ADMIN_KEYS", "").split(",") if k.strip()]
     settings = ServeSettings(api_keys=keys, admin_keys=admin, max_prompt_tokens=limits.get("max_prompt_tokens", 2048),
-                             max_new_tokens=limits.get("max_new_tokens", 512), log_responses=log_responses)
+                             max_new_tokens=limits.get("max_new_tokens", 512), log_responses=log_responses,
+                             max_body_bytes=max_body_bytes, workspace=workspace, follow_interval=follow_interval)
     app = create_app(engine, settings, FeedbackStore.for_workspace(workspace))
     try:
         uvicorn.run(app, host=host, port=port, log_level="info")

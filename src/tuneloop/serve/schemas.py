@@ -31,7 +31,8 @@ class StreamOptions(_Req):
 
 
 class GenParams(_Req):
-    model: str = Field(description="Base model name, an adapter / run name, or (later) a registry alias.",
+    model: str = Field(description="Base model name, an adapter / run name, or a served registry ref "
+                       "(`reviews@production`).",
                        max_length=256)
     temperature: Optional[float] = Field(None, ge=0, le=2, description="0 = greedy. Default 1.")
     top_p: Optional[float] = Field(None, gt=0, le=1, description="Nucleus sampling mass. Default 1.")
@@ -73,4 +74,6 @@ class AdapterRequest(_Req):
     action: Literal["load", "unload"] = Field("load", description="`load` also replaces an adapter of that name.")
     name: str = Field(max_length=128, description="Public name requests use in `model`.")
     path: Optional[str] = Field(None, max_length=4096,
-                                description="Run folder or PEFT adapter folder on the server (for `load`).")
+                                description="For `load`: a run folder inside the server's workspace (or a run's "
+                                "name), or a registered version `NAME:VERSION` / `NAME@ALIAS` (an alias is "
+                                "then followed). Any other path is refused (403).")

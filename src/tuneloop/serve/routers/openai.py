@@ -3,6 +3,9 @@
 The official `openai` client works against it unchanged. A request is checked (sampling, model, prompt
 length) before it reaches the engine; once streaming has started the status line is gone, so a later error
 becomes an `error` event, as OpenAI sends it.
+
+Every answer names the version that produced it (the one its request was admitted on): as OpenAI's
+`system_fingerprint`, in the `X-Tuneloop-Version` header, and in the feedback store's `model_version`.
 """
 
 from __future__ import annotations
@@ -13,13 +16,14 @@ import json
 import time
 import uuid
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from ...errors import TuneloopError
 from ...feedback import FeedbackStore
-from ..dependencies import EngineDep, MetricsDep, ServeSettings, SettingsDep, StoreDep, require_api_key
+from ..dependencies import (VERSION_HEADER, EngineDep, MetricsDep, ServeSettings, SettingsDep, StoreDep,
+                            require_api_key)
 from ..engine import Engine, GenRequest, SamplingParams
 from ..errors import ERRORS, APIError, check_model, error_body, from_tuneloop
 from ..metrics import Metrics
@@ -31,12 +35,13 @@ router = APIRouter(dependencies=[Depends(require_api_key)], responses=ERRORS)
 @router.get("/v1/models")
 async def list_models(engine: EngineDep) -> dict:
     return {"object": "list", "data": [
-        {"id": m["id"], "object": "model", "created": m["created"], "owned_by": "tuneloop", "kind": m["kind"]}
+        {"id": m["id"], "object": "model", "created": m["created"], "owned_by": "tuneloop", "kind": m["kind"],
+         "version": m["version"], "follows": m["follows"]}
         for m in engine.list_models()]}
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(body: ChatCompletionRequest, request: Request, engine: EngineDep,
+async def chat_completions(body: ChatCompletionRequest, request: Request, response: Response, engine: EngineDep,
                            settings: SettingsDep, metrics: MetricsDep, store: StoreDep):
     max_tokens = body.max_completion_tokens or body.max_tokens
     params = _sampling(body, max_tokens, settings)
@@ -46,13 +51,17 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, engine
     _check_prompt(ids, "messages", settings)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     prompt_log = [m.model_dump() for m in body.messages]
-    gen = _generate(engine, metrics, body.model, ids, params, stops)
+    served: dict = {}
+    gen = _generate(engine, metrics, body.model, ids, params, stops, served)
     first = await _first(gen)  # errors such as a full queue surface here, before any byte is sent
+    version = served["version"]
 
     if not body.stream:
         text, reason, n = await _run_to_end(request, _chain(first, gen))
-        await _log(store, settings, rid, body.model, "chat", prompt_log, text, reason)
+        await _log(store, settings, rid, body.model, "chat", prompt_log, text, reason, version)
+        response.headers[VERSION_HEADER] = version
         return {"id": rid, "object": "chat.completion", "created": created, "model": body.model,
+                "system_fingerprint": version,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                              "logprobs": None, "finish_reason": reason}],
                 "usage": _usage(len(ids), n)}
@@ -60,7 +69,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, engine
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
     async def events():
-        base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model}
+        base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model,
+                "system_fingerprint": version}
         yield _sse({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                          "logprobs": None, "finish_reason": None}]})
         parts = []
@@ -73,19 +83,19 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, engine
                                                  "finish_reason": reason}]})
                 if include_usage:
                     yield _sse({**base, "choices": [], "usage": _usage(len(ids), n)})
-                await _log(store, settings, rid, body.model, "chat", prompt_log, "".join(parts), reason)
+                await _log(store, settings, rid, body.model, "chat", prompt_log, "".join(parts), reason, version)
             else:
                 parts.append(item[0])
                 yield _sse({**base, "choices": [{"index": 0, "delta": {"content": item[0]}, "logprobs": None,
                                                  "finish_reason": None}]})
         yield "data: [DONE]\n\n"
 
-    return StreamingResponse(events(), media_type="text/event-stream")
+    return StreamingResponse(events(), media_type="text/event-stream", headers={VERSION_HEADER: version})
 
 
 @router.post("/v1/completions")
-async def completions(body: CompletionRequest, request: Request, engine: EngineDep, settings: SettingsDep,
-                      metrics: MetricsDep, store: StoreDep):
+async def completions(body: CompletionRequest, request: Request, response: Response, engine: EngineDep,
+                      settings: SettingsDep, metrics: MetricsDep, store: StoreDep):
     params = _sampling(body, body.max_tokens, settings)
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if isinstance(body.prompt, list):
@@ -98,19 +108,23 @@ async def completions(body: CompletionRequest, request: Request, engine: EngineD
     ids = engine.tok(prompt)["input_ids"]
     _check_prompt(ids, "prompt", settings)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-    gen = _generate(engine, metrics, body.model, ids, params, stops)
+    served: dict = {}
+    gen = _generate(engine, metrics, body.model, ids, params, stops, served)
     first = await _first(gen)
+    version = served["version"]
     echo = prompt if body.echo else ""
 
     if not body.stream:
         text, reason, n = await _run_to_end(request, _chain(first, gen))
-        await _log(store, settings, rid, body.model, "completion", prompt, text, reason)
+        await _log(store, settings, rid, body.model, "completion", prompt, text, reason, version)
+        response.headers[VERSION_HEADER] = version
         return {"id": rid, "object": "text_completion", "created": created, "model": body.model,
-                "choices": [{"index": 0, "text": echo + text, "logprobs": None, "finish_reason": reason}],
+                "system_fingerprint": version, "choices": [{"index": 0, "text": echo + text, "logprobs": None, "finish_reason": reason}],
                 "usage": _usage(len(ids), n)}
 
     async def events():
-        base = {"id": rid, "object": "text_completion", "created": created, "model": body.model}
+        base = {"id": rid, "object": "text_completion", "created": created, "model": body.model,
+                "system_fingerprint": version}
         parts = []
         if echo:
             yield _sse({**base, "choices": [{"index": 0, "text": echo, "logprobs": None, "finish_reason": None}]})
@@ -120,14 +134,15 @@ async def completions(body: CompletionRequest, request: Request, engine: EngineD
             elif item[0] is None:
                 yield _sse({**base, "choices": [{"index": 0, "text": "", "logprobs": None,
                                                  "finish_reason": item[1]}]})
-                await _log(store, settings, rid, body.model, "completion", prompt, "".join(parts), item[1])
+                await _log(store, settings, rid, body.model, "completion", prompt, "".join(parts), item[1],
+                           version)
             else:
                 parts.append(item[0])
                 yield _sse({**base, "choices": [{"index": 0, "text": item[0], "logprobs": None,
                                                  "finish_reason": None}]})
         yield "data: [DONE]\n\n"
 
-    return StreamingResponse(events(), media_type="text/event-stream")
+    return StreamingResponse(events(), media_type="text/event-stream", headers={VERSION_HEADER: version})
 
 
 # ---------------------------------------------------------------------------- checks before the engine
@@ -176,14 +191,17 @@ def _chat_ids(engine: Engine, messages: list[ChatMessage]) -> list[int]:
 
 # ---------------------------------------------------------------------------- generation
 async def _generate(engine: Engine, metrics: Metrics, model: str, ids: list[int], params: SamplingParams,
-                    stops: list[str]):
-    """Yield text deltas as they come, then one final `(None, finish_reason)`; frees the slot on exit."""
+                    stops: list[str], served: dict):
+    """Yield text deltas as they come, then one final `(None, finish_reason)`; frees the slot on exit.
+
+    Once submitted, `served["version"]` is the version the request was admitted on."""
     loop = asyncio.get_running_loop()
     q: asyncio.Queue = asyncio.Queue()
     req = GenRequest(prompt_ids=ids, params=params,
                      on_token=lambda t: loop.call_soon_threadsafe(q.put_nowait, ("t", t)),
                      on_finish=lambda r: loop.call_soon_threadsafe(q.put_nowait, ("f", r)))
     engine.submit(req, model)
+    served["version"] = req.version
     metrics.requests_started(model)
     tokens: list[int] = []
     sent = 0
@@ -286,9 +304,9 @@ async def _guard(items):
 
 # ---------------------------------------------------------------------------- answers
 async def _log(store: FeedbackStore | None, settings: ServeSettings, rid: str, model: str, endpoint: str, prompt,
-               output: str, reason: str) -> None:
+               output: str, reason: str, version: str) -> None:
     if store is not None and settings.log_responses:
-        await run_in_threadpool(store.log_response, rid, model, endpoint, prompt, output, reason)
+        await run_in_threadpool(store.log_response, rid, model, endpoint, prompt, output, reason, version)
 
 
 def _sse(obj) -> str:
