@@ -22,6 +22,8 @@ registry_app = typer.Typer(no_args_is_help=True, help="The model registry: versi
 app.add_typer(models_app, name="models")
 app.add_typer(recipe_app, name="recipe")
 app.add_typer(registry_app, name="registry")
+ci_app = typer.Typer(no_args_is_help=True, help="CI/CD: a workflow that trains, gates and promotes on every push.")
+app.add_typer(ci_app, name="ci")
 from .data.commands import data_app  # noqa: E402  (the data studio's commands live with the data layer)
 
 app.add_typer(data_app, name="data")
@@ -395,6 +397,27 @@ def recipe_check(recipe: Path, set_: Sets = None) -> None:
     from .config import load_recipe, recipe_to_yaml
 
     console.print(recipe_to_yaml(load_recipe(recipe, set_ or [])), end="")
+
+
+@ci_app.command("init")
+def ci_init(
+    provider: Annotated[str, typer.Option("--provider", help="CI provider (github).")] = "github",
+    recipe: Annotated[Optional[Path], typer.Option("--recipe", help="The recipe CI trains, inside the repository "
+                                                   "(default: the one recipe under recipes/).")] = None,
+    name: Annotated[Optional[str], typer.Option("--name", help="Registered name (default: the recipe's name).")] = None,
+    branch: Annotated[str, typer.Option("--branch", help="Runs on this branch promote; pull requests only gate.")]
+    = "main",
+    ci_workspace: Annotated[Optional[str], typer.Option(
+        "--workspace", help="A self-hosted runner's persistent workspace folder (absolute), shared with the "
+        "server; default: a GitHub-hosted runner keeping ./workspace in the Actions cache.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing workflow file.")] = False,
+) -> None:
+    """Write a CI workflow: data check, train and register, eval, gate against NAME@production (promote on main)."""
+    from .ci import init_workflow
+
+    out = init_workflow(Path.cwd(), provider=provider, recipe=recipe, name=name, branch=branch,
+                        workspace=ci_workspace, force=force)
+    console.print(f"wrote {out}", highlight=False)
 
 
 def main() -> None:
