@@ -395,14 +395,14 @@ def test_gate_end_to_end_on_held_out_test_sets(task, tmp_path, tiny_llama_dir):
                                        **train_keys}})
         return registry.register(ws, train_run(recipe, ws, show_progress=False)[0], name="m").ref
 
-    v1 = trained({"max_steps": 30, "lr": 3e-2})
+    v1 = trained({"max_steps": 30, "lr": 3e-2}, {"confidence": 0.9, "bootstrap_samples": 500})
     evaluate_run(registry.resolve(ws, v1).run_dir, show_progress=False)
     registry.promote(ws, v1)
-    v2 = trained({"max_steps": 30, "lr": 3e-2}, {"confidence": 0.9, "bootstrap_samples": 500})
+    v2 = trained({"max_steps": 30, "lr": 3e-2}, {"confidence": 0.99, "bootstrap_samples": 100})
     v3 = trained({"max_steps": 1, "lr": 1e-6})
     res = gate(ws, v2, "m@production", promote=True)
     assert res.code == 0, res.reasons
-    # the candidate's recipe says how it is gated
+    # production's recipe says how it is gated, never the candidate's
     assert res.details["confidence"] == 0.9 and res.details["bootstrap_samples"] == 500
     folder = res.report_json.parent
     assert res.details["notes"] == [f"candidate: evaluated tuned on its own test set into {folder}/candidate"]

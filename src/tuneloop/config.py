@@ -264,6 +264,9 @@ class SweepConfig(Section):
 
 
 class GateConfig(Section):
+    """How `tuneloop gate` decides; read from the recipe of the version being gated against (production),
+    so a candidate cannot loosen its own test."""
+
     metric: str | None = Field(
         None, description="The metric `tuneloop gate` decides on (default: the report's headline: classify "
         "`accuracy`, regress `mae`, sft `rougeL`); also classify `macro_f1`, regress `rmse`, sft `loss`.",

@@ -370,7 +370,8 @@ def _reports(cand: Run, prod: Run, out: Path, notes: list[str]) -> tuple[dict, d
 def gate_runs(candidate: "Run | str | Path", production: "Run | str | Path", *, out_dir: Path | None = None,
               workspace: Path | None = None, margin: float | None = None, candidate_name: str | None = None,
               production_name: str | None = None, seed: int = 0) -> GateResult:
-    """Gate one run folder against another with the candidate's recipe (`gate:`); writes gate.json and
+    """Gate one run folder against another with production's recipe (`gate:`): the version that holds the
+    alias sets the bar, so a candidate cannot loosen the test it must pass. Writes gate.json and
     gate.html into `out_dir` (default: a new `<workspace>/gates/<candidate>-vs-<production>-<time>/`)."""
     cand, prod = open_run(candidate, workspace), open_run(production, workspace)
     cname, pname = candidate_name or cand.dir.name, production_name or prod.dir.name
@@ -378,7 +379,7 @@ def gate_runs(candidate: "Run | str | Path", production: "Run | str | Path", *, 
         out_dir = gate_dir(Path(workspace) if workspace else cand.dir.parent.parent, cname, pname)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    gc = cand.recipe.gate
+    gc = prod.recipe.gate
     notes: list[str] = []
     step = "evaluate both on one test set"
     try:
