@@ -11,6 +11,20 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
+def read_json(path: str | os.PathLike) -> Any:
+    """A JSON file tuneloop wrote (run.json, report.json ...); a damaged one is a ConfigError naming
+    file:line, never a traceback."""
+    from .errors import ConfigError
+
+    f = Path(path)
+    try:
+        return json.loads(f.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{f}:{e.lineno}: not valid JSON ({e.msg})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{f}: not UTF-8 at byte {e.start}") from None
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)

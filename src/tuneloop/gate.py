@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from .errors import ConfigError, TuneloopError
-from .fileio import write_json_atomic, write_text_atomic
+from .fileio import read_json, write_json_atomic, write_text_atomic
 from .runs import REPORT_JSON, Run, open_run
 
 PASS, REGRESSION, CANNOT_COMPARE = 0, 1, 2
@@ -321,10 +321,7 @@ def _read_report(run: Run) -> dict | None:
     f = run.dir / REPORT_JSON
     if not f.exists():
         return None
-    try:
-        return json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{f}:{e.lineno}: not valid JSON ({e.msg})") from None
+    return read_json(f)
 
 
 def _evaluate(run: Run, test_path: str | None, out_dir: Path, notes: list[str], who: str) -> dict:

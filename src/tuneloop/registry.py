@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import ConfigError, NotFoundError
-from .fileio import append_line_durable, write_text_atomic
+from .fileio import append_line_durable, read_json, write_text_atomic
 from .runs import DATA, LOSS_PLOT, RECIPE, REPORT_JSON, Run, is_adapter, open_run, set_mlflow_run_id
 
 REGISTRY_DIR = "registry"
@@ -264,10 +264,7 @@ def _read_report(run_dir: Path) -> dict | None:
     f = Path(run_dir) / REPORT_JSON
     if not f.exists():
         return None
-    try:
-        doc = json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{f}:{e.lineno}: not valid JSON ({e.msg})") from None
+    doc = read_json(f)
     return doc if isinstance(doc, dict) and isinstance(doc.get("headline"), dict) else None
 
 

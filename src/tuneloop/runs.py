@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import ConfigError, NotFoundError
-from .fileio import write_json_atomic, write_text_atomic
+from .fileio import read_json, write_json_atomic, write_text_atomic
 
 if TYPE_CHECKING:
     from .config import Recipe
@@ -226,10 +226,7 @@ def _read_info(run_dir: Path) -> RunInfo | None:
     f = Path(run_dir) / RUN_INFO
     if not f.exists():
         return None
-    try:
-        doc = json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{f}:{e.lineno}: not valid JSON ({e.msg})") from None
+    doc = read_json(f)
     version = doc.get("format_version") if isinstance(doc, dict) else None
     if version != FORMAT_VERSION:
         raise ConfigError(f"{f}: format_version {version!r}, this tuneloop reads {FORMAT_VERSION}; "

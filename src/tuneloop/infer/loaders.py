@@ -16,21 +16,18 @@ from .attention import attention_for, keep_adapter_inputs_bf16
 from .encode import load_tokenizer
 
 
-def load_classifier(model_dir: Path, adapter: bool, model_path: str, tokenizer_path: str, dtype: torch.dtype,
-                    dev: torch.device, labels: list[str] | None = None, base=None):
-    """A classification head (with its adapter) over the base model."""
+def _load_head(model_dir: Path, adapter: bool, model_path: str, tokenizer_path: str, dtype: torch.dtype,
+               dev: torch.device, **head):
+    """A sequence-classification head (`head`: its size and label names) over the base model: the base in
+    the dtype and attention training used, with the run's adapter on it, or the run's full weights."""
     from transformers import AutoModelForSequenceClassification
 
-    labels = labels or []
     tok = load_tokenizer(tokenizer_path)
     if adapter:
         from peft import PeftModel
 
         base = AutoModelForSequenceClassification.from_pretrained(
-            model_path, num_labels=len(labels), id2label=dict(enumerate(labels)),
-            label2id={l: i for i, l in enumerate(labels)}, dtype=dtype,
-            attn_implementation=attention_for(dev, dtype),
-        )
+            model_path, dtype=dtype, attn_implementation=attention_for(dev, dtype), **head)
         base.config.pad_token_id = tok.pad_token_id
         model = PeftModel.from_pretrained(base, str(model_dir))
         if dtype == torch.bfloat16:
@@ -39,27 +36,21 @@ def load_classifier(model_dir: Path, adapter: bool, model_path: str, tokenizer_p
         model = AutoModelForSequenceClassification.from_pretrained(str(model_dir))
         model.config.pad_token_id = tok.pad_token_id
     return model.to(dev).eval(), tok
+
+
+def load_classifier(model_dir: Path, adapter: bool, model_path: str, tokenizer_path: str, dtype: torch.dtype,
+                    dev: torch.device, labels: list[str] | None = None, base=None):
+    """A classification head (with its adapter) over the base model."""
+    labels = labels or []
+    return _load_head(model_dir, adapter, model_path, tokenizer_path, dtype, dev, num_labels=len(labels),
+                      id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)})
 
 
 def load_regressor(model_dir: Path, adapter: bool, model_path: str, tokenizer_path: str, dtype: torch.dtype,
                    dev: torch.device, labels: list[str] | None = None, base=None):
     """A one-output head (predicting the standardised target) over the base model."""
-    from transformers import AutoModelForSequenceClassification
-
-    tok = load_tokenizer(tokenizer_path)
-    if adapter:
-        from peft import PeftModel
-
-        base = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1,
-                                                                  problem_type="regression", dtype=dtype)
-        base.config.pad_token_id = tok.pad_token_id
-        model = PeftModel.from_pretrained(base, str(model_dir))
-        if dtype == torch.bfloat16:
-            keep_adapter_inputs_bf16(model)  # inference runs under bf16 autocast, as training did
-    else:
-        model = AutoModelForSequenceClassification.from_pretrained(str(model_dir))
-        model.config.pad_token_id = tok.pad_token_id
-    return model.to(dev).eval(), tok
+    return _load_head(model_dir, adapter, model_path, tokenizer_path, dtype, dev, num_labels=1,
+                      problem_type="regression")
 
 
 def load_generator(model_dir: Path, adapter: bool, model_path: str, tokenizer_path: str, dtype: torch.dtype,
