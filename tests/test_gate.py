@@ -133,6 +133,22 @@ def test_leakage_cannot_be_compared(row: Row):
 
 
 @pytest.mark.parametrize("row", ROWS, ids=ids)
+def test_leakage_both_versions_share_is_left_out_not_blocking(row: Row):
+    """A duplicate between the training and test data that production trained on too favours neither
+    version: those examples leave the comparison (counted), and the gate still decides on the rest. A leak
+    only the candidate has still cannot be compared."""
+    ex = row.production["examples"]
+    both = {ex[7]["key"], ex[8]["key"]}
+    out = compare_reports(row.better, row.production, training_keys=both, production_training_keys=both)
+    assert out["code"] == PASS and sorted(out["shared_leak"]) == sorted([ex[7]["id"], ex[8]["id"]])
+    assert out["n"] == N - 2
+    new = compare_reports(row.better, row.production, training_keys=both | {ex[9]["key"]},
+                          production_training_keys=both)
+    assert new["code"] == CANNOT_COMPARE and new["leaked"] == [ex[9]["id"]]
+    assert "not in production's" in new["reasons"][0]
+
+
+@pytest.mark.parametrize("row", ROWS, ids=ids)
 def test_other_reasons_it_cannot_compare(row: Row):
     other_task = json.loads(json.dumps(row.production))
     other_task["task"] = "classify" if row.task != "classify" else "sft"

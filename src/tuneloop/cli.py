@@ -351,6 +351,8 @@ def print_gate(details: dict, out: Console) -> None:
     out.print(f"{title}: {verdict}")
     for line in details["reasons"]:
         out.print(f"  - {line}", markup=False, highlight=False)
+    for line in details.get("notes", []):
+        out.print(f"  note: {line}", markup=False, highlight=False)
     if details.get("promoted"):
         p = details["promoted"]
         out.print(f"promoted: {p['alias']} → {p['to']}")

