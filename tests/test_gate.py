@@ -315,6 +315,7 @@ def _gate_cli(monkeypatch, capsys, *args):
     return code, out.out + out.err
 
 
+@pytest.mark.slow  # trains four tiny runs and evaluates them: the `make test` tier, not the inner loop
 def test_gate_end_to_end_through_the_registry_and_the_cli(tmp_path, tiny_llama_dir, monkeypatch, capsys):
     from tuneloop import registry
     from tuneloop.config import recipe_from_dict
@@ -387,6 +388,7 @@ def test_gate_end_to_end_through_the_registry_and_the_cli(tmp_path, tiny_llama_d
     assert registry.rollback(ws, "soup").ref == v1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", ["regress", "sft"])
 def test_gate_end_to_end_on_held_out_test_sets(task, tmp_path, tiny_llama_dir):
     """regress and sft hold their test set out of the training file: two runs of one recipe and seed hold out
