@@ -33,3 +33,17 @@ def faq_file(name: str) -> str:
     import zaragoza_construction_faq
 
     return str(Path(zaragoza_construction_faq.__file__).parent / "data" / name)
+
+
+def run_cli_split(monkeypatch, capsys, *args):
+    """`run_cli` with stdout and stderr apart, through pytest's own capture; returns (code, out, err)."""
+    from tuneloop import cli
+
+    monkeypatch.setattr(sys, "argv", ["tuneloop", *args])
+    code = 0
+    try:
+        cli.main()
+    except SystemExit as e:
+        code = e.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err

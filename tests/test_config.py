@@ -1,6 +1,5 @@
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -211,18 +210,11 @@ def test_explain_for_one_task_lists_only_its_keys():
 
 
 def test_recipe_commands_report_task_keys(monkeypatch, capsys, tmp_path):
-    from tuneloop import cli
+    from data_helpers import run_cli_split as run_cli
 
     def run(*args):
-        monkeypatch.setattr(sys, "argv", ["tuneloop", *args])
         monkeypatch.setenv("COLUMNS", "250")
-        code = 0
-        try:
-            cli.main()
-        except SystemExit as e:
-            code = e.code or 0
-        out = capsys.readouterr()
-        return code, out.out, out.err
+        return run_cli(monkeypatch, capsys, *args)
 
     (tmp_path / "recipe.yaml").write_text("name: x\ntask: classify\ndata: {train: d.jsonl}\ntrain: {packing: true}\n")
     code, out, err = run("recipe", "check", str(tmp_path / "recipe.yaml"))

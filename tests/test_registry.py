@@ -11,7 +11,6 @@ import hashlib
 import json
 import shutil
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -19,7 +18,7 @@ from typing import Callable
 import pytest
 import yaml
 
-from tuneloop import cli, registry
+from tuneloop import registry
 from tuneloop.config import recipe_from_dict
 from tuneloop.errors import ConfigError, NotFoundError
 from tuneloop.eval.schema import Report, headline, keyed, make_examples, write_report_json
@@ -390,15 +389,7 @@ def test_the_workspace_git_commit_is_recorded(ws, base_dir):
 # ---- the CLI
 
 
-def run_cli(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["tuneloop", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
+from data_helpers import run_cli_split as run_cli  # noqa: E402  (one way to call the real CLI)
 
 
 def test_cli_registry_commands_and_exit_codes(monkeypatch, capsys, ws, base_dir):

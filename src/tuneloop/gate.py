@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import re
 import time
@@ -33,6 +32,7 @@ import numpy as np
 
 from .errors import ConfigError, TuneloopError
 from .fileio import read_json, write_json_atomic, write_text_atomic
+from .plots import figure_png
 from .runs import REPORT_JSON, Run, open_run
 
 PASS, REGRESSION, CANNOT_COMPARE = 0, 1, 2
@@ -474,10 +474,7 @@ def intervals_png(details: dict) -> bytes:
     conf = details["confidence"]
     ax.set_xlabel(f"candidate - production (better > 0), {conf:.0%} bounds; dashed: -margin", fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)
 
 
 def render_html(details: dict) -> str:

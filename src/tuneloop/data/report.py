@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import statistics
 from collections import Counter, defaultdict
 from typing import Any
 
+from ..plots import figure_png
 from .bias_terms import BIAS_TERMS, categories_in
 from .clean import _content_key, conflict_key, token_lengths
 from .near import near_duplicates
@@ -163,12 +163,7 @@ def fix_first(rep: dict[str, Any]) -> list[str]:
 
 
 def _png(fig) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode()
+    return base64.b64encode(figure_png(fig, dpi=100, bbox_inches="tight")).decode()
 
 
 def plots(rep: dict[str, Any]) -> dict[str, str]:

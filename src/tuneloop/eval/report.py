@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
 from ..fileio import write_text_atomic
+from ..plots import figure_png
 from ..runs import REPORT_HTML
 from .schema import Report, write_report_json
 
@@ -53,10 +53,7 @@ def confusion_png(confusion: list[list[int]], labels: list[str], title: str) -> 
         for j, v in enumerate(row):
             ax.text(j, i, str(v), ha="center", va="center", color="white" if v > top / 2 else "black")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)
 
 
 def render_html(report: dict) -> str:

@@ -260,13 +260,10 @@ def plot_losses(history: list[dict], validations: list[tuple[int, float, float]]
     ax.set_ylabel("loss")
     ax.legend()
     ax.grid(alpha=0.3)
-    import io
+    from ..plots import figure_png
 
-    buf = io.BytesIO()
     fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    write_bytes_atomic(path, buf.getvalue())
+    write_bytes_atomic(path, figure_png(fig, dpi=100))
 
 
 def log_history_to_mlflow(workspace, run_id: str, history: list[dict], validations) -> None:
