@@ -148,6 +148,137 @@ def serve(
                follow_interval=follow_interval,
                max_batch=max_batch, max_queue=max_queue, max_prompt_tokens=max_prompt_tokens,
                max_new_tokens=max_new_tokens, batch_window_ms=batch_window_ms)
+review_app = typer.Typer(help="The review page (alone: no model loaded; `tuneloop serve` also has it at /review) "
+                         "and the queues it shows.")
+review_queue_app = typer.Typer(no_args_is_help=True, help="Fill review queues in <workspace>/feedback.db.")
+review_app.add_typer(review_queue_app, name="queue")
+app.add_typer(review_app, name="review")
+ReviewsPerItem = Annotated[Optional[int], typer.Option(
+    "--reviews-per-item", min=1, help="Reviews wanted per item from different reviewers (default: "
+    "<workspace>/review.yaml's reviews_per_item, else 1).")]
+QueueName = Annotated[Optional[str], typer.Option("--queue", help="Queue name (default: see above).")]
+
+
+@review_app.callback(invoke_without_command=True)
+def review(
+    ctx: typer.Context,
+    workspace: Workspace = None,
+    host: Annotated[str, typer.Option(help="Address to bind; off this machine every reviewer needs a key.")]
+    = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8001,
+    rubric: Annotated[Optional[str], typer.Option(help="Criteria marked per answer, comma-separated (default: "
+                                                  "review.yaml's rubric, else accurate,tone,concise).")] = None,
+    reviews_per_item: ReviewsPerItem = None,
+    local: Annotated[Optional[bool], typer.Option("--local/--no-local", help="Let a client on this machine review "
+                                                  "without a key, as `local` (default on).")] = None,
+) -> None:
+    """Serve the review page at http://HOST:PORT/review/ over the workspace's feedback store."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from .runs import workspace_path
+    from .serve.launch import review as run_review
+
+    crit = [c.strip() for c in rubric.split(",")] if rubric is not None else None
+    ws = workspace_path(workspace)
+    console.print(f"review page: http://{host}:{port}/review/", highlight=False)
+    run_review(ws, host, port, rubric=crit, reviews_per_item=reviews_per_item, local_reviewer=local)
+
+
+def _queued(queue: str, new: int, given: int) -> None:
+    console.print(f"queue {queue}: {new} new item(s) queued"
+                  + (f", {given - new} already there" if given > new else ""), highlight=False)
+
+
+def _per_item(ws, given: int | None) -> int:
+    from .serve.routers.review import load_review_settings
+
+    return load_review_settings(ws, reviews_per_item=given).reviews_per_item
+
+
+@review_queue_app.command("served")
+def review_queue_served(
+    since: Annotated[Optional[str], typer.Option("--since", help="Only answers served since: 7d, 12h, 30m, an "
+                                                 "ISO date/time or epoch seconds.")] = None,
+    model_version: Annotated[Optional[str], typer.Option("--model-version", help="Only answers of this version "
+                                                         "(NAME:VERSION or a run name).")] = None,
+    queue: QueueName = None,
+    reviews_per_item: ReviewsPerItem = None,
+    workspace: Workspace = None,
+) -> None:
+    """Queue the answers `tuneloop serve` logged (queue `served` by default)."""
+    from .feedback import FeedbackStore
+    from .runs import workspace_path
+    from .serve.review_queues import parse_since
+
+    ws = workspace_path(workspace)
+    store = FeedbackStore.for_workspace(ws)
+    try:
+        name = queue or "served"
+        new = store.enqueue_served(name, since=parse_since(since), model_version=model_version,
+                                   reviews_wanted=_per_item(ws, reviews_per_item))
+        _queued(name, new, new)
+    finally:
+        store.close()
+
+
+@review_queue_app.command("run")
+def review_queue_run(
+    run: Annotated[str, typer.Argument(help="An evaluated sft run (folder, name under <workspace>/runs/, or "
+                                       "NAME:VERSION), or its report.json.")],
+    system: Annotated[str, typer.Option("--system", help="Whose answers: tuned or base.")] = "tuned",
+    queue: QueueName = None,
+    reviews_per_item: ReviewsPerItem = None,
+    workspace: Workspace = None,
+) -> None:
+    """Queue a run's test-set answers (from its report.json); the queue is named after the run by default."""
+    from .feedback import FeedbackStore
+    from .runs import workspace_path
+    from .serve.review_queues import answer_items, open_report
+
+    ws = workspace_path(workspace)
+    items = answer_items(run, ws, system)
+    name = queue or open_report(run, ws)[2].replace(":", "-")
+    store = FeedbackStore.for_workspace(ws)
+    try:
+        _queued(name, store.enqueue_answers(name, items, reviews_wanted=_per_item(ws, reviews_per_item)),
+                len(items))
+    finally:
+        store.close()
+
+
+@review_queue_app.command("pairs")
+def review_queue_pairs(
+    report: Annotated[str, typer.Argument(help="An evaluated sft run (folder, name, NAME:VERSION) or a "
+                                          "report.json.")],
+    other: Annotated[Optional[str], typer.Argument(help="A second one evaluated on the same test set: pairs its "
+                                                   "--b system against the first one's --a system.")] = None,
+    a: Annotated[Optional[str], typer.Option("--a", help="System of the first (default: base, or tuned with "
+                                             "two reports).")] = None,
+    b: Annotated[Optional[str], typer.Option("--b", help="System of the second (default: tuned).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the shown order (which answer is A).")] = 0,
+    queue: QueueName = None,
+    reviews_per_item: ReviewsPerItem = None,
+    workspace: Workspace = None,
+) -> None:
+    """Queue blind side-by-side pairs on the same test prompts (order randomised, names hidden until judged);
+    the queue is pairs-RUN (or pairs-RUN-vs-OTHER) by default."""
+    from .feedback import FeedbackStore
+    from .runs import workspace_path
+    from .serve.review_queues import open_report, pair_items
+
+    ws = workspace_path(workspace)
+    sa, sb = a or ("tuned" if other else "base"), b or "tuned"
+    items = pair_items(report, ws, sa, sb, other)
+    name = queue or "pairs-" + "-vs-".join(open_report(r, ws)[2].replace(":", "-") for r in ([report, other] if other
+                                                                                      else [report]))
+    store = FeedbackStore.for_workspace(ws)
+    try:
+        _queued(name, store.enqueue_pairs(name, items, seed=seed,
+                                              reviews_wanted=_per_item(ws, reviews_per_item)), len(items))
+    finally:
+        store.close()
+
+
 Ref = Annotated[str, typer.Argument(help="NAME:VERSION or NAME@ALIAS.")]
 AliasOpt = Annotated[str, typer.Option("--alias", help="The alias (production, staging, any name).")]
 

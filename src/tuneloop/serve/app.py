@@ -1,4 +1,5 @@
-"""The HTTP API: OpenAI-compatible endpoints over the engine, plus classify, feedback, admin and metrics.
+"""The HTTP API: OpenAI-compatible endpoints over the engine, plus classify, feedback, admin, metrics and the
+review page (/review, also served alone by `create_review_app`: no model loaded).
 
 The official `openai` client works against it unchanged. Every error, bad requests included, answers in
 OpenAI's shape `{"error": {"message", "type", "param", "code"}}` with a 4xx status; busy means 429 with
@@ -20,10 +21,11 @@ from .engine import Engine
 from .errors import add_error_handlers, error_body
 from .follow import Follower
 from .metrics import Metrics
-from .routers import admin, classify, feedback, openai, ops
+from .routers import admin, classify, feedback, openai, ops, review
 
 
-def create_app(engine: Engine, settings: ServeSettings, store: FeedbackStore | None = None) -> FastAPI:
+def create_app(engine: Engine, settings: ServeSettings, store: FeedbackStore | None = None,
+               review_settings: review.ReviewSettings | None = None) -> FastAPI:
     follower = Follower(engine, settings.workspace, settings.follow_interval) if settings.workspace else None
 
     @contextlib.asynccontextmanager
@@ -52,6 +54,25 @@ def create_app(engine: Engine, settings: ServeSettings, store: FeedbackStore | N
     app.include_router(classify.router)
     app.include_router(feedback.router)
     app.include_router(admin.router)
+    review.include(app, review_settings)
+    return app
+
+
+def create_review_app(store: FeedbackStore, settings: review.ReviewSettings | None = None,
+                      max_body_bytes: int = 1 << 20) -> FastAPI:
+    """The review page and its API alone (`tuneloop review`): the same router `create_app` mounts."""
+    from fastapi.responses import RedirectResponse
+
+    app = FastAPI(title="tuneloop review", version="1", description=review.__doc__)
+    app.state.store = store
+    add_error_handlers(app)
+    app.add_middleware(_LimitBody, limit=max_body_bytes)
+    review.include(app, settings)
+
+    @app.get("/", include_in_schema=False)
+    async def root() -> RedirectResponse:
+        return RedirectResponse("/review/", status_code=307)
+
     return app
 
 

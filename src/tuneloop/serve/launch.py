@@ -180,8 +180,32 @@ def serve(specs: list[str], host: str, port: int, api_keys: list[str], workspace
     settings = ServeSettings(api_keys=keys, admin_keys=admin, max_prompt_tokens=limits.get("max_prompt_tokens", 2048),
                              max_new_tokens=limits.get("max_new_tokens", 512), log_responses=log_responses,
                              max_body_bytes=max_body_bytes, workspace=workspace, follow_interval=follow_interval)
-    app = create_app(engine, settings, FeedbackStore.for_workspace(workspace))
+    from .routers.review import load_review_settings
+
+    # The served answers this server logs are queued for review as reviewers ask for them.
+    review_settings = load_review_settings(workspace, queue_served=log_responses)
+    app = create_app(engine, settings, FeedbackStore.for_workspace(workspace), review_settings)
     try:
         uvicorn.run(app, host=host, port=port, log_level="info")
     finally:
         engine.close()
+
+
+def review(workspace: Path, host: str, port: int, rubric: list[str] | None = None,
+           reviews_per_item: int | None = None, local_reviewer: bool | None = None) -> None:
+    """`tuneloop review`: the review page over the workspace's feedback store, no model loaded."""
+    import uvicorn
+
+    from ..feedback import FeedbackStore
+    from .app import create_review_app
+    from .routers.review import load_review_settings
+
+    settings = load_review_settings(workspace, rubric=rubric, reviews_per_item=reviews_per_item,
+                                    local_reviewer=local_reviewer)
+    store = FeedbackStore.for_workspace(workspace)
+    if not is_loopback(host):
+        log.warning("review on %s: reviewers need their keys; only this machine may review without one", host)
+    try:
+        uvicorn.run(create_review_app(store, settings), host=host, port=port, log_level="info")
+    finally:
+        store.close()
