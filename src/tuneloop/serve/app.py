@@ -54,7 +54,7 @@ def create_app(engine: Engine, settings: ServeSettings, store: FeedbackStore | N
     app.include_router(classify.router)
     app.include_router(feedback.router)
     app.include_router(admin.router)
-    review.include(app, review_settings)
+    review.include(app, review_settings, logs_responses=settings.log_responses and store is not None)
     return app
 
 

@@ -182,8 +182,7 @@ def serve(specs: list[str], host: str, port: int, api_keys: list[str], workspace
                              max_body_bytes=max_body_bytes, workspace=workspace, follow_interval=follow_interval)
     from .routers.review import load_review_settings
 
-    # The served answers this server logs are queued for review as reviewers ask for them.
-    review_settings = load_review_settings(workspace, queue_served=log_responses)
+    review_settings = load_review_settings(workspace)
     app = create_app(engine, settings, FeedbackStore.for_workspace(workspace), review_settings)
     try:
         uvicorn.run(app, host=host, port=port, log_level="info")

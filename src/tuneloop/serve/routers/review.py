@@ -22,6 +22,7 @@ Without a key only a loopback client may write, as the reviewer `local`: a perso
 from __future__ import annotations
 
 import ipaddress
+import time
 from pathlib import Path
 from typing import Annotated, Literal, Optional
 
@@ -38,6 +39,7 @@ PAGE_DIR = Path(__file__).resolve().parent.parent / "review_page"
 PAGE_FILES = {"review.js": "text/javascript", "review.css": "text/css"}
 COOKIE = "tuneloop_review"
 LOCAL_REVIEWER = "local"
+SERVED_QUEUE = "served"
 DEFAULT_RUBRIC = ("accurate", "tone", "concise")
 SETTINGS_FILE = "review.yaml"  # a workspace's review settings (rubric, reviews per item)
 
@@ -54,8 +56,9 @@ class ReviewSettings(BaseModel):
                                  "who took it before it is free for others again.")
     local_reviewer: bool = Field(True, description="Let a loopback client without a key review as `local` "
                                  "(turn off behind a proxy on the same host).")
-    queue_served: bool = Field(False, description="Queue newly served answers (queue `served`) whenever a "
-                               "reviewer asks for the next item; on under `tuneloop serve`.")
+    queue_served: Optional[bool] = Field(None, description="Queue newly served answers (queue `served`) "
+                                         "whenever a reviewer asks for the next item; default: on where the "
+                                         "server logs its answers (`tuneloop serve`), off for `tuneloop review`.")
 
     @field_validator("rubric")
     @classmethod
@@ -251,8 +254,12 @@ async def queues(reviewer: Reviewer, request: Request) -> dict:
 @api.post("/next")
 async def next_item(body: NextRequest, reviewer: Reviewer, request: Request) -> dict:
     store, s = _store(request), _settings(request)
-    if s.queue_served:
-        await run_in_threadpool(store.enqueue_served, reviews_wanted=s.reviews_per_item)
+    if s.queue_served and body.queue in (None, SERVED_QUEUE):
+        # Idempotent in the store; from a minute before the last look on, so each look reads only what is new.
+        now, since = time.time(), getattr(request.app.state, "review_served_since", None)
+        await run_in_threadpool(lambda: store.enqueue_served(SERVED_QUEUE, since=since,
+                                                             reviews_wanted=s.reviews_per_item))
+        request.app.state.review_served_since = now - 60
     try:
         item = await run_in_threadpool(store.reserve_next, reviewer["id"], body.queue, s.reservation_s)
     except TuneloopError as e:
@@ -303,8 +310,11 @@ async def agreement(reviewer: Reviewer, request: Request, queue: Optional[str] =
     return await run_in_threadpool(_store(request).agreement, queue)
 
 
-def include(app, settings: ReviewSettings | None = None) -> None:
+def include(app, settings: ReviewSettings | None = None, logs_responses: bool = False) -> None:
     """Mount the page and its API on an app whose `state.store` is the feedback store (or None)."""
-    app.state.review = settings or ReviewSettings()
+    settings = settings or ReviewSettings()
+    if settings.queue_served is None:
+        settings = settings.model_copy(update={"queue_served": logs_responses})
+    app.state.review = settings
     app.include_router(page)
     app.include_router(api)
