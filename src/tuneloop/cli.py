@@ -184,6 +184,23 @@ def review(
     run_review(ws, host, port, rubric=crit, reviews_per_item=reviews_per_item, local_reviewer=local)
 
 
+@review_app.command("add-reviewer")
+def review_add_reviewer(
+    name: Annotated[str, typer.Argument(help="The reviewer's name (unique), as progress and agreement show it.")],
+    workspace: Workspace = None,
+) -> None:
+    """Make a reviewer and print their key: the one time it is shown (the store keeps only its hash)."""
+    from .feedback import FeedbackStore
+    from .runs import workspace_path
+
+    store = FeedbackStore.for_workspace(workspace_path(workspace))
+    try:
+        key = store.add_reviewer(name)
+    finally:
+        store.close()
+    print(key)  # plain print: scripts capture the key
+
+
 def _queued(queue: str, new: int, given: int) -> None:
     console.print(f"queue {queue}: {new} new item(s) queued"
                   + (f", {given - new} already there" if given > new else ""), highlight=False)

@@ -149,22 +149,41 @@ async function loadAgreement() {
 // ------------------------------------------------------------------ items
 function current() { return state.items[state.pos] || null; }
 
+// J: on to the next item. The store hands a reviewer the item they already hold, so an unfinished one is
+// given back first (it goes last in their line and is free for others); reviewed ones stay for K.
 async function nextItem() {
+  if (state.busy) return;
   if (state.pos < state.items.length - 1) { state.pos += 1; return render(); }
-  const q = $("queue").value || null;
-  const { item } = await call("POST", "/next", { queue: q });
-  if (!item) {
-    render();
-    $("item").hidden = true;
-    $("empty").hidden = false;
-    return;
+  const c = current();
+  state.busy = true;
+  try {
+    if (c && !c.review) {
+      await call("POST", `/items/${c.item.id}/release`);
+      state.items.pop();
+    }
+    const q = $("queue").value || null;
+    const { item } = await call("POST", "/next", { queue: q });
+    if (!item) {
+      state.pos = state.items.length - 1;
+      $("item").hidden = true;
+      $("empty").hidden = false;
+      return;
+    }
+    const seen = state.items.findIndex((x) => x.item.id === item.id);
+    if (seen >= 0) state.pos = seen;
+    else { state.items.push({ item, review: null }); state.pos = state.items.length - 1; }
+  } catch (e) {
+    return setStatus(e.message, "error");
+  } finally {
+    state.busy = false;
   }
-  state.items.push({ item, review: null });
-  state.pos = state.items.length - 1;
   render();
 }
 
+// K: back to an item reviewed earlier in this session, to see or change what was sent.
 function prevItem() {
+  if (state.busy) return;
+  if (!$("empty").hidden && state.items.length) { state.pos = state.items.length - 1; return render(); }
   if (state.pos > 0) { state.pos -= 1; render(); }
 }
 
@@ -217,7 +236,8 @@ function buildCriteria() {
   }
 }
 
-function editable() { const c = current(); return c && !c.review && !state.busy; }
+function locked(c) { return !!(c && c.review && c.item.kind === "pair"); }  // sources seen: no second choice
+function editable() { const c = current(); return c && !locked(c) && !state.busy; }
 
 function render() {
   $("empty").hidden = true;
@@ -253,7 +273,7 @@ function render() {
   state.draft.criteria = { ...(sent && sent.criteria) };
   $("correction").value = (sent && sent.correction) || "";
   $("reason").value = (sent && sent.reason) || "";
-  for (const el of [$("correction"), $("reason"), $("submit"), $("copy-answer")]) el.disabled = !!review;
+  for (const el of [$("correction"), $("reason"), $("submit"), $("copy-answer")]) el.disabled = locked(c);
   setStatus(review ? `saved (review ${review.id})` : "", review ? "saved" : "");
   paintMarks();
 }
@@ -292,7 +312,7 @@ $("reload").addEventListener("click", () => nextItem());
 
 async function submit() {
   const c = current();
-  if (!c || c.review || state.busy) return;
+  if (!c || locked(c) || state.busy) return;
   const d = state.draft;
   const body = {};
   if (c.item.kind === "pair") {

@@ -28,7 +28,7 @@ from typing import Annotated, Literal, Optional
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import FileResponse, RedirectResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 from starlette.concurrency import run_in_threadpool
 
 from ...errors import ConfigError, DataError, NotFoundError, TuneloopError
@@ -111,7 +111,7 @@ class NextRequest(BaseModel):
 class ReviewBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     rating: Optional[int] = Field(None, ge=1, le=5, description="1 (bad) to 5 (good).")
-    criteria: Optional[dict[str, bool]] = Field(None, description="Rubric criterion -> met.")
+    criteria: Optional[dict[str, StrictBool]] = Field(None, description="Rubric criterion -> met (true / false).")
     thumb: Optional[Literal[-1, 1]] = Field(None, description="-1 down, +1 up.")
     correction: Optional[str] = Field(None, max_length=20000, description="The answer as it should have been.")
     reason: Optional[str] = Field(None, max_length=5000)
