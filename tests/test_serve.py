@@ -601,6 +601,30 @@ def test_every_answer_names_its_version(live, client, runs):
         assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
 
 
+def test_review_page_is_mounted_and_served_answers_are_queued(live, tmp_path):
+    from fastapi.testclient import TestClient
+
+    # A workspace of its own, so the answers other tests logged do not mix in; on loopback, without a key,
+    # the reviewer is `local`.
+    store = FeedbackStore.for_workspace(tmp_path)
+    tc = TestClient(create_app(live.engine, ServeSettings(workspace=tmp_path), store), client=("127.0.0.1", 5000))
+    page = tc.get("/review/")
+    assert page.status_code == 200 and "tuneloop review" in page.text
+    prompt = [{"role": "user", "content": "Review me."}]
+    served = tc.post("/v1/chat/completions", json={"model": "ra", "messages": prompt, "max_tokens": 4,
+                                                   "temperature": 0}).json()
+    nx = tc.post("/review/api/next", json={})
+    assert nx.status_code == 200, nx.text
+    item = nx.json()["item"]
+    assert item["queue"] == "served" and item["prompt"] == prompt
+    assert item["answer"] == served["choices"][0]["message"]["content"]
+    r = tc.post(f"/review/api/items/{item['id']}/review", json={"rating": 4, "criteria": {"tone": True}})
+    assert r.status_code == 201, r.text
+    rows = FeedbackStore.for_workspace(tmp_path).reviews(queue="served")
+    assert [(x["response_id"], x["rating"], x["criteria"], x["reviewer"]) for x in rows] == \
+        [(served["id"], 4, {"tone": True}, "local")]
+
+
 def test_a_feedback_db_from_before_model_version_keeps_working(tmp_path):
     import sqlite3
 

@@ -22,6 +22,7 @@ Without a key only a loopback client may write, as the reviewer `local`: a perso
 from __future__ import annotations
 
 import ipaddress
+import logging
 import time
 from pathlib import Path
 from typing import Annotated, Literal, Optional
@@ -42,6 +43,8 @@ LOCAL_REVIEWER = "local"
 SERVED_QUEUE = "served"
 DEFAULT_RUBRIC = ("accurate", "tone", "concise")
 SETTINGS_FILE = "review.yaml"  # a workspace's review settings (rubric, reviews per item)
+
+log = logging.getLogger("tuneloop.serve")
 
 
 class ReviewSettings(BaseModel):
@@ -257,9 +260,13 @@ async def next_item(body: NextRequest, reviewer: Reviewer, request: Request) -> 
     if s.queue_served and body.queue in (None, SERVED_QUEUE):
         # Idempotent in the store; from a minute before the last look on, so each look reads only what is new.
         now, since = time.time(), getattr(request.app.state, "review_served_since", None)
-        await run_in_threadpool(lambda: store.enqueue_served(SERVED_QUEUE, since=since,
-                                                             reviews_wanted=s.reviews_per_item))
-        request.app.state.review_served_since = now - 60
+        try:
+            await run_in_threadpool(lambda: store.enqueue_served(SERVED_QUEUE, since=since,
+                                                                 reviews_wanted=s.reviews_per_item))
+            request.app.state.review_served_since = now - 60
+        except TuneloopError as e:
+            # A logged answer the store will not queue must not stop reviewers from working on the rest.
+            log.warning("review: served answers not queued: %s", e)
     try:
         item = await run_in_threadpool(store.reserve_next, reviewer["id"], body.queue, s.reservation_s)
     except TuneloopError as e:
