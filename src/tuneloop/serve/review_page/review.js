@@ -40,6 +40,8 @@ async function start() {
     return showSignin(e.message);
   }
   $("signin").hidden = true;
+  // the key box is gone: keys go to the page again
+  if (document.activeElement && document.activeElement.blur) document.activeElement.blur();
   $("who").textContent = `reviewer: ${state.me.reviewer}` + (state.me.local ? " (this machine)" : "");
   $("signout").hidden = state.me.local;
   $("queue-pick").hidden = false;
