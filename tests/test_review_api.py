@@ -259,10 +259,27 @@ def test_queue_commands_from_reports(tmp_path):
     assert [(p["answer_a"], p["answer_b"]) for p in pairs][0] == ("base 0", "one 0")
     across = pair_items(str(one), None, "tuned", "tuned", other=str(two))
     assert [(p["source_a"], p["source_b"]) for p in across][0] == ("r1/tuned", "r2/tuned")
-    # they queue (idempotently) in the store
-    store = FeedbackStore(tmp_path / "fb.db")
-    assert store.enqueue_pairs("p", across) == 3 and store.enqueue_pairs("p", across) == 0
+    # through the CLI into the workspace's store, idempotently
+    from data_helpers import run_cli
+
+    ws = tmp_path / "ws"
+    code, out = run_cli("review", "queue", "run", one, "-w", ws)
+    assert code == 0 and "queue r1: 3 new item(s) queued" in out, out
+    code, out = run_cli("review", "queue", "run", one, "-w", ws)
+    assert code == 0 and "0 new item(s) queued, 3 already there" in out, out
+    code, out = run_cli("review", "queue", "pairs", one, two, "-w", ws, "--reviews-per-item", "2")
+    assert code == 0 and "queue pairs-r1-vs-r2: 3 new" in out, out
+    store = FeedbackStore.for_workspace(ws)
+    store.log_response("resp-1", "m", "chat", [{"role": "user", "content": "hi"}], "hello", "stop", "m:1")
+    code, out = run_cli("review", "queue", "served", "-w", ws, "--since", "1h")
+    assert code == 0 and "queue served: 1 new" in out, out
+    assert {(q["queue"], q["kind"], q["items"], q["reviews_wanted"]) for q in store.queues()} == {
+        ("r1", "answer", 3, 1), ("pairs-r1-vs-r2", "pair", 3, 2), ("served", "answer", 1, 1)}
     store.close()
+    code, out = run_cli("review", "queue", "run", tmp_path / "nope", "-w", ws)
+    assert code == 3 and "nope: neither a report.json" in out and "Traceback" not in out
+    code, out = run_cli("review", "queue", "pairs", one, "-w", ws, "--a", "base", "--b", "judge")
+    assert code == 2 and "no system 'judge'" in out
     # an edited test set no longer matches the report's keys: refused, not mis-paired
     test.write_text(test.read_text().replace("Q1?", "Q1 changed?"))
     from tuneloop.errors import DataError

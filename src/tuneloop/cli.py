@@ -157,6 +157,14 @@ ReviewsPerItem = Annotated[Optional[int], typer.Option(
     "--reviews-per-item", min=1, help="Reviews wanted per item from different reviewers (default: "
     "<workspace>/review.yaml's reviews_per_item, else 1).")]
 QueueName = Annotated[Optional[str], typer.Option("--queue", help="Queue name (default: see above).")]
+ReviewStore = Annotated[Optional[str], typer.Option(
+    "--store", help="A SQLAlchemy URL or file of the feedback store (default: <workspace>/feedback.db).")]
+
+
+def _review_store(ws, url: str | None):
+    from .feedback import FeedbackStore
+
+    return FeedbackStore(url) if url else FeedbackStore.for_workspace(ws)
 
 
 @review_app.callback(invoke_without_command=True)
@@ -171,8 +179,10 @@ def review(
     reviews_per_item: ReviewsPerItem = None,
     local: Annotated[Optional[bool], typer.Option("--local/--no-local", help="Let a client on this machine review "
                                                   "without a key, as `local` (default on).")] = None,
+    store: ReviewStore = None,
 ) -> None:
-    """Serve the review page at http://HOST:PORT/review/ over the workspace's feedback store."""
+    """Serve the review page at http://HOST:PORT/review/ over the workspace's feedback store (reviewers sign in
+    with a key from `tuneloop feedback reviewers add NAME`)."""
     if ctx.invoked_subcommand is not None:
         return
     from .runs import workspace_path
@@ -181,24 +191,7 @@ def review(
     crit = [c.strip() for c in rubric.split(",")] if rubric is not None else None
     ws = workspace_path(workspace)
     console.print(f"review page: http://{host}:{port}/review/", highlight=False)
-    run_review(ws, host, port, rubric=crit, reviews_per_item=reviews_per_item, local_reviewer=local)
-
-
-@review_app.command("add-reviewer")
-def review_add_reviewer(
-    name: Annotated[str, typer.Argument(help="The reviewer's name (unique), as progress and agreement show it.")],
-    workspace: Workspace = None,
-) -> None:
-    """Make a reviewer and print their key: the one time it is shown (the store keeps only its hash)."""
-    from .feedback import FeedbackStore
-    from .runs import workspace_path
-
-    store = FeedbackStore.for_workspace(workspace_path(workspace))
-    try:
-        key = store.add_reviewer(name)
-    finally:
-        store.close()
-    print(key)  # plain print: scripts capture the key
+    run_review(ws, host, port, rubric=crit, reviews_per_item=reviews_per_item, local_reviewer=local, store_url=store)
 
 
 def _queued(queue: str, new: int, given: int) -> None:
@@ -221,21 +214,21 @@ def review_queue_served(
     queue: QueueName = None,
     reviews_per_item: ReviewsPerItem = None,
     workspace: Workspace = None,
+    store: ReviewStore = None,
 ) -> None:
     """Queue the answers `tuneloop serve` logged (queue `served` by default)."""
-    from .feedback import FeedbackStore
     from .runs import workspace_path
     from .serve.review_queues import parse_since
 
     ws = workspace_path(workspace)
-    store = FeedbackStore.for_workspace(ws)
+    st = _review_store(ws, store)
     try:
         name = queue or "served"
-        new = store.enqueue_served(name, since=parse_since(since), model_version=model_version,
+        new = st.enqueue_served(name, since=parse_since(since), model_version=model_version,
                                    reviews_wanted=_per_item(ws, reviews_per_item))
         _queued(name, new, new)
     finally:
-        store.close()
+        st.close()
 
 
 @review_queue_app.command("run")
@@ -246,21 +239,20 @@ def review_queue_run(
     queue: QueueName = None,
     reviews_per_item: ReviewsPerItem = None,
     workspace: Workspace = None,
+    store: ReviewStore = None,
 ) -> None:
     """Queue a run's test-set answers (from its report.json); the queue is named after the run by default."""
-    from .feedback import FeedbackStore
     from .runs import workspace_path
     from .serve.review_queues import answer_items, open_report
 
     ws = workspace_path(workspace)
     items = answer_items(run, ws, system)
     name = queue or open_report(run, ws)[2].replace(":", "-")
-    store = FeedbackStore.for_workspace(ws)
+    st = _review_store(ws, store)
     try:
-        _queued(name, store.enqueue_answers(name, items, reviews_wanted=_per_item(ws, reviews_per_item)),
-                len(items))
+        _queued(name, st.enqueue_answers(name, items, reviews_wanted=_per_item(ws, reviews_per_item)), len(items))
     finally:
-        store.close()
+        st.close()
 
 
 @review_queue_app.command("pairs")
@@ -276,10 +268,10 @@ def review_queue_pairs(
     queue: QueueName = None,
     reviews_per_item: ReviewsPerItem = None,
     workspace: Workspace = None,
+    store: ReviewStore = None,
 ) -> None:
     """Queue blind side-by-side pairs on the same test prompts (order randomised, names hidden until judged);
     the queue is pairs-RUN (or pairs-RUN-vs-OTHER) by default."""
-    from .feedback import FeedbackStore
     from .runs import workspace_path
     from .serve.review_queues import open_report, pair_items
 
@@ -288,12 +280,12 @@ def review_queue_pairs(
     items = pair_items(report, ws, sa, sb, other)
     name = queue or "pairs-" + "-vs-".join(open_report(r, ws)[2].replace(":", "-") for r in ([report, other] if other
                                                                                       else [report]))
-    store = FeedbackStore.for_workspace(ws)
+    st = _review_store(ws, store)
     try:
-        _queued(name, store.enqueue_pairs(name, items, seed=seed,
-                                              reviews_wanted=_per_item(ws, reviews_per_item)), len(items))
+        _queued(name, st.enqueue_pairs(name, items, seed=seed, reviews_wanted=_per_item(ws, reviews_per_item)),
+                len(items))
     finally:
-        store.close()
+        st.close()
 
 
 Ref = Annotated[str, typer.Argument(help="NAME:VERSION or NAME@ALIAS.")]

@@ -191,7 +191,7 @@ def serve(specs: list[str], host: str, port: int, api_keys: list[str], workspace
 
 
 def review(workspace: Path, host: str, port: int, rubric: list[str] | None = None,
-           reviews_per_item: int | None = None, local_reviewer: bool | None = None) -> None:
+           reviews_per_item: int | None = None, local_reviewer: bool | None = None, store_url: str | None = None) -> None:
     """`tuneloop review`: the review page over the workspace's feedback store, no model loaded."""
     import uvicorn
 
@@ -201,7 +201,7 @@ def review(workspace: Path, host: str, port: int, rubric: list[str] | None = Non
 
     settings = load_review_settings(workspace, rubric=rubric, reviews_per_item=reviews_per_item,
                                     local_reviewer=local_reviewer)
-    store = FeedbackStore.for_workspace(workspace)
+    store = FeedbackStore(store_url) if store_url else FeedbackStore.for_workspace(workspace)
     if not is_loopback(host):
         log.warning("review on %s: reviewers need their keys; only this machine may review without one", host)
     try:
