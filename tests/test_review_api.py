@@ -120,6 +120,10 @@ def test_loopback_reviews_as_local_unless_turned_off(store):
     again = TestClient(_app(store), client=LOOPBACK).get("/review/api/me").json()
     assert again["reviewer"] == "local" and [r["name"] for r in store.reviewers()] == ["local"]
     assert [r["reviewer"] for r in store.reviews()] == ["local"]
+    # another site's page in this machine's browser may not review as `local`
+    evil = c.post("/review/api/next", json={}, headers={"Origin": "http://evil.example"})
+    assert evil.status_code == 403
+    assert c.post("/review/api/next", json={}, headers={"Origin": "http://testserver"}).status_code == 200
     off = TestClient(_app(store, local_reviewer=False), client=LOOPBACK)
     assert off.get("/review/api/me").status_code == 401
 

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Annotated, Literal, Optional
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Path as PathParam, Request, Response
 from fastapi.responses import FileResponse, RedirectResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 from starlette.concurrency import run_in_threadpool
@@ -163,8 +163,20 @@ def _local_reviewer(request: Request, store) -> dict:
     return reviewer
 
 
+def _same_origin(request: Request) -> None:
+    """A browser names the page a request comes from in `Origin`; another site's page (or a rebound DNS name
+    aimed at loopback) may not act as a reviewer here, with a cookie or as `local`."""
+    origin = request.headers.get("origin")
+    if origin is None or request.method in ("GET", "HEAD"):
+        return
+    host = request.headers.get("host", "")
+    if origin.split("://", 1)[-1].rstrip("/") != host:
+        raise APIError(403, f"Origin {origin}: requests from another site are refused", code="cross_origin")
+
+
 async def current_reviewer(request: Request) -> dict:
     store, settings = _store(request), _settings(request)
+    _same_origin(request)
     key = _presented_key(request)
     if key is not None:
         reviewer = await run_in_threadpool(store.reviewer_for_key, key)
@@ -179,6 +191,8 @@ async def current_reviewer(request: Request) -> dict:
 
 
 Reviewer = Annotated[dict, Depends(current_reviewer)]
+# a row id: SQL integers stop at 2**63 - 1, and a larger number is simply no such item
+ItemId = Annotated[int, PathParam(ge=1, le=2**63 - 1)]
 
 
 def _bad(e: TuneloopError, fields: tuple[str, ...] = ()) -> APIError:
@@ -227,6 +241,7 @@ api = APIRouter(prefix="/review/api", tags=["review"], responses=ERRORS)
 @api.post("/login")
 async def login(body: Login, request: Request, response: Response) -> dict:
     store = _store(request)
+    _same_origin(request)
     reviewer = await run_in_threadpool(store.reviewer_for_key, body.key)
     if reviewer is None:
         raise APIError(401, "unknown reviewer key", param="key", code="invalid_api_key")
@@ -275,7 +290,7 @@ async def next_item(body: NextRequest, reviewer: Reviewer, request: Request) -> 
 
 
 @api.get("/items/{item_id}")
-async def get_item(item_id: int, reviewer: Reviewer, request: Request) -> dict:
+async def get_item(item_id: ItemId, reviewer: Reviewer, request: Request) -> dict:
     item = await run_in_threadpool(_store(request).get_item, item_id, reviewer["id"])
     if item is None:
         raise APIError(404, f"item {item_id}: no such item", code="not_found")
@@ -283,7 +298,7 @@ async def get_item(item_id: int, reviewer: Reviewer, request: Request) -> dict:
 
 
 @api.post("/items/{item_id}/review", status_code=201)
-async def submit(item_id: int, body: ReviewBody, reviewer: Reviewer, request: Request) -> dict:
+async def submit(item_id: ItemId, body: ReviewBody, reviewer: Reviewer, request: Request) -> dict:
     rubric = _settings(request).rubric
     for name in body.criteria or {}:
         if name not in rubric:
@@ -299,7 +314,7 @@ async def submit(item_id: int, body: ReviewBody, reviewer: Reviewer, request: Re
 
 
 @api.post("/items/{item_id}/release")
-async def release(item_id: int, reviewer: Reviewer, request: Request) -> dict:
+async def release(item_id: ItemId, reviewer: Reviewer, request: Request) -> dict:
     try:
         await run_in_threadpool(_store(request).release, item_id, reviewer["id"])
     except TuneloopError as e:
