@@ -172,3 +172,31 @@ def test_an_export_is_written_atomically(ws, monkeypatch):
     code, text = run_cli("feedback", "export", "--as", "sft", "-w", ws, "-o", out)
     assert code == 1 and "cannot write (No space left on device)" in text and out.read_text() == "old\n"
     assert [p.name for p in out.parent.iterdir() if p.name.startswith(".sft")] == []  # no temporary left behind
+
+
+def _run_with_test_set(ws) -> str:
+    """A run folder (as training leaves it before it finishes) whose held-out test.jsonl has the change-order
+    question."""
+    from pathlib import Path
+
+    from tuneloop.config import load_recipe
+    from tuneloop.data.records import Record, write_jsonl as write_records
+    from tuneloop.runs import TEST_RECORDS, new_run_dir, start_run, write_recipe
+
+    recipe = load_recipe(Path(__file__).parent.parent / "recipes" / "faq-assistant-sft.yaml")
+    run = new_run_dir(ws, "faq")
+    write_recipe(run, recipe)
+    start_run(run, recipe)
+    write_records(run / TEST_RECORDS, [Record(messages=[{"role": "user", "content": "What is a change order?"},
+                                                        {"role": "assistant", "content": "A change."}])])
+    return run.name
+
+
+def test_a_runs_test_set_is_excluded_by_name_and_by_default(ws):
+    name = _run_with_test_set(ws)
+    for extra in (["--exclude", name], []):  # named, or every run of the workspace when none is named
+        out = ws.parent / "sft.jsonl"
+        code, text = run_cli("feedback", "export", "--as", "sft", "-w", ws, "-o", out, *extra)
+        assert code == 0, text
+        assert "1 prompt in a frozen test set" in text and "test.jsonl (1)" in text
+        assert len(out.read_text().splitlines()) == 2
