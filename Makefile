@@ -12,7 +12,7 @@ TORCH := torch==2.13.0
 CONSTRAINTS := constraints.txt
 LOCK_VENV := .venv-lock
 
-.PHONY: setup quickstart test test-fast lock clean browser
+.PHONY: setup quickstart test test-fast lock clean browser postgres
 
 setup: $(STAMP)
 
@@ -50,12 +50,20 @@ browser:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) ; } || \
 	  echo "chromium not installed: browser tests will be skipped"
 
-test: setup browser
+# Debian's PostgreSQL for the postgres-marked tests (the feedback store on a real server, which the test
+# fixture starts itself in a temporary folder); best effort like chromium: without it they skip, saying so.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null) ; } || \
+	  echo "postgresql not installed: postgres tests will be skipped"
+
+test: setup browser postgres
 	$(BIN)/python -m pytest -q -rs
 
 # The inner loop: unit tests only (tiny models built from a config; 85 s of CPU time on the 2-core machine).
 test-fast: setup
-	$(BIN)/python -m pytest -q -rs -m "not integration and not browser and not fuzz and not distributed and not slow"
+	$(BIN)/python -m pytest -q -rs -m "not integration and not browser and not fuzz and not distributed and not slow and not postgres"
 
 clean:
 	rm -rf $(VENV) $(LOCK_VENV) workspace .pytest_cache

@@ -27,6 +27,9 @@ app.add_typer(ci_app, name="ci")
 from .data.commands import data_app  # noqa: E402  (the data studio's commands live with the data layer)
 
 app.add_typer(data_app, name="data")
+from .feedback.commands import feedback_app  # noqa: E402  (the feedback store's commands live with it)
+
+app.add_typer(feedback_app, name="feedback")
 
 console = Console()
 

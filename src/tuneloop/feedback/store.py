@@ -223,8 +223,8 @@ class FeedbackStore:
                     else:
                         from sqlalchemy.dialects.postgresql import insert
                     stmt = insert(ReviewItem).values(**values).on_conflict_do_nothing(
-                        index_elements=["queue", "dedup_key"])
-                    new += s.execute(stmt).rowcount
+                        index_elements=["queue", "dedup_key"]).returning(ReviewItem.id)
+                    new += len(s.execute(stmt).all())
                 elif s.scalars(select(ReviewItem.id).where(ReviewItem.queue == queue,
                                                            ReviewItem.dedup_key == row["dedup_key"])).first() is None:
                     s.add(ReviewItem(**values))
