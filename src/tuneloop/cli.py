@@ -210,8 +210,8 @@ def _per_item(ws, given: int | None) -> int:
 
 @review_queue_app.command("served")
 def review_queue_served(
-    since: Annotated[Optional[str], typer.Option("--since", help="Only answers served since: 7d, 12h, 30m, an "
-                                                 "ISO date/time or epoch seconds.")] = None,
+    since: Annotated[Optional[str], typer.Option("--since", help="Only answers served since: an age (7d, 12h, "
+                                                 "30m) or an ISO date / time (UTC unless it says otherwise).")] = None,
     model_version: Annotated[Optional[str], typer.Option("--model-version", help="Only answers of this version "
                                                          "(NAME:VERSION or a run name).")] = None,
     queue: QueueName = None,
@@ -221,7 +221,7 @@ def review_queue_served(
 ) -> None:
     """Queue the answers `tuneloop serve` logged (queue `served` by default)."""
     from .runs import workspace_path
-    from .serve.review_queues import parse_since
+    from .feedback.export import parse_since
 
     ws = workspace_path(workspace)
     st = _review_store(ws, store)

@@ -135,25 +135,3 @@ def pair_items(target: str, workspace: Path | None, a: str = "base", b: str = "t
              "source_b": sb, "example_id": eid}
             for eid in prompts if pa.get(eid) is not None and pb.get(eid) is not None]
 
-
-def parse_since(text: str | None, now: float | None = None) -> float | None:
-    """`7d`, `12h`, `30m`, an ISO date or date-time, or epoch seconds → epoch seconds (None stays None)."""
-    import re
-    import time
-    from datetime import datetime
-
-    if text is None or not str(text).strip():
-        return None
-    t = str(text).strip()
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([dhm])", t)
-    if m:
-        return (now if now is not None else time.time()) - float(m.group(1)) * {"d": 86400, "h": 3600, "m": 60}[m.group(2)]
-    try:
-        return float(t)
-    except ValueError:
-        pass
-    try:
-        dt = datetime.fromisoformat(t)
-    except ValueError:
-        raise ConfigError(f"--since {t!r}: use 7d, 12h, 30m, an ISO date (2026-11-30) or epoch seconds") from None
-    return dt.timestamp()  # a time without a zone is this machine's local time
