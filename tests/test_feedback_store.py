@@ -186,6 +186,11 @@ def test_served_answers_are_queued_from_the_responses_table(store):
     assert store.enqueue_served() == 0
     rows = {r["response_id"]: r for r in _all_items(store, "served")}
     assert rows["r1"]["prompt"] == [{"role": "user", "content": "hi"}] and rows["r1"]["answer"] == "hello"
+    # A model that answered nothing is worth a review; one blank answer never blocks the others.
+    store.log_response("r4", "m", "completion", "say nothing", "", "length")
+    store.log_response("r5", "m", "completion", "say something", "ok", "stop")
+    assert store.enqueue_served() == 2
+    assert {r["response_id"]: r["answer"] for r in _all_items(store, "served")}["r4"] == ""
 
 
 def _all_items(store, queue) -> list[dict]:

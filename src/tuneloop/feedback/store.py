@@ -165,7 +165,7 @@ class FeedbackStore:
         for i, it in enumerate(items):
             where = f"items[{i}]"
             prompt = _prompt(it.get("prompt"), f"{where}.prompt")
-            answer = _text(it.get("answer"), f"{where}.answer")
+            answer = _answer(it.get("answer"), f"{where}.answer")
             source = _text(it.get("source", "served"), f"{where}.source")
             ident = it.get("example_id") or it.get("response_id") or _content_id(prompt, answer)
             rows.append({"kind": "answer", "prompt": prompt, "answer": answer, "source": source,
@@ -181,7 +181,7 @@ class FeedbackStore:
         for i, it in enumerate(items):
             where = f"items[{i}]"
             prompt = _prompt(it.get("prompt"), f"{where}.prompt")
-            sides = [(_text(it.get(f"answer_{x}"), f"{where}.answer_{x}"), _text(it.get(f"source_{x}"), f"{where}.source_{x}"))
+            sides = [(_answer(it.get(f"answer_{x}"), f"{where}.answer_{x}"), _text(it.get(f"source_{x}"), f"{where}.source_{x}"))
                      for x in "ab"]
             ident = it.get("example_id") or _content_id(prompt, sorted(a for a, _ in sides))
             dedup = "\x1f".join(sorted(src for _, src in sides)) + f"\x1f{ident}"
@@ -477,6 +477,13 @@ def _check_queue(queue: str, reviews_wanted: int) -> None:
 def _text(v, where: str) -> str:
     if not isinstance(v, str) or not v.strip():
         raise DataError(f"{where}: expected non-empty text, got {v!r:.60}")
+    return v
+
+
+def _answer(v, where: str) -> str:
+    # A blank answer is text too: a model that answered nothing is exactly what a reviewer should see.
+    if not isinstance(v, str):
+        raise DataError(f"{where}: expected text, got {v!r:.60}")
     return v
 
 
