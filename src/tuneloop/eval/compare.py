@@ -18,7 +18,7 @@ from ..infer.encode import load_tokenizer
 from ..infer.predict import predict_classifier
 from ..runs import Run, load_for_inference, open_run
 from .calibration import CONTENT_FREE, calibration_summary, contextual_calibration
-from .cost import BatchTimer, business_cost, cost_per_1000, error_cost_matrix, latency_summary, price_per_hour
+from .cost import BatchTimer, error_cost_matrix, system_cost
 from .metrics import classification_metrics
 from .predict import fewshot_examples, predict_zero_shot, prompt_shown, tfidf_logreg
 from .report import print_table, write_report
@@ -109,7 +109,6 @@ def evaluate_classify(
     read_up_to = spec.max_length
     seed = recipe.train.seed
     costs = error_cost_matrix(ec.error_costs, labels) if ec.error_costs else None
-    hourly, price_source = price_per_hour(ec.price_per_hour, device().type)
     notes: list[str] = []
     results: dict[str, dict] = {}
     per_example: dict[str, list[dict | None]] = {}
@@ -169,7 +168,7 @@ def evaluate_classify(
             rows[i] = {"label": l, "probability": float(c), "correct": l == gold[i]}
         per_example[name] = rows
         calibration[name] = calibration_summary(conf, [l == y for l, y in zip(pred, g)], ec.abstain_below)
-        cost[name] = _cost(timer, hourly, price_source, m["confusion"], costs)
+        cost[name] = system_cost(timer, ec.price_per_hour, device().type, m["confusion"], costs)
 
     if len(sample) < len(texts) and any(s in results for s in PROMPTED):
         notes.append(f"{', '.join(s for s in PROMPTED if s in results)}: a stratified sample of {len(sample)} of "
@@ -240,11 +239,3 @@ def _prompted(name: str, base_lm, recipe, labels: list[str], texts: list[str], g
     return probs, {"uncalibrated_accuracy": m["accuracy"], "uncalibrated_macro_f1": m["macro_f1"],
                    "uncalibrated_predicted": {l: c for l, c in Counter(pred).most_common()}}, settings
 
-
-def _cost(timer: BatchTimer, hourly: float, price_source: str, confusion: list[list[int]], costs) -> dict:
-    out = latency_summary(timer.batches)
-    out.update(price_per_hour=hourly, price_source=price_source,
-               cost_per_1000=cost_per_1000(out["records_per_second"], hourly))
-    if costs is not None:
-        out["business_cost"] = business_cost(confusion, costs)
-    return out

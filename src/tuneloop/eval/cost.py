@@ -93,3 +93,16 @@ def business_cost(confusion: list[list[int]], costs: np.ndarray) -> dict:
     n = c.sum()
     total = float((c * costs).sum())
     return {"total": total, "per_1000": round(total / n * 1000, 4) if n else None}
+
+
+def system_cost(timer: BatchTimer, given_price: float | None, device_type: str, confusion=None,
+                costs: np.ndarray | None = None) -> dict:
+    """The report's `cost` entry for one system: its speed, latency, price per 1,000 predictions and
+    (given an error cost matrix and its confusion matrix) the expected cost of its mistakes."""
+    hourly, source = price_per_hour(given_price, device_type)
+    out = latency_summary(timer.batches)
+    out.update(price_per_hour=hourly, price_source=source, cost_per_1000=cost_per_1000(out["records_per_second"],
+                                                                                    hourly))
+    if costs is not None and confusion is not None:
+        out["business_cost"] = business_cost(confusion, costs)
+    return out
