@@ -56,17 +56,48 @@ def test_train_writes_a_complete_run_folder_and_loss_falls(recipe, tmp_path):
     assert (tmp_path / "ws" / "mlflow.db").exists()
 
 
-def test_eval_compares_three_systems_and_tuned_learns(recipe, tmp_path):
+def test_eval_compares_four_systems_and_tuned_learns(recipe, tmp_path):
     run_dir, _ = train_run(recipe(), tmp_path / "ws", show_progress=False)
     rep = evaluate_classify(run_dir, show_progress=False, print_results=False)
-    assert set(rep["systems"]) == {"base", "tuned", "tfidf_logreg"}
+    assert set(rep["systems"]) == {"base", "base_fewshot", "tuned", "tfidf_logreg"}
     for s in rep["systems"].values():
         assert 0 <= s["accuracy"] <= 1 and "macro_f1" in s and s["n"] == 40
     assert rep["systems"]["tuned"]["accuracy"] >= 0.9
     on_disk = json.loads((run_dir / "report.json").read_text())
     assert on_disk["systems"]["tuned"]["accuracy"] == rep["systems"]["tuned"]["accuracy"]
     html = (run_dir / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 3
+    # a confusion matrix per system and the reliability diagram
+    assert html.count("data:image/png;base64,") == 5
+    for name, s in rep["systems"].items():
+        lo, hi = rep["intervals"][name]["accuracy"]
+        assert lo <= s["accuracy"] <= hi
+        assert 0 <= rep["calibration"][name]["ece"] <= 1 and rep["cost"][name]["records_per_second"] > 0
+    assert {(t["a"], t["b"]) for t in rep["tests"]} == {("tuned", "base"), ("tuned", "base_fewshot"),
+                                                        ("tuned", "tfidf_logreg")}
+
+
+def test_prompted_baselines_calibrated_few_shot_and_sampled(recipe, tmp_path):
+    r = recipe(max_steps=2)
+    r.eval.prompted_sample = 16
+    r.eval.fewshot_k = 4
+    run_dir, _ = train_run(r, tmp_path / "ws", show_progress=False)
+    rep = evaluate_classify(run_dir, systems=["base", "base_fewshot", "tuned"], show_progress=False,
+                            print_results=False)
+    few, base = rep["settings"]["base_fewshot"], rep["settings"]["base"]
+    # 4 training examples, 2 of each label, and the prompt the report shows holds them
+    assert few["k"] == 4 and sorted(few["shot_labels"]) == ["bad", "bad", "good", "good"]
+    assert few["prompt"].count("Text: the ") == 4 and few["prompt"].count("{text}") == 1
+    assert base["k"] == 0 and base["calibration"] == "contextual"
+    assert sum(base["content_free_prior"].values()) == pytest.approx(1.0)
+    for name in ("base", "base_fewshot"):
+        s = rep["systems"][name]
+        # a stratified sample: 8 of each label, stated in the report, the rest predicted by nobody
+        assert s["n"] == 16 and s["sampled"] and "uncalibrated_accuracy" in s
+        assert sum(p is not None for p in rep["predictions"][name].values()) == 16
+        assert [c["support"] for c in s["per_class"].values()] == [8, 8]
+    assert any("stratified sample of 16 of 40" in n for n in rep["notes"])
+    # paired on the 16 both predicted
+    assert {t["n"] for t in rep["tests"]} == {16}
 
 
 def test_max_steps_and_bf16_path(recipe, tmp_path):

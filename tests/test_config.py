@@ -113,12 +113,18 @@ TASK_KEYS = {  # key: (a valid value to set it to, the tasks that read it)
     "eval.max_new_tokens": (32, ("sft",)),
     "eval.merge_adapters": (False, ("sft",)),
     "eval.max_test_examples": (5, ("sft",)),
+    "eval.calibrate_base": (False, ("classify",)),
+    "eval.prompted_sample": (50, ("classify",)),
+    "eval.fewshot_k": (4, ("classify",)),
+    "eval.fewshot_tokens": (256, ("classify",)),
+    "eval.abstain_below": (0.6, ("classify",)),
+    "eval.error_costs": ({"a->b": 3.0}, ("classify",)),
     "gate.exact_below": (10, ("classify",)),
 }
 # Read by every task since classify trains on the shared loop: a row each, so none of them regresses.
 SHARED_KEYS = {"data.val_ratio": 0.2, "train.eval_every": 5, "train.patience": 2, "train.overfit_window": 4,
                "train.checkpoint_every": 5, "data.max_train_examples": 10, "eval.systems": ["tuned"],
-               "eval.batch_size": 8, "method.top_layers": 2, "train.max_length": 64}
+               "eval.batch_size": 8, "method.top_layers": 2, "train.max_length": 64, "eval.price_per_hour": 0.5}
 
 
 def _set(key: str, value) -> dict:

@@ -22,7 +22,7 @@ def test_every_shipped_recipe_loads(path):
 def test_quickstart_recipe_is_lora_classification_on_the_bundled_model():
     r = load_recipe(ROOT / "recipes" / "quickstart-reviews.yaml")
     assert (r.task, r.method.name, r.model) == ("classify", "lora", "smollm2-135m-instruct")
-    assert r.eval.systems == ["base", "tuned", "tfidf_logreg"]
+    assert r.eval.systems == ["base", "base_fewshot", "tuned", "tfidf_logreg"] and r.eval.prompted_sample == 200
 
 
 @pytest.mark.parametrize("override, message", [

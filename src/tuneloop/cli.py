@@ -116,6 +116,22 @@ def eval_(
 
 
 @app.command()
+def report(
+    run: Annotated[str, typer.Argument(help="Run folder (or its name under <workspace>/runs/), or any folder "
+                                            "holding a report.json (an `eval --out` folder).")],
+    workspace: Workspace = None,
+) -> None:
+    """Rebuild report.html from report.json (no model is run)."""
+    from .eval.report import rebuild_html
+    from .runs import REPORT_JSON, open_run, workspace_path
+
+    folder = Path(run)
+    if not (folder / REPORT_JSON).exists():
+        folder = open_run(run, workspace_path(workspace)).dir
+    console.print(f"report: {rebuild_html(folder)}")
+
+
+@app.command()
 def serve(
     model: Annotated[list[str], typer.Option("--model", "-m", help="Base model (zoo name / HF folder) and/or "
                                               "adapters (run folder or name, PEFT folder, registered version "

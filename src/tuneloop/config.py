@@ -198,9 +198,11 @@ class TrainConfig(Section):
 
 
 class EvalConfig(Section):
-    systems: list[Literal["base", "tuned", "tfidf_logreg", "seasonal_naive"]] = Field(
-        default_factory=lambda: ["base", "tuned", "tfidf_logreg"],
-        description="Systems compared side by side on the test set.",
+    systems: list[Literal["base", "base_fewshot", "tuned", "tfidf_logreg", "seasonal_naive"]] = Field(
+        default_factory=lambda: ["base", "base_fewshot", "tuned", "tfidf_logreg"],
+        description="Systems compared side by side on the test set. classify: `base` (the untuned model "
+        "zero-shot, calibrated), `base_fewshot` (the untuned model with training examples in its prompt), "
+        "`tuned`, `tfidf_logreg`; regress: `tuned`, `seasonal_naive`; sft: `base`, `tuned`.",
     )
     batch_size: int = Field(32, ge=1, description="Records per evaluation batch (length-sorted).")
     zero_shot_prompt: str = Field(
@@ -218,6 +220,41 @@ class EvalConfig(Section):
         "`tuneloop serve` (the report measures the model as it is served); default `train.max_length`. Training "
         "may cut inputs short to save time; reading more of a long input at inference usually helps.",
         json_schema_extra=only("classify"),
+    )
+    calibrate_base: bool = Field(
+        True, description="Contextual calibration of `base` and `base_fewshot`: the label distribution the "
+        "prompt alone gives (measured on content-free inputs \"N/A\", \"\", \"[MASK]\" in the same prompt) is "
+        "divided out, so a model that says one label for everything is judged on what the text adds. The "
+        "uncalibrated accuracy stays in the report.", json_schema_extra=only("classify"),
+    )
+    prompted_sample: int | None = Field(
+        300, ge=10, description="`base` and `base_fewshot` run on a stratified sample of at most this many "
+        "test records (stated in the report; their intervals are wider for it), so evaluation stays fast; "
+        "null: every record.", json_schema_extra=only("classify"),
+    )
+    fewshot_k: int | None = Field(
+        None, ge=1, description="Training examples in `base_fewshot`'s prompt, balanced across labels "
+        "(seeded by train.seed); default: as many whole rounds of one example per label as fit "
+        "`eval.fewshot_tokens`, at most 4 rounds.", json_schema_extra=only("classify"),
+    )
+    fewshot_tokens: int = Field(
+        384, ge=16, description="Tokens the few-shot examples may take together (each example's text read up "
+        "to `eval.max_length`, like a test input).", json_schema_extra=only("classify"),
+    )
+    abstain_below: float | None = Field(
+        None, gt=0, lt=1, description="Confidence below which a prediction is sent to a person instead: the "
+        "report gives each classifier's coverage and accuracy at this threshold (the coverage vs accuracy "
+        "curve is always drawn).", json_schema_extra=only("classify"),
+    )
+    error_costs: dict[str, float] | None = Field(
+        None, description="Business cost of each kind of mistake, as {\"true->predicted\": cost} (a missed "
+        "complaint vs a false alarm) or {label: cost} (missing that label, whatever is said instead); the report "
+        "gives each system's expected cost per 1,000 predictions.", json_schema_extra=only("classify"),
+    )
+    price_per_hour: float | None = Field(
+        None, ge=0, description="What an hour of the machine evaluating costs, for the report's cost per "
+        "1,000 predictions; default 0.10 on CPU (a 2-vCPU cloud VM) and 1.00 on a GPU (one L4 / A10G class "
+        "GPU), USD on-demand list prices.",
     )
     max_new_tokens: int = Field(
         160, ge=1, description="Longest generated answer when scoring ROUGE-L / BLEU (greedy decoding).",

@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
+
+
+# the characters MLflow accepts in a parameter name
+_PARAM_NAME = re.compile(r"^[\w\-. :/]+$")
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict):
+        # a dict keyed by the user's own names (labels, "true->predicted" error costs) stays one value
+        # when a name is not one MLflow takes
+        if isinstance(v, dict) and all(_PARAM_NAME.match(str(x)) for x in v):
             out.update(_flatten(v, key + "."))
         else:
             out[key] = v

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import torch
 from rich.console import Console
 
@@ -15,12 +17,16 @@ from ..infer.device import device, set_threads
 from ..infer.encode import load_tokenizer
 from ..infer.predict import predict_classifier
 from ..runs import Run, load_for_inference, open_run
+from .calibration import CONTENT_FREE, calibration_summary, contextual_calibration
+from .cost import BatchTimer, error_cost_matrix, system_cost
 from .metrics import classification_metrics
-from .predict import predict_zero_shot, tfidf_logreg
+from .predict import fewshot_examples, predict_zero_shot, prompt_shown, tfidf_logreg
 from .report import print_table, write_report
 from .schema import Report, TestSet, headline, keyed, make_examples
+from .stats import default_pairs, report_statistics
 
-SYSTEMS = ("base", "tuned", "tfidf_logreg")
+SYSTEMS = ("base", "base_fewshot", "tuned", "tfidf_logreg")
+PROMPTED = ("base", "base_fewshot")  # the untuned model prompted: run on a stratified sample of a large test set
 
 console = Console(stderr=True)
 
@@ -37,6 +43,40 @@ def _base_is_generative(model_path: str) -> bool:
     if cfg.architectures:
         return any(a.endswith("ForCausalLM") for a in cfg.architectures)
     return cfg.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and cfg.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
+def _prompted_sample(records: list, n: int | None, seed: int) -> list[int]:
+    """Indices (in test order) of a stratified sample of at most n records; every index when n is None or
+    the test set is no larger."""
+    if n is None or len(records) <= n:
+        return list(range(len(records)))
+    chosen = {id(r) for r in stratified_sample(records, n, seed)}
+    return [i for i, r in enumerate(records) if id(r) in chosen]
+
+
+def _train_records(recipe, labels: list[str]) -> list:
+    dc = recipe.data
+    train = load_classification(recipe.resolve_path(dc.train), dc.text_field, dc.label_field, labels, dc.format)
+    recs = train.records
+    if dc.max_train_examples:
+        # The same records the tuned model saw: a fair comparison.
+        recs = stratified_sample(recs, dc.max_train_examples, recipe.train.seed)
+    return recs
+
+
+def _load_base(run: Run, recipe, notes: list[str]):
+    """The untuned causal LM and its tokenizer, or None (with a note) for an encoder."""
+    model_path = run.base_model_path()
+    if not _base_is_generative(model_path):
+        notes.append(f"base, base_fewshot: {recipe.model} is not a generative model; prompted scoring skipped")
+        return None
+    from transformers import AutoModelForCausalLM
+
+    dev = device()
+    dtype = getattr(torch, run.info.dtype or "float32")
+    model = AutoModelForCausalLM.from_pretrained(
+        model_path, dtype=dtype, attn_implementation=attention_for(dev, dtype)).to(dev).eval()
+    return model, load_tokenizer(model_path), dtype
 
 
 def evaluate_classify(
@@ -67,58 +107,73 @@ def evaluate_classify(
             raise ConfigError(f"unknown system {name!r} for classify (known: {', '.join(SYSTEMS)})")
     spec = run.info.input
     read_up_to = spec.max_length
+    seed = recipe.train.seed
+    costs = error_cost_matrix(ec.error_costs, labels) if ec.error_costs else None
     notes: list[str] = []
     results: dict[str, dict] = {}
-    per_example: dict[str, list[dict]] = {}
+    per_example: dict[str, list[dict | None]] = {}
+    calibration: dict[str, dict] = {}
+    cost: dict[str, dict] = {}
+    settings: dict[str, dict] = {}
     train_metrics = run.train_metrics
+    sample = _prompted_sample(test.records, ec.prompted_sample, seed)
+    base_lm = False  # not loaded yet; None: no generative base
 
     for name in systems:
         ts = time.time()
+        timer = BatchTimer()
+        idx = list(range(len(texts)))
+        extra: dict = {}
         if name == "tuned":
             tuned = load_for_inference(run)
             probs = predict_classifier(tuned.model, tuned.tokenizer, texts, ec.batch_size, read_up_to, tuned.dtype,
                                        show_progress, template=spec.template or "{text}", as_chat=spec.as_chat,
-                                       system=spec.system_prompt, truncate=spec.truncate)
-            pred = [labels[i] for i in probs.argmax(-1).tolist()]
-            conf = probs.max(-1).values.tolist()
+                                       system=spec.system_prompt, truncate=spec.truncate, timer=timer).numpy()
             del tuned
-        elif name == "base":
-            model_path = run.base_model_path()
-            if not _base_is_generative(model_path):
-                notes.append(f"base: {recipe.model} is not a generative model; zero-shot scoring skipped")
+        elif name in PROMPTED:
+            if base_lm is False:
+                base_lm = _load_base(run, recipe, notes)
+            if base_lm is None:
                 continue
-            from transformers import AutoModelForCausalLM
-
-            dev = device()
-            dtype = getattr(torch, run.info.dtype or "float32")
-            model = AutoModelForCausalLM.from_pretrained(
-                model_path, dtype=dtype, attn_implementation=attention_for(dev, dtype)).to(dev).eval()
-            tok = load_tokenizer(model_path)
-            words = [(ec.verbalizer or {}).get(l, l) for l in labels]
-            probs = predict_zero_shot(model, tok, texts, labels, words, ec.zero_shot_prompt, ec.batch_size,
-                                      read_up_to, dtype, show_progress,
-                                      # the same system turn the tuned model reads
-                                      system=dc.system_prompt if dc.as_chat else None)
-            pred = [labels[i] for i in probs.argmax(-1).tolist()]
-            conf = probs.max(-1).values.tolist()
-            del model
+            idx = sample
+            probs, extra, settings[name] = _prompted(name, base_lm, recipe, labels, [texts[i] for i in idx],
+                                                     [gold[i] for i in idx], read_up_to, timer, show_progress,
+                                                     seed)
+            if probs is None:
+                notes.append(f"{name}: {settings.pop(name)['skipped']}")
+                continue
         elif name == "tfidf_logreg":
-            train = load_classification(recipe.resolve_path(dc.train), dc.text_field, dc.label_field, labels, dc.format)
-            recs = train.records
-            if dc.max_train_examples:
-                # The same records the tuned model saw: a fair comparison.
-                recs = stratified_sample(recs, dc.max_train_examples, recipe.train.seed)
-            clf = tfidf_logreg([r.text for r in recs], [r.label for r in recs], recipe.train.seed)
-            p = clf.predict_proba(texts)
-            pred = [str(c) for c in clf.classes_[p.argmax(-1)]]
-            conf = p.max(-1).tolist()
-        m = classification_metrics(gold, pred, labels)
+            recs = _train_records(recipe, labels)
+            clf = tfidf_logreg([r.text for r in recs], [r.label for r in recs], seed)
+            order = {str(c): j for j, c in enumerate(clf.classes_)}
+            probs = np.zeros((len(texts), len(labels)))
+            for i in range(0, len(texts), ec.batch_size):
+                with timer.batch(len(texts[i:i + ec.batch_size])):
+                    p = clf.predict_proba(texts[i:i + ec.batch_size])
+                for l, j in order.items():
+                    probs[i:i + ec.batch_size, labels.index(l)] = p[:, j]
+        probs = np.asarray(probs, dtype=np.float64)
+        pred = [labels[j] for j in probs.argmax(-1)]
+        conf = probs.max(-1)
+        g = [gold[i] for i in idx]
+        m = classification_metrics(g, pred, labels)
+        m.update(extra)
         m["wall_seconds"] = round(time.time() - ts, 2)
-        m["records_per_second"] = round(len(texts) / max(1e-9, m["wall_seconds"]), 1)
+        m["records_per_second"] = round(len(idx) / max(1e-9, m["wall_seconds"]), 1)
+        if len(idx) < len(texts):
+            m["sampled"] = True
         results[name] = m
-        per_example[name] = [{"label": l, "probability": float(c), "correct": l == g}
-                             for l, c, g in zip(pred, conf, gold)]
+        rows: list[dict | None] = [None] * len(texts)
+        for i, l, c in zip(idx, pred, conf):
+            rows[i] = {"label": l, "probability": float(c), "correct": l == gold[i]}
+        per_example[name] = rows
+        calibration[name] = calibration_summary(conf, [l == y for l, y in zip(pred, g)], ec.abstain_below)
+        cost[name] = system_cost(timer, ec.price_per_hour, device().type, m["confusion"], costs)
 
+    if len(sample) < len(texts) and any(s in results for s in PROMPTED):
+        notes.append(f"{', '.join(s for s in PROMPTED if s in results)}: a stratified sample of {len(sample)} of "
+                     f"{len(texts)} test records (seed {seed}, eval.prompted_sample); their metrics, intervals "
+                     f"and paired tests are on that sample")
     examples = make_examples(texts, gold)
     report = Report(
         task="classify",
@@ -134,8 +189,53 @@ def evaluate_classify(
         predictions={n: keyed(examples, ps) for n, ps in per_example.items()},
         notes=notes,
         wall_seconds=round(time.time() - t0, 2),
+        settings=settings,
+        calibration=calibration,
+        cost=cost,
     ).model_dump(mode="json")
+    report.update(report_statistics(report, default_pairs(list(results)), seed=seed))
     write_report(report, out_dir or run_dir)
     if print_results:
         print_table(report)
     return report
+
+
+def _prompted(name: str, base_lm, recipe, labels: list[str], texts: list[str], gold: list[str],
+              read_up_to: int, timer, show_progress: bool, seed: int) -> tuple:
+    """Class probabilities of the untuned model prompted zero-shot (`base`) or with training examples
+    (`base_fewshot`), contextually calibrated when eval.calibrate_base; with the uncalibrated metrics and the
+    settings the report shows (the prompt, its examples, the prior divided out)."""
+    model, tok, dtype = base_lm
+    dc, ec = recipe.data, recipe.eval
+    words = [(ec.verbalizer or {}).get(l, l) for l in labels]
+    # the same system turn the tuned model reads
+    system = dc.system_prompt if dc.as_chat else None
+    shots: list[tuple[str, str]] = []
+    if name == "base_fewshot":
+        recs = _train_records(recipe, labels)
+        picked = fewshot_examples(tok, [r.text for r in recs], [r.label for r in recs], labels, ec.fewshot_tokens,
+                                  read_up_to, seed, ec.fewshot_k)
+        if not picked:
+            return None, {}, {"skipped": f"no training example fits eval.fewshot_tokens={ec.fewshot_tokens}"}
+        shots = [(t, words[labels.index(l)]) for t, l in picked]
+
+    def score(xs: list[str], t=None, progress: bool = False):
+        return predict_zero_shot(model, tok, xs, labels, words, ec.zero_shot_prompt, ec.batch_size, read_up_to,
+                                 dtype, progress, system=system, shots=shots, timer=t, desc=f"eval {name}").numpy()
+
+    raw = score(texts, timer, show_progress)
+    settings = {"prompt": prompt_shown(tok, ec.zero_shot_prompt, words, read_up_to, system, shots),
+                "k": len(shots), "shot_labels": [l for _, l in picked] if shots else [], "n": len(texts)}
+    if not ec.calibrate_base:
+        settings["calibration"] = None
+        return raw, {}, settings
+    prior = score(list(CONTENT_FREE)).mean(0)
+    probs = contextual_calibration(raw, prior)
+    settings.update(calibration="contextual", content_free=list(CONTENT_FREE),
+                    content_free_prior={l: float(p) for l, p in zip(labels, prior / prior.sum())})
+    pred = [labels[j] for j in raw.argmax(-1)]
+    m = classification_metrics(gold, pred, labels)
+    # what calibration changed: the model before it often says one label for every input
+    return probs, {"uncalibrated_accuracy": m["accuracy"], "uncalibrated_macro_f1": m["macro_f1"],
+                   "uncalibrated_predicted": {l: c for l, c in Counter(pred).most_common()}}, settings
+

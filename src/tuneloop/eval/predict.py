@@ -2,11 +2,15 @@
 
 - `tuned`: a trained classifier run (`infer.predict.predict_classifier`).
 - `base`: the untuned instruct model, zero-shot: each label word is scored by its log-likelihood as the
-  assistant's answer to a prompt; the likeliest label wins.
+  assistant's answer to a prompt; the likeliest label wins (after contextual calibration, eval/calibration.py).
+- `base_fewshot`: the same, with k training examples answered in earlier turns of the prompt
+  (`fewshot_examples` picks them: balanced across labels, seeded, as many as fit a token budget).
 - `tfidf_logreg`: the classical baseline a data scientist would try first.
 """
 
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 import torch
 from rich.console import Console
@@ -17,63 +21,144 @@ from ..infer.batching import pad_batch, progress_columns, sorted_batches
 console = Console(stderr=True)
 
 
+def _choices(words: list[str]) -> str:
+    return ", ".join(words[:-1]) + f" or {words[-1]}" if len(words) > 1 else words[0]
+
+
+def _shorten(tok, text: str, max_length: int) -> str:
+    # Truncate the text, not the instruction around it.
+    return tok.decode(tok(text, add_special_tokens=False)["input_ids"][:max_length])
+
+
+def _messages(tok, text: str, prompt: str, words: list[str], max_length: int, system: str | None,
+              shots: list[tuple[str, str]]) -> list[dict]:
+    choices = _choices(words)
+    msgs = [{"role": "system", "content": system}] if system else []
+    for shot_text, shot_word in shots:
+        msgs.append({"role": "user", "content": prompt.format(text=_shorten(tok, shot_text, max_length),
+                                                             choices=choices)})
+        msgs.append({"role": "assistant", "content": shot_word})
+    msgs.append({"role": "user", "content": prompt.format(text=_shorten(tok, text, max_length), choices=choices)})
+    return msgs
+
+
+def render_prompt(tok, msgs: list[dict], tokenize: bool):
+    """The chat-formatted prompt up to where the assistant's answer starts (ids, or the text); a model
+    without a chat template reads the user turns and answers as plain text (no system turn, as before)."""
+    if getattr(tok, "chat_template", None):
+        out = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=tokenize,
+                                      **({"return_dict": True} if tokenize else {}))
+        return list(out["input_ids"]) if tokenize else out
+    parts = []
+    for m in msgs:
+        if m["role"] == "assistant":
+            parts[-1] += f" {m['content']}\n"
+        elif m["role"] == "user":
+            parts.append(m["content"] + "\nAnswer:")
+    text = "\n".join(parts)
+    return list(tok(text)["input_ids"]) if tokenize else text
+
+
 def zero_shot_prompts(tok, texts: list[str], prompt: str, words: list[str], max_length: int,
-                      system: str | None = None) -> list[list[int]]:
-    """Token ids of the chat-formatted prompt up to where the assistant's answer starts."""
-    choices = ", ".join(words[:-1]) + f" or {words[-1]}" if len(words) > 1 else words[0]
-    out = []
-    for t in texts:
-        # Truncate the text, not the instruction around it.
-        t_ids = tok(t, add_special_tokens=False)["input_ids"][:max_length]
-        t_short = tok.decode(t_ids)
-        msgs = [{"role": "system", "content": system}] if system else []
-        msgs.append({"role": "user", "content": prompt.format(text=t_short, choices=choices)})
-        if getattr(tok, "chat_template", None):
-            ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+                      system: str | None = None, shots: list[tuple[str, str]] = ()) -> list[list[int]]:
+    """Token ids of the chat-formatted prompt up to where the assistant's answer starts; `shots`
+    ((text, answer word) pairs) are answered in earlier turns."""
+    return [render_prompt(tok, _messages(tok, t, prompt, words, max_length, system, list(shots)), True)
+            for t in texts]
+
+
+def prompt_shown(tok, prompt: str, words: list[str], max_length: int, system: str | None = None,
+                 shots: list[tuple[str, str]] = ()) -> str:
+    """The prompt as the model reads it, with `{text}` where each test input goes (for the report)."""
+    msgs = _messages(tok, "\x00", prompt, words, max_length, system, list(shots))
+    msgs[-1]["content"] = prompt.format(text="{text}", choices=_choices(words))
+    return render_prompt(tok, msgs, False)
+
+
+def fewshot_examples(tok, texts: list[str], labels_of: list[str], labels: list[str], budget: int,
+                     max_length: int, seed: int, k: int | None = None,
+                     max_rounds: int = 4) -> list[tuple[str, str]]:
+    """Training examples for a few-shot prompt: one per label in turn (each label's order shuffled with
+    `seed`), as many whole rounds as fit `budget` tokens of text (each text read up to `max_length`) up to
+    `max_rounds` (more examples of short texts cost time and rarely help a small model), or exactly `k`
+    when given (still in label turns). Returned as (text, label), in prompt order."""
+    import random
+
+    rng = random.Random(seed)
+    pools = {l: [t for t, y in zip(texts, labels_of) if y == l] for l in labels}
+    for pool in pools.values():
+        rng.shuffle(pool)
+    order = [l for l in labels if pools[l]]
+    out: list[tuple[str, str]] = []
+    used, rounds = 0, 0
+    while True:
+        batch = [(pools[l][rounds], l) for l in order if rounds < len(pools[l])]
+        if not batch:
+            break
+        if k is not None:
+            batch = batch[: k - len(out)]
+        elif rounds >= max_rounds:
+            break
         else:
-            ids = tok(msgs[-1]["content"] + "\nAnswer:")["input_ids"]
-        out.append(list(ids))
+            cost = sum(min(max_length, len(tok(t, add_special_tokens=False)["input_ids"])) for t, _ in batch)
+            if used + cost > budget:
+                break
+            used += cost
+        out += batch
+        rounds += 1
+        if k is not None and len(out) >= k:
+            break
+    # a seeded random order, so no label is always the one shown last (the answer leans to it)
+    rng.shuffle(out)
     return out
 
 
 @torch.no_grad()
 def predict_zero_shot(model, tok, texts: list[str], labels: list[str], words: list[str], prompt: str,
                       batch_size: int, max_length: int, dtype: torch.dtype,
-                      show_progress: bool = True, system: str | None = None) -> torch.Tensor:
-    """Softmax over the labels' answer log-likelihoods, shape (len(texts), len(labels))."""
+                      show_progress: bool = True, system: str | None = None,
+                      shots: list[tuple[str, str]] = (), timer=None, desc: str = "eval base") -> torch.Tensor:
+    """Softmax over the labels' answer log-likelihoods, shape (len(texts), len(labels)); `shots` as in
+    `zero_shot_prompts`, `timer` as in infer/predict.py `predict_classifier`."""
     dev = next(model.parameters()).device
-    prompts = zero_shot_prompts(tok, texts, prompt, words, max_length, system)
+    prompts = zero_shot_prompts(tok, texts, prompt, words, max_length, system, shots)
     word_ids = [tok(w, add_special_tokens=False)["input_ids"] for w in words]
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     scores = torch.zeros(len(texts), len(labels))
     single = all(len(w) == 1 for w in word_ids)
     with Progress(*progress_columns(), console=console, disable=not show_progress) as progress:
-        task = progress.add_task("eval base", total=len(texts), info="zero-shot")
+        task = progress.add_task(desc, total=len(texts), info=f"{len(shots)}-shot" if shots else "zero-shot")
         for idx in sorted_batches([len(p) for p in prompts], batch_size):
-            if single:
-                # One forward per prompt: the next-token distribution scores every one-token label.
-                seqs = [prompts[i] for i in idx]
-                ids, mask = pad_batch(seqs, tok.pad_token_id, left=True)
-                pos = (mask.cumsum(-1) - 1).clamp(min=0)
-                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-                    h = decoder(input_ids=ids.to(dev), attention_mask=mask.to(dev),
-                                position_ids=pos.to(dev)).last_hidden_state[:, -1]
-                    logp = head(h).float().log_softmax(-1).cpu()
-                scores[idx] = logp[:, [w[0] for w in word_ids]]
-            else:
-                # Multi-token labels: score prompt+label for each label; only the label positions
-                # go through the vocabulary projection.
-                for li, w in enumerate(word_ids):
-                    seqs = [prompts[i] + w for i in idx]
-                    ids, mask = pad_batch(seqs, tok.pad_token_id)
-                    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-                        h = decoder(input_ids=ids.to(dev), attention_mask=mask.to(dev)).last_hidden_state
-                        for r, i in enumerate(idx):
-                            start = len(prompts[i]) - 1
-                            lp = head(h[r, start:start + len(w)]).float().log_softmax(-1).cpu()
-                            scores[i, li] = lp[torch.arange(len(w)), torch.tensor(w)].sum()
+            with timer.batch(len(idx)) if timer is not None else nullcontext():
+                _score_batch(model, tok, prompts, idx, word_ids, single, scores, dtype, dev, decoder, head)
             progress.update(task, advance=len(idx))
     return scores.softmax(-1)
+
+
+def _score_batch(model, tok, prompts, idx, word_ids, single, scores, dtype, dev, decoder, head) -> None:
+    """Each label's answer log-likelihood for the prompts `idx`, into `scores`."""
+    if single:
+        # One forward per prompt: the next-token distribution scores every one-token label.
+        seqs = [prompts[i] for i in idx]
+        ids, mask = pad_batch(seqs, tok.pad_token_id, left=True)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            h = decoder(input_ids=ids.to(dev), attention_mask=mask.to(dev),
+                        position_ids=pos.to(dev)).last_hidden_state[:, -1]
+            logp = head(h).float().log_softmax(-1).cpu()
+        scores[idx] = logp[:, [w[0] for w in word_ids]]
+        return
+    # Multi-token labels: score prompt+label for each label; only the label positions
+    # go through the vocabulary projection.
+    for li, w in enumerate(word_ids):
+        seqs = [prompts[i] + w for i in idx]
+        ids, mask = pad_batch(seqs, tok.pad_token_id)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            h = decoder(input_ids=ids.to(dev), attention_mask=mask.to(dev)).last_hidden_state
+            for r, i in enumerate(idx):
+                start = len(prompts[i]) - 1
+                lp = head(h[r, start:start + len(w)]).float().log_softmax(-1).cpu()
+                scores[i, li] = lp[torch.arange(len(w)), torch.tensor(w)].sum()
 
 
 def tfidf_logreg(train_texts: list[str], train_labels: list[str], seed: int = 0):

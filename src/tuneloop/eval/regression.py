@@ -16,7 +16,10 @@ from ..errors import ConfigError, DataError
 from ..infer.device import device, set_threads
 from ..infer.predict import predict_z
 from ..runs import TEST_RECORDS, Run, load_for_inference, open_run
-from .schema import Report, TestSet, headline, keyed, make_examples, write_report_json
+from .cost import BatchTimer, system_cost
+from .report import print_tests, write_report
+from .schema import Report, TestSet, headline, keyed, make_examples
+from .stats import default_pairs, report_statistics
 
 SYSTEMS = ("tuned", "seasonal_naive")
 
@@ -69,12 +72,16 @@ def evaluate_regress(run_dir: "Path | Run", test_path: str | None = None, system
     examples = make_examples([r.text for r in test], y, [{"time": r.meta.get("time")} for r in test])
     results: dict[str, dict] = {}
     per_example: dict[str, list[dict | None]] = {}
+    cost: dict[str, dict] = {}
     pred: list[float] = []
     if "tuned" in systems:
         ts = time.time()
         tuned = load_for_inference(run, dev)
         enc = tuned.tokenizer([r.text for r in test], truncation=True, max_length=tuned.input.max_length)["input_ids"]
-        z = predict_z(tuned.model, enc, tuned.tokenizer.pad_token_id, recipe.eval.batch_size, dev, tuned.autocast)
+        timer = BatchTimer()
+        z = predict_z(tuned.model, enc, tuned.tokenizer.pad_token_id, recipe.eval.batch_size, dev, tuned.autocast,
+                      timer)
+        cost["tuned"] = system_cost(timer, recipe.eval.price_per_hour, dev.type)
         pred = [v * tuned.target.std + tuned.target.mean for v in z]
         results["tuned"] = regression_metrics(y, pred)
         results["tuned"]["wall_seconds"] = round(time.time() - ts, 2)
@@ -101,16 +108,23 @@ def evaluate_regress(run_dir: "Path | Run", test_path: str | None = None, system
         model=recipe.model, target=dc.value_field, systems=results, headline=headline(results, "mae", "lower"),
         test=TestSet(path=source, n=len(test), fingerprint=fingerprint(test)), examples=examples,
         predictions={n: keyed(examples, ps) for n, ps in per_example.items()}, train=run.train_metrics,
-        wall_seconds=round(time.time() - t0, 2)).model_dump(mode="json")
-    write_report_json(Report.model_validate(report), Path(out_dir or run_dir))
+        cost=cost, wall_seconds=round(time.time() - t0, 2)).model_dump(mode="json")
+    # tuned_same_days is tuned on the baseline's days: the paired test finds those days by itself
+    report.update(report_statistics(report, default_pairs(list(results), skip=("tuned_same_days",)),
+                                    seed=recipe.train.seed))
+    write_report(report, Path(out_dir or run_dir))
     return report
 
 
 def print_regress_table(report: dict, out: Console | None = None) -> None:
     t = Table(title=f"{report['target']}: held-out rows (n={report['test']['n']})")
-    for c in ("system", "n", "MAE ↓", "RMSE ↓", "MAPE ↓", "R²"):
-        t.add_column(c)
+    for c in ("system", "n", "MAE ↓ [95% CI]", "RMSE ↓", "MAPE ↓", "R²"):
+        t.add_column(c, no_wrap=True)
     for name, m in report["systems"].items():
-        t.add_row(name, str(m["n"]), f"{m['mae']:,.4f}", f"{m['rmse']:,.4f}",
-                  "-" if m["mape"] is None else f"{m['mape']:.2%}", "-" if m["r2"] is None else f"{m['r2']:.3f}")
-    (out or Console()).print(t)
+        iv = (report.get("intervals") or {}).get(name, {}).get("mae")
+        t.add_row(name, str(m["n"]), f"{m['mae']:,.4g}" + (f" [{iv[0]:,.4g}, {iv[1]:,.4g}]" if iv else ""),
+                  f"{m['rmse']:,.4g}", "-" if m["mape"] is None else f"{m['mape']:.2%}",
+                  "-" if m["r2"] is None else f"{m['r2']:.3f}")
+    out = out or Console()
+    out.print(t)
+    print_tests(report, out)

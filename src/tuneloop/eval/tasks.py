@@ -39,8 +39,8 @@ def _classify(run, test_path, systems, out_dir, show_progress, **options) -> dic
 EVALUATORS: dict[str, Evaluator] = {
     "classify": Evaluator(_classify, CLASSIFY_SYSTEMS, print_table, options=("text_field", "label_field"),
                           report_file=REPORT_HTML),
-    "regress": Evaluator(evaluate_regress, REGRESS_SYSTEMS, print_regress_table),
-    "sft": Evaluator(evaluate_sft, SFT_SYSTEMS, print_sft_table),
+    "regress": Evaluator(evaluate_regress, REGRESS_SYSTEMS, print_regress_table, report_file=REPORT_HTML),
+    "sft": Evaluator(evaluate_sft, SFT_SYSTEMS, print_sft_table, report_file=REPORT_HTML),
 }
 
 

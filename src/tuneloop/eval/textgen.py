@@ -26,7 +26,10 @@ from ..infer.device import device, set_threads
 from ..infer.encode import load_tokenizer
 from ..infer.predict import answer_losses, generate_answers
 from ..runs import GENERATIONS, TEST_RECORDS, Run, load_for_inference, open_run
-from .schema import Report, TestSet, headline, keyed, make_examples, write_report_json
+from .cost import BatchTimer, system_cost
+from .report import print_tests, write_report
+from .schema import Report, TestSet, headline, keyed, make_examples
+from .stats import default_pairs, report_statistics
 
 SYSTEMS = ("base", "tuned")
 
@@ -98,6 +101,7 @@ def evaluate_sft(run_dir: "Path | Run", test_path: str | None = None, systems: l
     results: dict[str, dict] = {}
     answers: dict[str, list[str]] = {}
     per_example: dict[str, list[dict]] = {}
+    cost: dict[str, dict] = {}
     t0 = time.time()
     with Progress(*progress_columns(), console=console, disable=not show_progress) as progress:
         model = None
@@ -120,16 +124,20 @@ def evaluate_sft(run_dir: "Path | Run", test_path: str | None = None, systems: l
                 # Outside autocast, so the update B @ A is formed in fp32 before it is added. Last
                 # system, so the base weights can take it in place.
                 model = model.merge_and_unload()
+            timer = BatchTimer()
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
                 gen = generate_answers(model, tok, prompts, ec.max_new_tokens, min(ec.batch_size, 16), dev,
-                                       progress, f"{name}: generate")
+                                       progress, f"{name}: generate", timer=timer)
+            cost[name] = system_cost(timer, ec.price_per_hour, dev.type)
+            new_tokens = sum(len(tok(g, add_special_tokens=False)["input_ids"]) for g in gen)
+            cost[name]["tokens_per_second"] = round(new_tokens / max(1e-9, cost[name]["seconds"]), 1)
             answers[name] = gen
             each = rouge_l_each(gen, refs)
             results[name] = {"perplexity": ppl, "rougeL": sum(each) / max(1, len(each)), "bleu": bleu(gen, refs),
                              "merged_adapters": merged,
                              "mean_answer_words": sum(len(g.split()) for g in gen) / max(1, len(gen)),
                              "seconds": round(time.time() - ts, 1)}
-            per_example[name] = [{"text": g, "rougeL": r, "loss": v / k if k else None}
+            per_example[name] = [{"text": g, "rougeL": r, "loss": v / k if k else None, "tokens": k}
                                  for g, r, (v, k) in zip(gen, each, losses)]
     examples = make_examples([json.dumps(p, ensure_ascii=False) for p in prompts], refs)
     report = Report(
@@ -138,9 +146,10 @@ def evaluate_sft(run_dir: "Path | Run", test_path: str | None = None, systems: l
         test=TestSet(path=source, n=len(records), fingerprint=fingerprint(records)),
         examples=examples, predictions={n: keyed(examples, ps) for n, ps in per_example.items()},
         train=run.train_metrics, settings={"decoding": "greedy", "max_new_tokens": ec.max_new_tokens},
-        wall_seconds=round(time.time() - t0, 1)).model_dump(mode="json")
+        cost=cost, wall_seconds=round(time.time() - t0, 1)).model_dump(mode="json")
+    report.update(report_statistics(report, default_pairs(list(results)), seed=recipe.train.seed))
     out_dir = Path(out_dir or run_dir)
-    write_report_json(Report.model_validate(report), out_dir)
+    write_report(report, out_dir)
     lines = [json.dumps({"prompt": p[-1]["content"], "reference": r, **{s: answers[s][i] for s in answers}},
                         ensure_ascii=False) for i, (p, r) in enumerate(zip(prompts, refs))]
     write_text_atomic(out_dir / GENERATIONS, "\n".join(lines) + "\n")
@@ -150,9 +159,12 @@ def evaluate_sft(run_dir: "Path | Run", test_path: str | None = None, systems: l
 def print_sft_table(report: dict, out: Console | None = None) -> None:
     t = Table(title=f"held-out answers (n={report['test']['n']}, {report['settings']['decoding']}, "
                     f"≤{report['settings']['max_new_tokens']} new tokens)")
-    for c in ("system", "perplexity ↓", "ROUGE-L ↑", "BLEU ↑", "words/answer"):
-        t.add_column(c)
+    for c in ("system", "perplexity ↓", "ROUGE-L ↑ [95% CI]", "BLEU ↑", "words/answer"):
+        t.add_column(c, no_wrap=True)
     for name, m in report["systems"].items():
-        t.add_row(name, f"{m['perplexity']:.2f}", f"{m['rougeL']:.4f}", f"{m['bleu']:.2f}",
-                  f"{m['mean_answer_words']:.0f}")
-    (out or Console()).print(t)
+        iv = (report.get("intervals") or {}).get(name, {}).get("rougeL")
+        t.add_row(name, f"{m['perplexity']:.2f}", f"{m['rougeL']:.4f}" + (f" [{iv[0]:.3f}, {iv[1]:.3f}]" if iv else ""),
+                  f"{m['bleu']:.2f}", f"{m['mean_answer_words']:.0f}")
+    out = out or Console()
+    out.print(t)
+    print_tests(report, out)

@@ -3,6 +3,8 @@ token losses and greedy answers. Length-sorted batches, no gradient; eval/ and s
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from rich.console import Console
 from rich.progress import Progress
@@ -16,9 +18,11 @@ console = Console(stderr=True)
 @torch.no_grad()
 def predict_classifier(model, tok, texts: list[str], batch_size: int, max_length: int, dtype: torch.dtype,
                        show_progress: bool = True, desc: str = "eval tuned", template: str = "{text}",
-                       as_chat: bool = False, system: str | None = None, truncate: str = "end") -> torch.Tensor:
+                       as_chat: bool = False, system: str | None = None, truncate: str = "end",
+                       timer=None) -> torch.Tensor:
     """Class probabilities, shape (len(texts), num_labels); inputs built by `encode_texts` from the run's
-    input spec (template, chat wrapping, system turn, truncation)."""
+    input spec (template, chat wrapping, system turn, truncation). `timer`: anything with a `batch(n)`
+    context manager (eval/cost.py `BatchTimer`), to time each batch."""
     dev = next(model.parameters()).device
     enc = encode_texts(tok, texts, max_length, template, as_chat, system, truncate)
     probs = torch.zeros(len(texts), model.config.num_labels)
@@ -26,23 +30,27 @@ def predict_classifier(model, tok, texts: list[str], batch_size: int, max_length
         task = progress.add_task(desc, total=len(texts), info="")
         for idx in sorted_batches([len(e) for e in enc], batch_size):
             ids, mask = pad_batch([enc[i] for i in idx], tok.pad_token_id)
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-                logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits
-            probs[idx] = logits.float().softmax(-1).cpu()
+            with timer.batch(len(idx)) if timer is not None else nullcontext():
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                    logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits
+                probs[idx] = logits.float().softmax(-1).cpu()
             progress.update(task, advance=len(idx))
     return probs
 
 
 @torch.no_grad()
-def predict_z(model, enc: list[list[int]], pad_id: int, batch_size: int, dev, autocast: bool) -> list[float]:
-    """Standardised predictions, in input order."""
+def predict_z(model, enc: list[list[int]], pad_id: int, batch_size: int, dev, autocast: bool,
+              timer=None) -> list[float]:
+    """Standardised predictions, in input order; `timer` as in `predict_classifier`."""
     model.eval()
     out = [0.0] * len(enc)
     for b in sorted_batches([len(e) for e in enc], batch_size):
         ids, mask = pad_batch([enc[i] for i in b], pad_id)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
-            logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits
-        for i, v in zip(b, logits.float().view(-1).tolist()):
+        with timer.batch(len(b)) if timer is not None else nullcontext():
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
+                logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits
+            vals = logits.float().view(-1).tolist()
+        for i, v in zip(b, vals):
             out[i] = v
     model.train()
     return out
@@ -73,16 +81,18 @@ def answer_losses(model, tok, conversations: list[list[dict]], max_length: int, 
 
 @torch.no_grad()
 def generate_answers(model, tok, prompts: list[list[dict]], max_new_tokens: int, batch_size: int, dev,
-                     progress=None, label: str = "generate") -> list[str]:
-    """Greedy answers to each prompt conversation (left-padded batches, longest first)."""
+                     progress=None, label: str = "generate", timer=None) -> list[str]:
+    """Greedy answers to each prompt conversation (left-padded batches, longest first); `timer` as in
+    `predict_classifier`."""
     enc = [tok.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=False) for p in prompts]
     enc = [list(e["input_ids"]) if isinstance(e, dict) or hasattr(e, "keys") else list(e) for e in enc]
     out = [""] * len(enc)
     task = progress.add_task(label, total=len(enc), info="") if progress is not None else None
     for b in sorted_batches([len(e) for e in enc], batch_size):
         ids, mask = pad_batch([enc[i] for i in b], tok.pad_token_id, left=True)
-        gen = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
-                             do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        with timer.batch(len(b)) if timer is not None else nullcontext():
+            gen = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
+                                 do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
         for i, row in zip(b, gen[:, ids.shape[1]:].tolist()):
             out[i] = tok.decode(row, skip_special_tokens=True).strip()
         if task is not None:
