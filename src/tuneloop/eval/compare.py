@@ -15,10 +15,13 @@ from ..infer.device import device, set_threads
 from ..infer.encode import load_tokenizer
 from ..infer.predict import predict_classifier
 from ..runs import Run, load_for_inference, open_run
+from .forgetting import forgetting_for_head, not_applicable
 from .metrics import classification_metrics
 from .predict import predict_zero_shot, tfidf_logreg
+from .probes import load_lexicon, run_probes
 from .report import print_table, write_report
 from .schema import Report, TestSet, headline, keyed, make_examples
+from .slices import slice_report
 
 SYSTEMS = ("base", "tuned", "tfidf_logreg")
 
@@ -71,6 +74,11 @@ def evaluate_classify(
     results: dict[str, dict] = {}
     per_example: dict[str, list[dict]] = {}
     train_metrics = run.train_metrics
+    meta = [{f: r.meta.get(f) for f in ec.slices} for r in test.records]
+    examples = make_examples(texts, gold, meta)
+    lexicon = load_lexicon(recipe.resolve_path(ec.probe_terms) if ec.probe_terms else None)
+    probes: dict = {}
+    forgetting: dict = {} if ec.forgetting else not_applicable("eval.forgetting is off")
 
     for name in systems:
         ts = time.time()
@@ -81,6 +89,20 @@ def evaluate_classify(
                                        system=spec.system_prompt, truncate=spec.truncate)
             pred = [labels[i] for i in probs.argmax(-1).tolist()]
             conf = probs.max(-1).values.tolist()
+            tp = time.time()
+            probes = run_probes(
+                "classify", texts, lambda xs: [labels[i] for i in predict_classifier(
+                    tuned.model, tuned.tokenizer, xs, ec.batch_size, read_up_to, tuned.dtype, False,
+                    template=spec.template or "{text}", as_chat=spec.as_chat, system=spec.system_prompt,
+                    truncate=spec.truncate).argmax(-1).tolist()],
+                ids=[e.id for e in examples], lexicon=lexicon, sample=ec.probe_sample,
+                threshold=ec.probe_threshold, seed=recipe.train.seed)
+            probes["seconds"] = round(time.time() - tp, 2)
+            if ec.forgetting:
+                tf = time.time()
+                forgetting = forgetting_for_head(run, tuned, ec.forgetting_threshold, recipe.train.seed)
+                forgetting["seconds"] = round(time.time() - tf, 2)
+            ts += time.time() - tp  # the system's own speed excludes its probes and forgetting check
             del tuned
         elif name == "base":
             model_path = run.base_model_path()
@@ -119,7 +141,8 @@ def evaluate_classify(
         per_example[name] = [{"label": l, "probability": float(c), "correct": l == g}
                              for l, c, g in zip(pred, conf, gold)]
 
-    examples = make_examples(texts, gold)
+    predictions = {n: keyed(examples, ps) for n, ps in per_example.items()}
+    dumped = [e.model_dump() for e in examples]
     report = Report(
         task="classify",
         title=f"{recipe.name}: base vs tuned vs classical baseline",
@@ -131,8 +154,13 @@ def evaluate_classify(
         systems=results,
         headline=headline(results, "accuracy", "higher"),
         examples=examples,
-        predictions={n: keyed(examples, ps) for n, ps in per_example.items()},
+        predictions=predictions,
         notes=notes,
+        slices=slice_report("classify", dumped, predictions, texts, meta=meta, fields=ec.slices, labels=labels,
+                            buckets=ec.length_buckets, min_size=ec.slice_min_size, seed=recipe.train.seed,
+                            lexicon=lexicon),
+        probes=probes,
+        forgetting=forgetting,
         wall_seconds=round(time.time() - t0, 2),
     ).model_dump(mode="json")
     write_report(report, out_dir or run_dir)

@@ -15,6 +15,15 @@ from ..runs import REPORT_HTML
 from .schema import Report, write_report_json
 
 
+def trust_html(report: dict) -> str:
+    """The slices (with their plot), bias probes and forgetting sections of any task's report."""
+    from .forgetting import forgetting_html
+    from .probes import probes_html
+    from .slices import slices_html
+
+    return slices_html(report) + probes_html(report) + forgetting_html(report)
+
+
 def print_table(report: dict, console: Console | None = None) -> None:
     console = console or Console()
     labels = report["labels"]
@@ -80,7 +89,7 @@ def render_html(report: dict) -> str:
 <style>
 body{{font-family:system-ui,sans-serif;margin:2rem;color:#222}} table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:.3rem .6rem;text-align:right}} th:first-child{{text-align:left}}
-figure{{display:inline-block;margin:1rem}} .meta{{color:#555}}
+figure{{display:inline-block;margin:1rem}} .meta{{color:#555}} tr.bad td{{background:#fbe3e1}}
 </style></head><body>
 <h1>{e(report.get('title', 'tuneloop report'))}</h1>
 <p class="meta">run <code>{e(str(report.get('run', '')))}</code> · model <code>{e(str(report.get('model', '')))}</code>
@@ -90,6 +99,7 @@ figure{{display:inline-block;margin:1rem}} .meta{{color:#555}}
 <table><tr><th rowspan=2>system</th><th rowspan=2>accuracy</th><th rowspan=2>macro-F1</th>{head2}
 <th rowspan=2>wall s</th></tr><tr>{head3}</tr>{''.join(rows)}</table>
 <h2>Confusion matrices</h2>{''.join(plots)}
+{trust_html(report)}
 {f'<h2>Notes</h2><ul>{notes}</ul>' if notes else ''}
 </body></html>
 """

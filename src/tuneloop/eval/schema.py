@@ -68,6 +68,15 @@ class Report(BaseModel):
     settings: dict[str, Any] = Field(default_factory=dict, description="How the systems were run (decoding ...).")
     notes: list[str] = Field(default_factory=list)
     wall_seconds: float = 0.0
+    slices: dict[str, Any] = Field(
+        default_factory=dict, description="Metrics per slice (length, protected-attribute mention, declared "
+        "fields) per system, gaps with intervals, the worst slice (eval/slices.py).")
+    probes: dict[str, Any] = Field(
+        default_factory=dict, description="Counterfactual bias probes of the tuned system: change rates per "
+        "category, sample sizes, flags (eval/probes.py).")
+    forgetting: dict[str, Any] = Field(
+        default_factory=dict, description="General ability, base vs tuned: perplexity on general text, general "
+        "questions, the deltas and a flag (eval/forgetting.py).")
 
 
 def example_key(text: str) -> str:
