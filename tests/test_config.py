@@ -113,6 +113,7 @@ TASK_KEYS = {  # key: (a valid value to set it to, the tasks that read it)
     "eval.max_new_tokens": (32, ("sft",)),
     "eval.merge_adapters": (False, ("sft",)),
     "eval.max_test_examples": (5, ("sft",)),
+    "eval.probe_tolerance": (0.1, ("regress", "sft")),
     "gate.exact_below": (10, ("classify",)),
 }
 # Read by every task since classify trains on the shared loop: a row each, so none of them regresses.
