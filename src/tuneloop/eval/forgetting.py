@@ -6,7 +6,7 @@ material, and the report gives the change and flags it past `eval.forgetting_thr
   the Makefile, because no installed package ships general English prose, only documentation and domain
   sets), `PASSAGES` passages of about `PASSAGE_CHARS` characters;
 - a small set of general questions (`eval/data/general_questions.jsonl`): each answered by comparing the
-  log-probability per token of the right answer with that of the wrong ones (the likeliest wins).
+  log-probability per token of the right answer with that of `WRONG_ANSWERS` wrong ones (the likeliest wins).
 
 A classifier or regressor is a head on the LM's backbone: its general English is measured through the
 adapted backbone with the base model's own output layer (the LM head it was pretrained with), which says
@@ -33,9 +33,13 @@ QUESTIONS_FILE = Path(__file__).parent / "data" / "general_questions.jsonl"
 TEXT_PACKAGE = "chatterbot_corpus"  # pip name chatterbot-corpus
 TEXT_TOPICS = ("conversations", "emotion", "food", "gossip", "greetings", "health", "history", "humor",
                "literature", "money", "movies", "politics", "psychology", "science", "sports", "trivia")
-PASSAGES = 24
-PASSAGE_CHARS = 480
-MAX_TOKENS = 192  # per passage; the general text costs about PASSAGES x 120 tokens per system
+# Sized for speed: about 1,300 tokens of text and 1,300 of questions per system (SmolLM2-135M on the shared
+# 2-core machine: 50 s per system in bf16 with other jobs running, 1,418 text tokens; the first sizes tried, 24
+# passages and four choices, took 108 s).
+PASSAGES = 12
+PASSAGE_CHARS = 400
+MAX_TOKENS = 160  # per passage
+WRONG_ANSWERS = 2  # per question, of the three in the file
 
 LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (ids, mask) -> logits (B, T, V)
 
@@ -115,7 +119,7 @@ def general_scores(logits_fn: LogitsFn, tok, dev, *, passages: list[str] | None 
     seqs, starts, owner = [], [], []
     for qi, q in enumerate(questions):
         prompt = tok(f"Question: {q['question']}\nAnswer:")["input_ids"]
-        for a in [q["answer"], *q["wrong"]]:
+        for a in [q["answer"], *q["wrong"][:WRONG_ANSWERS]]:
             seqs.append(prompt + tok(" " + a, add_special_tokens=False)["input_ids"])
             starts.append(len(prompt))
             owner.append(qi)
