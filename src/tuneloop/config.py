@@ -263,7 +263,8 @@ class EvalConfig(Section):
     )
     forgetting: bool = Field(
         True, description="Measure general ability before and after tuning: perplexity on general English text "
-        "and accuracy on general questions, base vs tuned (SmolLM2-135M on the shared 2-core machine: about 50 s per system).",
+        "and accuracy on general questions, base vs tuned (SmolLM2-135M on the shared 2-core machine: about 50 s "
+        "per system).",
     )
     forgetting_threshold: float = Field(
         0.10, ge=0, description="Flag forgetting when general-text perplexity rises by more than this fraction, "
