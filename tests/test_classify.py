@@ -66,8 +66,9 @@ def test_eval_compares_four_systems_and_tuned_learns(recipe, tmp_path):
     on_disk = json.loads((run_dir / "report.json").read_text())
     assert on_disk["systems"]["tuned"]["accuracy"] == rep["systems"]["tuned"]["accuracy"]
     html = (run_dir / "report.html").read_text()
-    # a confusion matrix per system and the reliability diagram
-    assert html.count("data:image/png;base64,") == 5
+    # a confusion matrix per system, the reliability diagram, and the slice gaps per system
+    assert html.count('alt="confusion matrix of') == 4 and html.count('alt="reliability diagram') == 1
+    assert html.count('alt="slice gaps of') == 4
     for name, s in rep["systems"].items():
         lo, hi = rep["intervals"][name]["accuracy"]
         assert lo <= s["accuracy"] <= hi

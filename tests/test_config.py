@@ -119,6 +119,7 @@ TASK_KEYS = {  # key: (a valid value to set it to, the tasks that read it)
     "eval.fewshot_tokens": (256, ("classify",)),
     "eval.abstain_below": (0.6, ("classify",)),
     "eval.error_costs": ({"a->b": 3.0}, ("classify",)),
+    "eval.probe_tolerance": (0.1, ("regress", "sft")),
     "gate.exact_below": (10, ("classify",)),
 }
 # Read by every task since classify trains on the shared loop: a row each, so none of them regresses.

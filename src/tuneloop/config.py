@@ -273,6 +273,40 @@ class EvalConfig(Section):
         None, ge=1, description="Generate for at most this many test records (the first N), to bound time.",
         json_schema_extra=only("sft"),
     )
+    slices: list[str] = Field(
+        default_factory=list, description="Fields of the test records (their extra keys or columns, e.g. "
+        "`[product, region]`) to report metrics per value of, beside the length buckets and protected-attribute "
+        "mentions every report has; the worst slice is named with its gap to the whole and an interval.",
+    )
+    length_buckets: int = Field(4, ge=2, description="Quantile buckets of input length (characters) for the slices.")
+    slice_min_size: int = Field(
+        10, ge=1, description="Slices smaller than this are shown but never named the worst (too noisy)."
+    )
+    probe_sample: int = Field(
+        100, ge=0, description="Counterfactual bias probes: at most this many test inputs that mention a protected "
+        "term (a seeded sample stratified by category), each re-scored with its terms swapped (he/she, names, "
+        "religions, ages, nationalities); 0 turns the probes off.",
+    )
+    probe_threshold: float = Field(
+        0.05, ge=0, le=1, description="Flag a category whose share of swaps that change the output exceeds this."
+    )
+    probe_tolerance: float = Field(
+        0.05, ge=0, description="A swap changes a regress value, or an sft reference answer's perplexity, when it "
+        "moves by more than this fraction of itself.", json_schema_extra=only("regress", "sft"),
+    )
+    probe_terms: str | None = Field(
+        None, description="A YAML file of extra or replacement probe word lists, in the shape of the shipped "
+        "`tuneloop/eval/data/probe_terms.yaml` (categories, groups of aligned terms, exclusions); merged over it.",
+    )
+    forgetting: bool = Field(
+        True, description="Measure general ability before and after tuning: perplexity on general English text "
+        "and accuracy on general questions, base vs tuned (SmolLM2-135M on the shared 2-core machine: about 50 s "
+        "per system).",
+    )
+    forgetting_threshold: float = Field(
+        0.10, ge=0, description="Flag forgetting when general-text perplexity rises by more than this fraction, "
+        "or general-question accuracy falls by more than this (absolute).",
+    )
 
 
 class SearchDim(Section):

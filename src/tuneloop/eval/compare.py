@@ -19,10 +19,13 @@ from ..infer.predict import predict_classifier
 from ..runs import Run, load_for_inference, open_run
 from .calibration import CONTENT_FREE, calibration_summary, contextual_calibration
 from .cost import BatchTimer, error_cost_matrix, system_cost
+from .forgetting import forgetting_for_head, not_applicable
 from .metrics import classification_metrics
 from .predict import fewshot_examples, predict_zero_shot, prompt_shown, tfidf_logreg
+from .probes import load_lexicon, run_probes
 from .report import print_table, write_report
 from .schema import Report, TestSet, headline, keyed, make_examples
+from .slices import slice_report
 from .stats import default_pairs, report_statistics
 
 SYSTEMS = ("base", "base_fewshot", "tuned", "tfidf_logreg")
@@ -118,6 +121,11 @@ def evaluate_classify(
     train_metrics = run.train_metrics
     sample = _prompted_sample(test.records, ec.prompted_sample, seed)
     base_lm = False  # not loaded yet; None: no generative base
+    meta = [{f: r.meta.get(f) for f in ec.slices} for r in test.records]
+    examples = make_examples(texts, gold, meta)
+    lexicon = load_lexicon(recipe.resolve_path(ec.probe_terms) if ec.probe_terms else None)
+    probes: dict = {}
+    forgetting: dict = {} if ec.forgetting else not_applicable("eval.forgetting is off")
 
     for name in systems:
         ts = time.time()
@@ -129,6 +137,20 @@ def evaluate_classify(
             probs = predict_classifier(tuned.model, tuned.tokenizer, texts, ec.batch_size, read_up_to, tuned.dtype,
                                        show_progress, template=spec.template or "{text}", as_chat=spec.as_chat,
                                        system=spec.system_prompt, truncate=spec.truncate, timer=timer).numpy()
+            tp = time.time()
+            probes = run_probes(
+                "classify", texts, lambda xs: [labels[i] for i in predict_classifier(
+                    tuned.model, tuned.tokenizer, xs, ec.batch_size, read_up_to, tuned.dtype, False,
+                    template=spec.template or "{text}", as_chat=spec.as_chat, system=spec.system_prompt,
+                    truncate=spec.truncate).argmax(-1).tolist()],
+                ids=[e.id for e in examples], lexicon=lexicon, sample=ec.probe_sample,
+                threshold=ec.probe_threshold, seed=seed)
+            probes["seconds"] = round(time.time() - tp, 2)
+            if ec.forgetting:
+                tf = time.time()
+                forgetting = forgetting_for_head(run, tuned, ec.forgetting_threshold, seed)
+                forgetting["seconds"] = round(time.time() - tf, 2)
+            ts += time.time() - tp  # the system's own speed excludes its probes and forgetting check
             del tuned
         elif name in PROMPTED:
             if base_lm is False:
@@ -174,7 +196,7 @@ def evaluate_classify(
         notes.append(f"{', '.join(s for s in PROMPTED if s in results)}: a stratified sample of {len(sample)} of "
                      f"{len(texts)} test records (seed {seed}, eval.prompted_sample); their metrics, intervals "
                      f"and paired tests are on that sample")
-    examples = make_examples(texts, gold)
+    predictions = {n: keyed(examples, ps) for n, ps in per_example.items()}
     report = Report(
         task="classify",
         title=f"{recipe.name}: base vs tuned vs classical baseline",
@@ -186,8 +208,13 @@ def evaluate_classify(
         systems=results,
         headline=headline(results, "accuracy", "higher"),
         examples=examples,
-        predictions={n: keyed(examples, ps) for n, ps in per_example.items()},
+        predictions=predictions,
         notes=notes,
+        slices=slice_report("classify", [e.model_dump() for e in examples], predictions, texts, meta=meta,
+                            fields=ec.slices, labels=labels, buckets=ec.length_buckets, min_size=ec.slice_min_size,
+                            seed=seed, lexicon=lexicon),
+        probes=probes,
+        forgetting=forgetting,
         wall_seconds=round(time.time() - t0, 2),
         settings=settings,
         calibration=calibration,

@@ -17,8 +17,11 @@ from ..infer.device import device, set_threads
 from ..infer.predict import predict_z
 from ..runs import TEST_RECORDS, Run, load_for_inference, open_run
 from .cost import BatchTimer, system_cost
+from .forgetting import forgetting_for_head, not_applicable
+from .probes import load_lexicon, run_probes
 from .report import print_tests, write_report
 from .schema import Report, TestSet, headline, keyed, make_examples
+from .slices import slice_report
 from .stats import default_pairs, report_statistics
 
 SYSTEMS = ("tuned", "seasonal_naive")
@@ -58,7 +61,8 @@ def evaluate_regress(run_dir: "Path | Run", test_path: str | None = None, system
     dev = device()
     if test_path:
         source = test_path
-        test = load_table(test_path, dc.value_field, dc.template, dc.text_field, dc.time_field, dc.lags)
+        test = load_table(test_path, dc.value_field, dc.template, dc.text_field, dc.time_field, dc.lags,
+                          keep=tuple(recipe.eval.slices))
     else:
         f = run_dir / TEST_RECORDS
         if not f.exists() or not f.read_text().strip():
@@ -67,9 +71,15 @@ def evaluate_regress(run_dir: "Path | Run", test_path: str | None = None, system
         test = [json.loads(l) for l in f.read_text().splitlines() if l.strip()]
         from ..data.records import Record
 
-        test = [Record(text=t["text"], value=t["value"], meta={"time": t.get("time")}) for t in test]
+        test = [Record(text=t["text"], value=t["value"],
+                       meta={"time": t.get("time"), **{f: t.get(f) for f in recipe.eval.slices}}) for t in test]
     y = [r.value for r in test]
-    examples = make_examples([r.text for r in test], y, [{"time": r.meta.get("time")} for r in test])
+    ec = recipe.eval
+    meta = [{"time": r.meta.get("time"), **{f: r.meta.get(f) for f in ec.slices}} for r in test]
+    examples = make_examples([r.text for r in test], y, meta)
+    lexicon = load_lexicon(recipe.resolve_path(ec.probe_terms) if ec.probe_terms else None)
+    probes: dict = {}
+    forgetting: dict = {} if ec.forgetting else not_applicable("eval.forgetting is off")
     results: dict[str, dict] = {}
     per_example: dict[str, list[dict | None]] = {}
     cost: dict[str, dict] = {}
@@ -85,6 +95,21 @@ def evaluate_regress(run_dir: "Path | Run", test_path: str | None = None, system
         pred = [v * tuned.target.std + tuned.target.mean for v in z]
         results["tuned"] = regression_metrics(y, pred)
         results["tuned"]["wall_seconds"] = round(time.time() - ts, 2)
+
+        def values(xs: list[str]) -> list[float]:
+            ids = tuned.tokenizer(xs, truncation=True, max_length=tuned.input.max_length)["input_ids"]
+            zs = predict_z(tuned.model, ids, tuned.tokenizer.pad_token_id, ec.batch_size, dev, tuned.autocast)
+            return [v * tuned.target.std + tuned.target.mean for v in zs]
+
+        tp = time.time()
+        probes = run_probes("regress", [r.text for r in test], values, ids=[e.id for e in examples], lexicon=lexicon,
+                            sample=ec.probe_sample, threshold=ec.probe_threshold, tolerance=ec.probe_tolerance,
+                            seed=recipe.train.seed)
+        probes["seconds"] = round(time.time() - tp, 2)
+        if ec.forgetting:
+            tf = time.time()
+            forgetting = forgetting_for_head(run, tuned, ec.forgetting_threshold, recipe.train.seed)
+            forgetting["seconds"] = round(time.time() - tf, 2)
         per_example["tuned"] = [{"value": p, "abs_error": abs(p - t)} for p, t in zip(pred, y)]
     if "seasonal_naive" in systems and dc.time_field:
         # The whole series (train and test) is the history the baseline may look back into.
@@ -103,12 +128,16 @@ def evaluate_regress(run_dir: "Path | Run", test_path: str | None = None, system
                 results["tuned_same_days"] = regression_metrics([y[i] for i in keep], [pred[i] for i in keep])
                 per_example["tuned_same_days"] = [per_example["tuned"][i] if naive[i] is not None else None
                                                   for i in range(len(y))]
+    predictions = {n: keyed(examples, ps) for n, ps in per_example.items()}
     report = Report(
         task="regress", title=f"{recipe.name}: {dc.value_field}, tuned vs seasonal naive", run=str(run_dir),
         model=recipe.model, target=dc.value_field, systems=results, headline=headline(results, "mae", "lower"),
         test=TestSet(path=source, n=len(test), fingerprint=fingerprint(test)), examples=examples,
-        predictions={n: keyed(examples, ps) for n, ps in per_example.items()}, train=run.train_metrics,
-        cost=cost, wall_seconds=round(time.time() - t0, 2)).model_dump(mode="json")
+        predictions=predictions, train=run.train_metrics,
+        slices=slice_report("regress", [e.model_dump() for e in examples], predictions, [r.text for r in test],
+                            meta=meta, fields=ec.slices, buckets=ec.length_buckets, min_size=ec.slice_min_size,
+                            seed=recipe.train.seed, lexicon=lexicon),
+        probes=probes, forgetting=forgetting, cost=cost, wall_seconds=round(time.time() - t0, 2)).model_dump(mode="json")
     # tuned_same_days is tuned on the baseline's days: the paired test finds those days by itself
     report.update(report_statistics(report, default_pairs(list(results), skip=("tuned_same_days",)),
                                     seed=recipe.train.seed))

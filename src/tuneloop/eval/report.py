@@ -237,6 +237,15 @@ def _prompts_html(report: dict) -> str:
     return f"<h2>Prompts</h2>{out}" if out else ""
 
 
+def trust_html(report: dict) -> str:
+    """The slices (with their plot), bias probes and forgetting sections of any task's report."""
+    from .forgetting import forgetting_html
+    from .probes import probes_html
+    from .slices import slices_html
+
+    return slices_html(report) + probes_html(report) + forgetting_html(report)
+
+
 def render_html(report: dict) -> str:
     e = html.escape
     plots = []
@@ -251,7 +260,7 @@ def render_html(report: dict) -> str:
 <style>
 body{{font-family:system-ui,sans-serif;margin:2rem;color:#222}} table{{border-collapse:collapse;margin:.5rem 0}}
 td,th{{border:1px solid #ccc;padding:.3rem .6rem;text-align:right}} th:first-child{{text-align:left}}
-figure{{display:inline-block;margin:1rem}} .meta{{color:#555}} .ci{{color:#666}}
+figure{{display:inline-block;margin:1rem}} .meta{{color:#555}} .ci{{color:#666}} tr.bad td{{background:#fbe3e1}}
 pre{{white-space:pre-wrap;background:#f6f6f6;padding:.5rem;max-height:24rem;overflow:auto}}
 </style></head><body>
 <h1>{e(report.get('title', 'tuneloop report'))}</h1>
@@ -266,6 +275,7 @@ pre{{white-space:pre-wrap;background:#f6f6f6;padding:.5rem;max-height:24rem;over
 {_cost_html(report)}
 {_prompts_html(report)}
 {f'<h2>Confusion matrices</h2>{"".join(plots)}' if plots else ''}
+{trust_html(report)}
 {f'<h2>Notes</h2><ul>{notes}</ul>' if notes else ''}
 </body></html>
 """

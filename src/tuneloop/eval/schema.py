@@ -86,6 +86,15 @@ class Report(BaseModel):
         default_factory=dict, description="system → {records_per_second, p50_ms, p95_ms (latency of a record: "
         "its batch's time), batch_size, cost_per_1000 (at price_per_hour), business_cost_per_1000 "
         "(from eval.error_costs)}.")
+    slices: dict[str, Any] = Field(
+        default_factory=dict, description="Metrics per slice (length, protected-attribute mention, declared "
+        "fields) per system, gaps with intervals, the worst slice (eval/slices.py).")
+    probes: dict[str, Any] = Field(
+        default_factory=dict, description="Counterfactual bias probes of the tuned system: change rates per "
+        "category, sample sizes, flags (eval/probes.py).")
+    forgetting: dict[str, Any] = Field(
+        default_factory=dict, description="General ability, base vs tuned: perplexity on general text, general "
+        "questions, the deltas and a flag (eval/forgetting.py).")
 
 
 def example_key(text: str) -> str:

@@ -27,8 +27,11 @@ from ..infer.encode import load_tokenizer
 from ..infer.predict import answer_losses, generate_answers
 from ..runs import GENERATIONS, TEST_RECORDS, Run, load_for_inference, open_run
 from .cost import BatchTimer, system_cost
+from .forgetting import causal_logits, compare_general, general_scores, not_applicable
+from .probes import load_lexicon, run_probes
 from .report import print_tests, write_report
 from .schema import Report, TestSet, headline, keyed, make_examples
+from .slices import slice_report
 from .stats import default_pairs, report_statistics
 
 SYSTEMS = ("base", "tuned")
@@ -65,8 +68,9 @@ def _test_records(run_dir: Path, recipe, test_path: str | None) -> tuple[str, li
     f = run_dir / TEST_RECORDS
     if not f.exists() or not f.read_text().strip():
         raise DataError(f"{run_dir}: no test records (set data.test or data.test_ratio, or pass --data)")
-    return str(f), [Record(messages=json.loads(l)["messages"], source=f"{f}:{i}")
-                    for i, l in enumerate(f.read_text().splitlines(), start=1) if l.strip()]
+    rows = [(i, json.loads(l)) for i, l in enumerate(f.read_text().splitlines(), start=1) if l.strip()]
+    return str(f), [Record(messages=d["messages"], source=f"{f}:{i}",
+                           meta={k: v for k, v in d.items() if k != "messages"}) for i, d in rows]
 
 
 def evaluate_sft(run_dir: "Path | Run", test_path: str | None = None, systems: list[str] | None = None,
@@ -103,6 +107,11 @@ def evaluate_sft(run_dir: "Path | Run", test_path: str | None = None, systems: l
     per_example: dict[str, list[dict]] = {}
     cost: dict[str, dict] = {}
     t0 = time.time()
+    meta = [{f: r.meta.get(f) for f in ec.slices} for r in records]
+    examples = make_examples([json.dumps(p, ensure_ascii=False) for p in prompts], refs, meta)
+    lexicon = load_lexicon(recipe.resolve_path(ec.probe_terms) if ec.probe_terms else None)
+    probes: dict = {}
+    general: dict[str, dict] = {}
     with Progress(*progress_columns(), console=console, disable=not show_progress) as progress:
         model = None
         for name in SYSTEMS:
@@ -118,6 +127,23 @@ def evaluate_sft(run_dir: "Path | Run", test_path: str | None = None, systems: l
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
                 losses = answer_losses(model, tok, convs, recipe.train.max_length, ec.batch_size, dev)
             ppl = math.exp(sum(v for v, _ in losses) / max(1, sum(k for _, k in losses)))
+            tp = time.time()
+            if ec.forgetting:
+                general[name] = general_scores(causal_logits(model), tok, dev, bf16=bf16)
+                if name == "tuned" and "base" not in general and hasattr(model, "disable_adapter"):
+                    with model.disable_adapter():
+                        general["base"] = general_scores(causal_logits(model), tok, dev, bf16=bf16)
+            if name == "tuned":
+                def answer_nll(cs: list[list[dict]]) -> list[float]:
+                    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+                        ls = answer_losses(model, tok, cs, recipe.train.max_length, ec.batch_size, dev)
+                    return [v / max(1, k) for v, k in ls]
+
+                probes = run_probes("sft", convs, answer_nll, ids=[e.id for e in examples], lexicon=lexicon,
+                                    sample=ec.probe_sample, threshold=ec.probe_threshold,
+                                    tolerance=ec.probe_tolerance, seed=recipe.train.seed)
+                probes["seconds"] = round(time.time() - tp, 2)
+            ts += time.time() - tp  # the system's own time excludes its probes and forgetting check
             merged = (name == "tuned" and ec.merge_adapters and hasattr(model, "merge_and_unload")
                       and recipe.method.name in ("lora", "dora"))
             if merged:
@@ -139,14 +165,24 @@ def evaluate_sft(run_dir: "Path | Run", test_path: str | None = None, systems: l
                              "seconds": round(time.time() - ts, 1)}
             per_example[name] = [{"text": g, "rougeL": r, "loss": v / k if k else None, "tokens": k}
                                  for g, r, (v, k) in zip(gen, each, losses)]
-    examples = make_examples([json.dumps(p, ensure_ascii=False) for p in prompts], refs)
+    if not ec.forgetting:
+        forgetting = not_applicable("eval.forgetting is off")
+    elif "base" in general and "tuned" in general:
+        forgetting = compare_general(general["base"], general["tuned"], ec.forgetting_threshold, recipe.train.seed)
+    else:
+        forgetting = not_applicable("needs both the base and the tuned system (or an adapter to switch off)")
+    predictions = {n: keyed(examples, ps) for n, ps in per_example.items()}
     report = Report(
         task="sft", title=f"{recipe.name}: base vs tuned", run=str(run_dir), model=recipe.model,
         systems=results, headline=headline(results, "rougeL", "higher"),
         test=TestSet(path=source, n=len(records), fingerprint=fingerprint(records)),
-        examples=examples, predictions={n: keyed(examples, ps) for n, ps in per_example.items()},
+        examples=examples, predictions=predictions,
         train=run.train_metrics, settings={"decoding": "greedy", "max_new_tokens": ec.max_new_tokens},
-        cost=cost, wall_seconds=round(time.time() - t0, 1)).model_dump(mode="json")
+        slices=slice_report("sft", [e.model_dump() for e in examples], predictions,
+                            [p[-1]["content"] if p else "" for p in prompts], meta=meta, fields=ec.slices,
+                            buckets=ec.length_buckets, min_size=ec.slice_min_size, seed=recipe.train.seed,
+                            lexicon=lexicon),
+        probes=probes, forgetting=forgetting, cost=cost, wall_seconds=round(time.time() - t0, 1)).model_dump(mode="json")
     report.update(report_statistics(report, default_pairs(list(results)), seed=recipe.train.seed))
     out_dir = Path(out_dir or run_dir)
     write_report(report, out_dir)

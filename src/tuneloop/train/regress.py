@@ -57,8 +57,9 @@ def build_regressor(model_path: str, method, dtype: torch.dtype, pad_id: int):
 
 def load_records(recipe: Recipe):
     dc = recipe.data
+    # the declared slice fields ride along into the held-out test.jsonl, so eval can slice by them
     return load_table(recipe.resolve_path(dc.train), dc.value_field, dc.template, dc.text_field, dc.time_field,
-                      dc.lags, dc.format)
+                      dc.lags, dc.format, keep=tuple(recipe.eval.slices))
 
 
 def train_regressor(recipe: Recipe, run_dir: Path, show_progress: bool = True, resume: bool = False) -> dict:
@@ -78,7 +79,7 @@ def train_regressor(recipe: Recipe, run_dir: Path, show_progress: bool = True, r
     ordered = dc.time_field is not None
     if dc.test:
         test = load_table(recipe.resolve_path(dc.test), dc.value_field, dc.template, dc.text_field,
-                          dc.time_field, dc.lags, dc.format)
+                          dc.time_field, dc.lags, dc.format, keep=tuple(recipe.eval.slices))
     else:
         records, test = holdout(records, dc.test_ratio or 0.0, tc.seed, ordered=ordered)
     train_recs, val_recs = holdout(records, dc.val_ratio, tc.seed + 1, ordered=ordered)
