@@ -26,11 +26,14 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import numpy as np
 
 from .errors import ConfigError, TuneloopError
+# the metrics the gate decides on and their statistics: one implementation, shared with every evaluation
+# report (re-exported here for the gate's callers)
+from .eval.stats import GROUP_FALLBACK, METRICS, Metric, mcnemar, metric_for, paired_interval  # noqa: F401
 from .fileio import read_json, write_json_atomic, write_text_atomic
 from .plots import figure_png
 from .runs import REPORT_JSON, Run, open_run
@@ -45,106 +48,6 @@ SLICE_KEY = "slice"  # an example's `meta.slice`: a declared slice the gate chec
 # Margins when the recipe gives none: absolute for bounded scores, relative to production for errors.
 DEFAULT_MARGIN, DEFAULT_CLASS_MARGIN = 0.02, 0.05
 DEFAULT_RELATIVE_MARGIN, DEFAULT_RELATIVE_CLASS_MARGIN = 0.05, 0.10
-
-
-# ----------------------------------------------------------------------------------------------------
-# the metrics the gate can decide on, per task (plain data)
-
-
-@dataclass(frozen=True)
-class Metric:
-    """A metric as a function of per-example columns: `columns(prediction, reference, labels)` gives each
-    example's numbers, `combine(means)` turns their (weighted) means into the metric. Every metric the
-    gate knows is a function of column means, so a bootstrap resample is one matrix product."""
-
-    direction: str  # "higher" or "lower" is better
-    columns: Callable[[dict, Any, list[str]], list[float]]
-    combine: Callable[[np.ndarray], np.ndarray] = lambda m: m[..., 0]
-    per_group: bool = True  # meaningful on a class's or slice's examples alone
-
-
-def _f1_columns(p: dict, ref: Any, labels: list[str]) -> list[float]:
-    cols = []
-    for lab in labels:
-        cols += [float(p["label"] == lab and ref == lab), float(p["label"] == lab and ref != lab),
-                 float(p["label"] != lab and ref == lab)]
-    return cols
-
-
-def _macro_f1(m: np.ndarray) -> np.ndarray:
-    tp, fp, fn = m[..., 0::3], m[..., 1::3], m[..., 2::3]
-    den = 2 * tp + fp + fn
-    # a label never predicted nor present scores 0, as sklearn's zero_division=0 does in the report
-    f1 = np.divide(2 * tp, den, out=np.zeros_like(den), where=den > 0)
-    return f1.mean(-1)
-
-
-METRICS: dict[str, dict[str, Metric]] = {
-    "classify": {
-        "accuracy": Metric("higher", lambda p, ref, labels: [float(bool(p["correct"]))]),
-        "macro_f1": Metric("higher", _f1_columns, _macro_f1, per_group=False),
-    },
-    "regress": {
-        "mae": Metric("lower", lambda p, ref, labels: [float(p["abs_error"])]),
-        "rmse": Metric("lower", lambda p, ref, labels: [(float(p["value"]) - float(ref)) ** 2],
-                       lambda m: np.sqrt(m[..., 0])),
-    },
-    "sft": {
-        "rougeL": Metric("higher", lambda p, ref, labels: [float(p["rougeL"])]),
-        "loss": Metric("lower", lambda p, ref, labels: [float(p["loss"])]),
-    },
-}
-# per class / slice when the gate metric has no meaning on a subset (macro-F1 of one class's examples)
-GROUP_FALLBACK = {"classify": "accuracy"}
-
-
-def metric_for(task: str, name: str) -> Metric:
-    if task not in METRICS:
-        raise ConfigError(f"gate: task {task!r} has no gate metrics (known tasks: {', '.join(METRICS)})")
-    if name not in METRICS[task]:
-        raise ConfigError(f"gate.metric: {name!r} is not a {task} metric (known: {', '.join(METRICS[task])})")
-    return METRICS[task][name]
-
-
-# ----------------------------------------------------------------------------------------------------
-# the statistics
-
-
-def resample_weights(n: int, samples: int, rng: np.random.Generator) -> np.ndarray:
-    """(samples, n): how often each example is drawn in each bootstrap resample (each row sums to n)."""
-    return rng.multinomial(n, np.full(n, 1.0 / n), size=samples).astype(np.float64)
-
-
-def paired_interval(metric: Metric, cand: np.ndarray, prod: np.ndarray, *, confidence: float, samples: int,
-                    rng: np.random.Generator) -> dict:
-    """Point values, the improvement (better positive) and its one-sided lower bound (and the upper bound at
-    the same confidence, for the plot), from a paired percentile bootstrap: each resample draws examples,
-    and both systems are scored on the same draw."""
-    n = len(cand)
-    sign = 1.0 if metric.direction == "higher" else -1.0
-    c = float(metric.combine(cand.mean(0)))
-    p = float(metric.combine(prod.mean(0)))
-    w = resample_weights(n, samples, rng)
-    deltas = sign * (metric.combine(w @ cand / n) - metric.combine(w @ prod / n))
-    return {"n": n, "candidate": c, "production": p, "delta": sign * (c - p),
-            "lower": float(np.quantile(deltas, 1 - confidence)), "upper": float(np.quantile(deltas, confidence))}
-
-
-def mcnemar(cand_correct: np.ndarray, prod_correct: np.ndarray, exact_below: int = 25) -> dict:
-    """McNemar's test of the paired accuracy difference (as statsmodels' `mcnemar`): `b` examples only the
-    candidate gets right, `c` only production; exact binomial (two-sided) when b + c < exact_below, else
-    chi-square with continuity correction."""
-    from scipy.stats import binomtest, chi2
-
-    b = int(np.sum(cand_correct & ~prod_correct))
-    c = int(np.sum(~cand_correct & prod_correct))
-    if b + c == 0:
-        return {"b": b, "c": c, "exact": True, "statistic": 0.0, "pvalue": 1.0}
-    if b + c < exact_below:
-        return {"b": b, "c": c, "exact": True, "statistic": float(min(b, c)),
-                "pvalue": float(binomtest(min(b, c), b + c, 0.5).pvalue)}
-    stat = (abs(b - c) - 1) ** 2 / (b + c)
-    return {"b": b, "c": c, "exact": False, "statistic": float(stat), "pvalue": float(chi2.sf(stat, 1))}
 
 
 def _margin(given: float | None, metric: Metric, production: float, absolute: float, relative: float) -> float:

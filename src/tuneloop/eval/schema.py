@@ -7,7 +7,10 @@ What one prediction holds, per task:
 
     classify  {"label", "probability" (of that label), "correct"}
     regress   {"value", "abs_error"}
-    sft       {"text", "rougeL", "loss" (mean NLL per answer token, where computed)}
+    sft       {"text", "rougeL", "loss" (mean NLL per answer token, where computed), "tokens" (answer tokens)}
+
+Fields added since format 1 all have defaults, so older reports still load: `intervals`, `tests`,
+`statistics` (eval/stats.py), `calibration` (classifiers), `cost` (speed and money per system).
 """
 
 from __future__ import annotations
@@ -68,6 +71,21 @@ class Report(BaseModel):
     settings: dict[str, Any] = Field(default_factory=dict, description="How the systems were run (decoding ...).")
     notes: list[str] = Field(default_factory=list)
     wall_seconds: float = 0.0
+    intervals: dict[str, dict[str, list[float]]] = Field(
+        default_factory=dict, description="system → metric → [low, high]: its 95% bootstrap interval, on the "
+        "examples that system predicted (a sampled system's is wider).")
+    tests: list[dict[str, Any]] = Field(
+        default_factory=list, description="Paired tests, one per pair of systems and metric: {a, b, metric, "
+        "direction, n (shared examples), a_value, b_value, delta (a - b), interval (of delta), test "
+        "(mcnemar_exact | paired_bootstrap), p_value, better (a, b or None when equal), discordant (McNemar)}.")
+    statistics: dict[str, Any] = Field(default_factory=dict, description="How intervals and tests were made.")
+    calibration: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="system → {ece, bins (reliability diagram), coverage (coverage vs "
+        "accuracy when abstaining below each confidence), abstain (at eval.abstain_below)} (classifiers).")
+    cost: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="system → {records_per_second, p50_ms, p95_ms (latency of a record: "
+        "its batch's time), batch_size, cost_per_1000 (at price_per_hour), business_cost_per_1000 "
+        "(from eval.error_costs)}.")
 
 
 def example_key(text: str) -> str:
