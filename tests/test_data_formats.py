@@ -31,6 +31,15 @@ SHAPES = [
                     "chosen": [{"role": "assistant", "content": "Hello!"}],
                     "rejected": [{"role": "assistant", "content": "Go away."}]},
      "preference", lambda r: r.prompt == "Hi?" and r.meta == {"system": "Be kind."}),
+    ("preference", {"prompt": "Say hi", "chosen": "Hi!", "rejected": "No.", "margin": 2}, "preference",
+     lambda r: r.margin == 2.0 and r.to_json()["margin"] == 2.0 and "margin" not in r.meta),
+    ("kto", {"prompt": "Say hi", "completion": "Hi!", "label": True}, "kto",
+     lambda r: (r.prompt, r.completion, r.label) == ("Say hi", "Hi!", "desirable")
+     and r.to_json() == {"prompt": "Say hi", "completion": "Hi!", "label": True}),
+    ("kto", {"prompt": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi?"}],
+             "completion": "Go away.", "label": "undesirable"}, "kto",
+     lambda r: (r.prompt, r.label, r.meta, r.input_text()) == ("Hi?", "undesirable", {"system": "Be kind."}, "Hi?")),
+    ("kto", {"prompt": "Q", "completion": "A", "label": 0}, "kto", lambda r: r.label == "undesirable"),
     ("classify", {"text": "tasty", "label": "great", "product": "B00"}, "classify",
      lambda r: r.label == "great" and r.meta == {"product": "B00"}),
     ("regress", {"text": "Monday", "value": 15.7}, "regress", lambda r: r.value == 15.7),
@@ -117,6 +126,15 @@ BAD = [
     ("ragged-csv", "d.csv", b"text,label\nok,a\nx,a,extra\n", r"d.csv:3: row: has 3 fields, the header has 2"),
     ("csv-repeated-header", "d.csv", b"text,text,label\nok,a,b\n", r"d.csv:1: header: column names repeat: text"),
     ("broken-json-array", "d.json", b'[\n{"text": "a", "label": "b"},\n{"text": }\n]', r"d.json:3: json: broken JSON"),
+    ("kto-bad-label", "d.jsonl", _lines({"prompt": "q", "completion": "a", "label": True},
+                                        {"prompt": "q", "completion": "b", "label": "maybe"}),
+     r"d.jsonl:2: label: expected true/false, 1/0 or desirable/undesirable, got text \('maybe'\)"),
+    ("kto-missing-label", "d.jsonl", _lines({"prompt": "q", "completion": "a", "label": "false"},
+                                            {"prompt": "q", "completion": "b", "label": "true"},
+                                            {"prompt": "q", "completion": "c"}),
+     r"d.jsonl:3: label: missing"),
+    ("margin-is-text", "d.jsonl", _lines({"chosen": "a", "rejected": "b", "margin": "big"}),
+     r"d.jsonl:1: margin: expected a number, got text"),
     ("no-known-shape", "d.jsonl", _lines({"foo": 1}), r"d.jsonl:1: record: no known shape in keys \(foo\)"),
 ]
 
@@ -183,3 +201,36 @@ def test_parquet_with_nested_messages(tmp_path):
     res = read_records(str(tmp_path / "chat.parquet"))
     assert res.shape == "openai" and not res.problems
     assert res.records[0].messages == CHAT and res.records[0].meta == {"topic": "greeting"}
+
+
+def test_kto_and_margin_keys_tell_records_apart_and_round_trip(tmp_path):
+    from tuneloop.data.records import record_key, write_jsonl as write_records
+
+    rows = [{"prompt": "q", "completion": "a", "label": True}, {"prompt": "q", "completion": "a", "label": False},
+            {"prompt": "q", "completion": "b", "label": True}]
+    recs = read_records(str(write_jsonl(tmp_path / "k.jsonl", rows))).records
+    assert len({record_key(r) for r in recs}) == 3
+    pairs = read_records(str(write_jsonl(tmp_path / "p.jsonl", [
+        {"prompt": "q", "chosen": "a", "rejected": "b"}, {"prompt": "q", "chosen": "a", "rejected": "b", "margin": 1}])))
+    assert record_key(pairs.records[0]) != record_key(pairs.records[1])
+    for res in (recs, pairs.records):
+        write_records(tmp_path / "out.jsonl", res)
+        back = read_records(str(tmp_path / "out.jsonl")).records
+        assert [record_key(r) for r in back] == [record_key(r) for r in res]
+
+
+def test_preference_recipes_read_pairs_and_split_them_for_kto(tmp_path):
+    from tuneloop.data.validate import read_preferences
+
+    p = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b"},
+                                           {"chosen": "c", "rejected": "d"}])
+    res = read_preferences(str(p))
+    assert len(res.records) == 1 and res.problems == [f"{p}:2: prompt: missing (the answers need the prompt they reply to)"]
+    unpaired = read_preferences(str(p), unpaired=True)
+    assert [(r.completion, r.label) for r in unpaired.records] == [("a", "desirable"), ("b", "undesirable")]
+    k = write_jsonl(tmp_path / "k.jsonl", [{"prompt": "q", "completion": "a", "label": 1}])
+    assert read_preferences(str(k), unpaired=True).records[0].kind == "kto"
+    with pytest.raises(DataError, match="the file is kto data; this recipe reads preference"):
+        read_preferences(str(k))
+    code, out = run_cli("data", "check", k)
+    assert code == 0 and "kto" in out, out

@@ -22,7 +22,7 @@ console = Console()
 Format = Annotated[str, typer.Option("--format", help="auto (by extension), jsonl, json, csv, tsv or parquet.")]
 Encoding = Annotated[str, typer.Option("--encoding", help="Text encoding of the file, e.g. latin-1, utf-16.")]
 Shape = Annotated[str, typer.Option(
-    "--shape", help="auto, or one of: openai, sharegpt, alpaca, preference, prompt_completion, classify, "
+    "--shape", help="auto, or one of: openai, sharegpt, alpaca, preference, kto, prompt_completion, classify, "
     "regress, text.")]
 Mapping = Annotated[Optional[list[str]], typer.Option(
     "--map", help="canonical=column when the file's names differ, e.g. --map text=review --map label=score "
@@ -78,8 +78,21 @@ def _read_regress(path, dc, encoding):
     return read_table(path, dc.value_field, dc.template, dc.text_field, dc.time_field, dc.lags, dc.format, encoding)
 
 
+def _read_pairs(path, dc, encoding):
+    from .validate import read_preferences
+
+    return read_preferences(path, dc.format, encoding)
+
+
+def _read_unpaired(path, dc, encoding):
+    from .validate import read_preferences
+
+    return read_preferences(path, dc.format, encoding, unpaired=True)
+
+
 # How each task's training loader reads its data (the loaders are these same views, raising on problems).
-RECIPE_READERS = {"classify": _read_classify, "sft": _read_sft, "regress": _read_regress}
+RECIPE_READERS = {"classify": _read_classify, "sft": _read_sft, "regress": _read_regress,
+                  "dpo": _read_pairs, "reward": _read_pairs, "kto": _read_unpaired}
 
 
 def _recipe_files(recipe_path: Path, files: list[str] | None) -> tuple[object, list[str]]:

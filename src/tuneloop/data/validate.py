@@ -209,22 +209,49 @@ def _preference(row: dict, typed: bool) -> Record:
     before_r, rejected = _pref_side(row, "rejected")
     if before_c and before_r and before_c != before_r:
         raise Bad("rejected", "the conversation before the answer differs from chosen's")
+    prompt, meta = _pref_prompt(row, before_c or before_r)
+    if chosen.strip() == rejected.strip():
+        raise Bad("rejected", "same as chosen (a preference pair needs two different answers)")
+    margin = None if _missing(row.get("margin")) else _number(row, "margin", typed)
+    return Record(prompt=prompt, chosen=chosen, rejected=rejected, margin=margin, meta=meta)
+
+
+def _pref_prompt(row: dict, before: list[dict[str, str]]) -> tuple[str | None, dict]:
+    """(the user turn, meta with the system turn) of a preference or kto row: `prompt` as text or as
+    turns, else the turns `before` the answer."""
     p = row.get("prompt")
     if isinstance(p, list):
         turns = _turn_list(p, "prompt")
     elif not _missing(p):
         turns = [{"role": "user", "content": _text(row, "prompt")}]
     else:
-        turns = before_c or before_r
+        turns = before
     meta = {}
     if turns and turns[0]["role"] == "system":
         meta["system"] = turns[0]["content"]
         turns = turns[1:]
     if len(turns) > 1 or (turns and turns[0]["role"] != "user"):
         raise Bad("prompt", "only a single user turn (after an optional system turn) is supported as a preference prompt")
-    if chosen.strip() == rejected.strip():
-        raise Bad("rejected", "same as chosen (a preference pair needs two different answers)")
-    return Record(prompt=turns[0]["content"] if turns else None, chosen=chosen, rejected=rejected, meta=meta)
+    return (turns[0]["content"] if turns else None), meta
+
+
+KTO_LABELS = {True: "desirable", False: "undesirable", "true": "desirable", "false": "undesirable",
+              "1": "desirable", "0": "undesirable", "desirable": "desirable", "undesirable": "undesirable"}
+
+
+def _kto(row: dict, typed: bool) -> Record:
+    """An unpaired preference (KTO): one answer to a prompt, marked desirable or not."""
+    prompt, meta = _pref_prompt(row, [])
+    if prompt is None:
+        raise Bad("prompt", "missing")
+    v = row.get("label")
+    if _missing(v):
+        raise Bad("label", "missing")
+    key = v if isinstance(v, bool) else str(int(v) if isinstance(v, (int, float)) and float(v).is_integer()
+                                              else v).strip().lower()
+    if key not in KTO_LABELS:
+        raise Bad("label", f"expected true/false, 1/0 or desirable/undesirable, got {_type(v)}")
+    return Record(prompt=prompt, completion=_text(row, "completion"), label=KTO_LABELS[key], meta=meta)
 
 
 def _classify(row: dict, typed: bool) -> Record:
@@ -250,7 +277,8 @@ SHAPES: dict[str, Shape] = {
     "openai": Shape(("messages",), _openai),
     "sharegpt": Shape(("conversations",), _sharegpt),
     "alpaca": Shape(("instruction", "output"), _alpaca, ("input", "system")),
-    "preference": Shape(("chosen", "rejected"), _preference, ("prompt",)),
+    "preference": Shape(("chosen", "rejected"), _preference, ("prompt", "margin")),
+    "kto": Shape(("prompt", "completion", "label"), _kto),
     "prompt_completion": Shape(("prompt", "completion"), _prompt_completion),
     "classify": Shape(("text", "label"), _classify),
     "regress": Shape(("text", "value"), _regress),
@@ -521,6 +549,30 @@ def read_classification(
                 continue
             kept.append(r)
         res.records = kept
+    return res
+
+
+def read_preferences(path: str, fmt: str = "auto", encoding: str = "utf-8", unpaired: bool = False) -> ReadResult:
+    """The preference recipes' view of `path`. Pairs (dpo, reward): the `preference` shape, each with a
+    prompt. `unpaired` (kto): the `kto` shape, or pairs split into a desirable and an undesirable answer
+    (TRL's KTOTrainer does the same with paired data). `data check --recipe` shows exactly this."""
+    res = read_records(path, fmt, encoding)
+    allowed = ("kto", "preference") if unpaired else ("preference",)
+    if res.shape not in allowed and res.records:
+        raise DataError(f"{path}: the file is {res.shape} data; this recipe reads "
+                        + " or ".join(f"{a} ({'+'.join(SHAPES[a].keys)})" for a in allowed))
+    kept = []
+    for r in res.records:
+        if r.prompt is None:
+            res.problems.append(f"{r.source}: prompt: missing (the answers need the prompt they reply to)")
+            continue
+        if unpaired and r.kind == "preference":
+            kept += [Record(prompt=r.prompt, completion=a, label=lab, source=r.source, meta=dict(r.meta),
+                            augmented_from=r.augmented_from)
+                     for a, lab in ((r.chosen, "desirable"), (r.rejected, "undesirable"))]
+            continue
+        kept.append(r)
+    res.records = kept
     return res
 
 
