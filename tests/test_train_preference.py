@@ -138,3 +138,138 @@ def test_dpo_from_an_sft_run_merges_its_adapter_and_refuses_full(tmp_path, tiny_
                                     "method": {"name": "full"}, "train": FAST}), ws, show_progress=False)
     with pytest.raises(ConfigError, match="train.loss_type: not used by task kto"):
         recipe("kto", data, tiny_llama_dir, loss_type="ipo")
+
+
+# ----------------------------------------------------------------------------------------------------
+# parity with TRL: its trainers' loss on the same model (a LoRA adapter made non-zero) and the same tokens
+
+
+def _trl_model(tiny_llama_dir, trainer_cls, config_cls, rows: list[dict], **config):
+    import tempfile
+
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    args = config_cls(output_dir=tempfile.mkdtemp(), report_to=[], use_cpu=True, bf16=False,
+                      per_device_train_batch_size=2, **config)
+    trainer = trainer_cls(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
+                          peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
+    torch.manual_seed(1)
+    with torch.no_grad():  # a trained-looking adapter, so policy and reference differ
+        for n, p in trainer.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    return trainer, tok
+
+
+def _pair_batch(tok, recs):
+    from tuneloop.infer.encode import IGNORE
+    from tuneloop.train.preference import encode_pairs, seqs
+
+    rows, _, _ = encode_pairs(tok, recs, 96)
+    batch = seqs([(r[0], r[1]) for r in rows] + [(r[2], r[3]) for r in rows], tok.pad_token_id, torch.device("cpu"))
+    return rows, batch, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                         "completion_mask": (batch["labels"] != IGNORE).long()}
+
+
+@pytest.mark.parametrize("loss_type,smoothing", [("sigmoid", 0.0), ("ipo", 0.0), ("hinge", 0.0), ("robust", 0.2)])
+def test_dpo_loss_equals_trls(tiny_llama_dir, loss_type, smoothing):
+    from trl import DPOConfig, DPOTrainer
+
+    from tuneloop.data.records import Record
+    from tuneloop.train.dpo import dpo_losses, pair_scores
+    from tuneloop.train.preference import Scorer
+
+    trainer, tok = _trl_model(tiny_llama_dir, DPOTrainer, DPOConfig, [{"prompt": "q", "chosen": "a", "rejected": "b"}] * 2,
+                              beta=0.3, loss_type=[loss_type], label_smoothing=smoothing)
+    recs = [Record(prompt=p["prompt"], chosen=p["chosen"], rejected=p["rejected"]) for p in pairs(4)]
+    rows, _, inputs = _pair_batch(tok, recs)
+    model = trainer.model
+    with torch.no_grad():
+        theirs = float(trainer._compute_loss(model, inputs, False))
+        from tuneloop.infer.logprobs import FinalHidden
+
+        base = model.get_base_model()
+        hidden = FinalHidden(base)
+        c, r, rc, rr, nc, nr = pair_scores(model, model, Scorer(hidden, base.get_output_embeddings().weight), rows,
+                                           list(range(len(rows))), tok.pad_token_id, torch.device("cpu"))
+        hidden.handle.remove()
+        ours = float(dpo_losses(c, r, rc, rr, 0.3, loss_type, smoothing, nc, nr).mean())
+    assert abs(float((c - rc).abs().max())) > 1e-2  # the adapter does change the log-probs
+    assert ours == pytest.approx(theirs, rel=1e-5, abs=1e-6)
+
+
+def test_kto_loss_equals_trls(tiny_llama_dir):
+    from trl import KTOConfig, KTOTrainer
+
+    from tuneloop.data.records import Record
+    from tuneloop.infer.encode import IGNORE
+    from tuneloop.infer.logprobs import FinalHidden
+    from tuneloop.train.kto import kto_batch
+    from tuneloop.train.preference import Scorer, encode_answers, seqs
+
+    data = [{"prompt": "q", "completion": "a", "label": True}, {"prompt": "q", "completion": "b", "label": False}]
+    trainer, tok = _trl_model(tiny_llama_dir, KTOTrainer, KTOConfig, data, beta=0.4, desirable_weight=1.3,
+                              undesirable_weight=0.7)
+    recs = [Record(prompt=p["prompt"], completion=a, label=lab) for p in pairs(3)
+            for a, lab in ((p["chosen"], "desirable"), (p["rejected"], "undesirable"))]
+    enc, _ = encode_answers(tok, recs, [r.completion for r in recs], 96)
+    rows = [(e[0], e[1], r.label == "desirable") for r, e in zip(recs, enc)]
+    idx = list(range(len(rows)))
+    dev = torch.device("cpu")
+    # TRL's mismatched pairs: prompt i with the answer of i - 1, as kto.kl_estimate builds them
+    kl_enc, _ = encode_answers(tok, recs, [recs[i - 1].completion for i in idx], 96)
+    main, kl = seqs([(e[0], e[1]) for e in enc], tok.pad_token_id, dev), seqs(kl_enc, tok.pad_token_id, dev)
+    inputs = {"input_ids": main["input_ids"], "attention_mask": main["attention_mask"],
+              "completion_mask": (main["labels"] != IGNORE).long(), "KL_input_ids": kl["input_ids"],
+              "KL_attention_mask": kl["attention_mask"], "KL_completion_mask": (kl["labels"] != IGNORE).long(),
+              "label": torch.tensor([r[2] for r in rows])}
+    model = trainer.model
+    with torch.no_grad():
+        theirs = trainer._compute_loss(model, inputs, False)
+        theirs = float(theirs[0] if isinstance(theirs, tuple) else theirs)
+        base = model.get_base_model()
+        hidden = FinalHidden(base)
+        tc = type("TC", (), {"beta": 0.4, "desirable_weight": 1.3, "undesirable_weight": 0.7})
+        losses, rewards, _ = kto_batch(model, model, Scorer(hidden, base.get_output_embeddings().weight), tok, recs,
+                                       rows, idx, idx, 96, dev, tc)
+        hidden.handle.remove()
+    assert float(rewards.abs().max()) > 1e-2
+    assert float(losses.mean()) == pytest.approx(theirs, rel=1e-5, abs=1e-6)
+
+
+def test_reward_loss_equals_trls(tiny_llama_dir):
+    import tempfile
+
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from trl import RewardConfig, RewardTrainer
+
+    from tuneloop.data.records import Record
+    from tuneloop.train.preference import encode_pairs
+    from tuneloop.train.reward import bradley_terry, pair_rewards
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_llama_dir, num_labels=1, dtype=torch.float32)
+    model.config.pad_token_id = tok.pad_token_id
+    trainer = RewardTrainer(model=model, args=RewardConfig(output_dir=tempfile.mkdtemp(), report_to=[], use_cpu=True,
+                                                           bf16=False, per_device_train_batch_size=2),
+                            train_dataset=Dataset.from_list([{"chosen": "a", "rejected": "b"}] * 2),
+                            processing_class=tok,
+                            peft_config=LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, lora_dropout=0.0))
+    recs = [Record(prompt=p["prompt"], chosen=p["chosen"], rejected=p["rejected"], margin=p["margin"]) for p in pairs(4)]
+    rows, _, _ = encode_pairs(tok, recs, 96)
+    from tuneloop.infer.batching import pad_batch
+
+    ids, mask = pad_batch([r[0] for r in rows] + [r[2] for r in rows], tok.pad_token_id)
+    margin = torch.tensor([r.margin for r in recs])
+    trainer.model.eval()
+    with torch.no_grad():
+        theirs = float(trainer.compute_loss(trainer.model, {"input_ids": ids, "attention_mask": mask, "margin": margin}))
+        rc, rr = pair_rewards(trainer.model, rows, list(range(len(rows))), tok.pad_token_id, torch.device("cpu"))
+    assert float((rc - rr).abs().max()) > 1e-3
+    assert float(bradley_terry(rc, rr, margin).mean()) == pytest.approx(theirs, rel=1e-5)
