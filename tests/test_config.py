@@ -88,7 +88,7 @@ def test_explain_documents_every_key():
 # keys per task: which task reads each task-specific key, as read from the code that consumes it
 # (train/, eval/). A key not listed here is read by every task.
 
-TASKS = ("classify", "regress", "sft")
+TASKS = ("classify", "regress", "sft", "dpo", "kto", "reward")
 TASK_KEYS = {  # key: (a valid value to set it to, the tasks that read it)
     "data.text_field": ("review", ("classify", "regress")),
     "data.label_field": ("score", ("classify",)),
@@ -101,10 +101,16 @@ TASK_KEYS = {  # key: (a valid value to set it to, the tasks that read it)
     "data.template": ("{a} and {b}", ("regress",)),
     "data.time_field": ("date", ("regress",)),
     "data.lags": ([7], ("regress",)),
-    "data.test_ratio": (0.2, ("regress", "sft")),
+    "data.test_ratio": (0.2, ("regress", "sft", "dpo", "kto", "reward")),
     "method.head_init": ("label_words", ("classify",)),
-    "train.head_lr": (1e-3, ("classify", "regress")),
-    "train.compile": (True, ("classify", "sft")),
+    "train.head_lr": (1e-3, ("classify", "regress", "reward")),
+    "train.compile": (True, ("classify", "sft", "dpo", "kto", "reward")),
+    "train.beta": (0.2, ("dpo", "kto")),
+    "train.loss_type": ("ipo", ("dpo",)),
+    "train.label_smoothing": (0.1, ("dpo",)),
+    "train.desirable_weight": (1.2, ("kto",)),
+    "train.undesirable_weight": (0.8, ("kto",)),
+    "train.use_margin": (False, ("reward",)),
     "train.cache_frozen": (False, ("classify",)),
     "train.packing": (True, ("sft",)),
     "eval.zero_shot_prompt": ("Say {choices} about {text}", ("classify",)),
@@ -205,7 +211,7 @@ def test_explain_for_one_task_lists_only_its_keys():
     keys = {row.key for row in explain(task="classify")}
     assert {"train.cache_frozen", "data.labels", "train.patience", "eval.max_length"} <= keys
     assert not keys & {"train.packing", "data.value_field", "eval.max_new_tokens"}
-    with pytest.raises(ConfigError, match=r"unknown task \(known: classify, regress, sft\)"):
+    with pytest.raises(ConfigError, match=r"unknown task \(known: classify, regress, sft, dpo, kto, reward\)"):
         explain(task="translate")
 
 

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serial
 
 from .errors import ConfigError, NotFoundError
 
-Task = Literal["classify", "regress", "sft"]
+Task = Literal["classify", "regress", "sft", "dpo", "kto", "reward"]
 TASKS: tuple[str, ...] = get_args(Task)
 
 
@@ -101,7 +101,7 @@ class DataConfig(Section):
     test_ratio: float | None = Field(
         None, gt=0, lt=1, description="When `test` is not given, hold out this fraction of `train` as the test "
         "set (seeded; the latest rows when `time_field` is set). Written to `<run>/test.jsonl`.",
-        json_schema_extra=only("regress", "sft"),
+        json_schema_extra=only("regress", "sft", "dpo", "kto", "reward"),
     )
     val_ratio: float = Field(
         0.1, ge=0, lt=1, description="Fraction of the training records kept aside for validation loss (classify: "
@@ -148,8 +148,8 @@ class TrainConfig(Section):
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
     head_lr: float | None = Field(
-        None, gt=0, description="Learning rate of the new classification or regression head (default: `lr`).",
-        json_schema_extra=only("classify", "regress"),
+        None, gt=0, description="Learning rate of the new classification, regression or reward head (default: `lr`).",
+        json_schema_extra=only("classify", "regress", "reward"),
     )
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Fraction of steps of linear warm-up.")
     scheduler: Literal["linear", "cosine", "constant"] = Field("linear", description="Decay after warm-up.")
@@ -165,7 +165,7 @@ class TrainConfig(Section):
         False, description="torch.compile each decoder block (compiled once, reused by every layer). Measured "
         "on the 2-core CPU (bench/train_throughput.py): about +17% tokens/s and -15% peak memory for sft, after "
         "20-40 s of compiling; worth it for runs longer than a few minutes.",
-        json_schema_extra=only("classify", "sft"),
+        json_schema_extra=only("classify", "sft", "dpo", "kto", "reward"),
     )
     cache_frozen: bool = Field(
         True, description="With adapters on the top blocks only (`method.top_layers`) and more than "
@@ -178,6 +178,36 @@ class TrainConfig(Section):
     packing: bool = Field(
         False, description="Pack short examples into rows of `max_length` tokens; position ids restart "
         "per example, so attention never crosses from one example into another.", json_schema_extra=only("sft"),
+    )
+    beta: float = Field(
+        0.1, gt=0, description="How far the policy may move from the reference (the model it starts from, "
+        "i.e. the policy with its adapter switched off): the scale of the implicit reward beta * (log p_policy - "
+        "log p_ref). Smaller lets it move further; TRL's default.", json_schema_extra=only("dpo", "kto"),
+    )
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = Field(
+        "sigmoid", description="DPO's loss on the reward gap d = beta * (chosen log-ratio - rejected log-ratio): "
+        "`sigmoid` -log sigmoid(d) (the DPO paper); `ipo` (log-ratios averaged per answer token, squared distance "
+        "to 1 / (2 beta)); `hinge` max(0, 1 - d) (SLiC); `robust` (rDPO: unbiased under a `label_smoothing` "
+        "share of flipped pairs). The same formulas as TRL's DPOTrainer, checked against it.",
+        json_schema_extra=only("dpo"),
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="The share of pairs believed to be the wrong way round: `sigmoid` then "
+        "trains on -(1-e) log sigmoid(d) - e log sigmoid(-d) (conservative DPO); `robust` corrects for it.",
+        json_schema_extra=only("dpo"),
+    )
+    desirable_weight: float = Field(
+        1.0, gt=0, description="KTO: weight of the loss on desirable answers. With unbalanced data, keep "
+        "desirable_weight x desirable count / (undesirable_weight x undesirable count) between 1 and 4/3 (the KTO "
+        "paper's advice).", json_schema_extra=only("kto"),
+    )
+    undesirable_weight: float = Field(
+        1.0, gt=0, description="KTO: weight of the loss on undesirable answers.", json_schema_extra=only("kto"),
+    )
+    use_margin: bool = Field(
+        True, description="Reward model: train on -log sigmoid(r_chosen - r_rejected - margin) where a pair has a "
+        "`margin` (a rating gap), so clearly better answers are pushed further apart; pairs without one use 0.",
+        json_schema_extra=only("reward"),
     )
     eval_every: int | None = Field(
         None, ge=1, description="Validation loss every N optimizer steps (default: once per epoch "
@@ -295,11 +325,15 @@ class Recipe(Section):
     name: str = Field(description="Short name; runs are stored as `<workspace>/runs/<name>-<time>`.")
     task: Task = Field(
         "classify", description="What is learned: `classify` (text → label), `regress` (text → number), "
-        "`sft` (chat records → assistant answers).",
+        "`sft` (chat records → assistant answers), `dpo` (preference pairs → a policy that prefers the chosen "
+        "answers), `kto` (answers marked desirable / undesirable, unpaired), `reward` (pairs → a scalar reward "
+        "model, Bradley-Terry).",
     )
     model: str = Field(
         "smollm2-135m-instruct",
-        description="A name from `tuneloop models list`, a local HF folder, or a hub id.",
+        description="A name from `tuneloop models list`, a local HF folder, or a hub id. dpo / kto: also a run "
+        "folder (or a registry ref) of an sft, dpo or kto run to start from: its adapter is merged into the base "
+        "weights and a new adapter is trained on top, so the reference is exactly that run's model.",
     )
     data: DataConfig
     method: MethodConfig = Field(default_factory=MethodConfig)
