@@ -116,9 +116,10 @@ TASK_KEYS = {  # key: (a valid value to set it to, the tasks that read it)
     "eval.zero_shot_prompt": ("Say {choices} about {text}", ("classify",)),
     "eval.verbalizer": ({"a": "yes"}, ("classify",)),
     "eval.max_length": (64, ("classify",)),
-    "eval.max_new_tokens": (32, ("sft",)),
-    "eval.merge_adapters": (False, ("sft",)),
-    "eval.max_test_examples": (5, ("sft",)),
+    "eval.max_new_tokens": (32, ("sft", "dpo", "kto")),
+    "eval.merge_adapters": (False, ("sft", "dpo", "kto")),
+    "eval.max_test_examples": (5, ("sft", "dpo", "kto", "reward")),
+    "eval.judge": ("runs/judge", ("dpo", "kto")),
     "gate.exact_below": (10, ("classify",)),
 }
 # Read by every task since classify trains on the shared loop: a row each, so none of them regresses.
@@ -188,7 +189,7 @@ def test_every_offending_key_is_reported_at_once():
         recipe_from_dict(doc, where="r.yaml")
     assert str(e.value).splitlines() == [
         "r.yaml: train.packing: not used by task classify (used by: sft)",
-        "r.yaml: eval.max_new_tokens: not used by task classify (used by: sft)",
+        "r.yaml: eval.max_new_tokens: not used by task classify (used by: sft, dpo, kto)",
     ]
 
 

@@ -92,21 +92,26 @@ def eval_(
     data: Annotated[Optional[str], typer.Option("--data", help="Test file (default: the recipe's data.test).")] = None,
     systems: Annotated[Optional[str], typer.Option(help="Comma-separated, e.g. base,tuned,tfidf_logreg "
                                                         "(classify), base,tuned (sft), tuned,seasonal_naive "
-                                                        "(regress).")] = None,
+                                                        "(regress), base,parent,tuned (dpo, kto), "
+                                                        "tuned,base,length (reward).")] = None,
     text_field: Annotated[Optional[str], typer.Option(help="Text column in --data (default: the recipe's).")] = None,
     label_field: Annotated[Optional[str], typer.Option(help="Label column in --data (default: the recipe's).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Folder for report.json/html (default: the run folder).")] = None,
+    judge: Annotated[Optional[str], typer.Option(
+        "--judge", help="dpo / kto: the reward run (folder or name under <workspace>/runs/) that judges the "
+        "answers for the win rates (default: the recipe's eval.judge).")] = None,
     workspace: Workspace = None,
     no_progress: NoProgress = False,
 ) -> None:
     """Evaluate a run on a test file, side by side with the base model and its baselines."""
     from .eval.tasks import evaluate_run, evaluator_for
-    from .runs import open_run, workspace_path
+    from .runs import locate_run, open_run, workspace_path
 
     opened = open_run(run, workspace_path(workspace))
     names = [s.strip() for s in systems.split(",")] if systems else None
+    judge_dir = str(locate_run(judge, workspace_path(workspace))) if judge else None
     report = evaluate_run(opened, data, names, out, show_progress=not no_progress, text_field=text_field,
-                          label_field=label_field)
+                          label_field=label_field, judge=judge_dir)
     ev = evaluator_for(opened.task)
     ev.print_table(report, console)
     console.print(f"report: {(out or opened.dir) / ev.report_file}")

@@ -228,9 +228,10 @@ class TrainConfig(Section):
 
 
 class EvalConfig(Section):
-    systems: list[Literal["base", "tuned", "tfidf_logreg", "seasonal_naive"]] = Field(
+    systems: list[Literal["base", "tuned", "tfidf_logreg", "seasonal_naive", "parent", "length"]] = Field(
         default_factory=lambda: ["base", "tuned", "tfidf_logreg"],
-        description="Systems compared side by side on the test set.",
+        description="Systems compared side by side on the test set (dpo / kto: base, parent (the run it "
+        "started from), tuned; reward: tuned, base, length; default there: all of them).",
     )
     batch_size: int = Field(32, ge=1, description="Records per evaluation batch (length-sorted).")
     zero_shot_prompt: str = Field(
@@ -251,7 +252,7 @@ class EvalConfig(Section):
     )
     max_new_tokens: int = Field(
         160, ge=1, description="Longest generated answer when scoring ROUGE-L / BLEU (greedy decoding).",
-        json_schema_extra=only("sft"),
+        json_schema_extra=only("sft", "dpo", "kto"),
     )
     merge_adapters: bool = Field(
         True, description="Generate with LoRA/DoRA adapters merged into the base weights: each decoded "
@@ -260,11 +261,17 @@ class EvalConfig(Section):
         "rounded to bf16, so greedy answers differ in detail from the adapters' (FAQ recipe: 10 of 50 answers "
         "identical, ROUGE-L 0.1570 → 0.1551, BLEU 3.40 → 3.57, generation 2.9x faster); set false to generate "
         "exactly as `tuneloop serve` does, through the adapters.",
-        json_schema_extra=only("sft"),
+        json_schema_extra=only("sft", "dpo", "kto"),
     )
     max_test_examples: int | None = Field(
         None, ge=1, description="Generate for at most this many test records (the first N), to bound time.",
-        json_schema_extra=only("sft"),
+        json_schema_extra=only("sft", "dpo", "kto", "reward"),
+    )
+    judge: str | None = Field(
+        None, description="A reward run (its folder, relative to the recipe or absolute) that judges each "
+        "system's greedy answers for the win rates (tuned vs parent, vs base); `tuneloop eval --judge RUN` "
+        "overrides it. Train it separately (task: reward), on training pairs only.",
+        json_schema_extra=only("dpo", "kto"),
     )
 
 
