@@ -88,7 +88,7 @@ def test_explain_documents_every_key():
 # keys per task: which task reads each task-specific key, as read from the code that consumes it
 # (train/, eval/). A key not listed here is read by every task.
 
-TASKS = ("classify", "regress", "sft")
+TASKS = ("classify", "regress", "sft", "dpo", "kto", "reward")
 TASK_KEYS = {  # key: (a valid value to set it to, the tasks that read it)
     "data.text_field": ("review", ("classify", "regress")),
     "data.label_field": ("score", ("classify",)),
@@ -101,18 +101,25 @@ TASK_KEYS = {  # key: (a valid value to set it to, the tasks that read it)
     "data.template": ("{a} and {b}", ("regress",)),
     "data.time_field": ("date", ("regress",)),
     "data.lags": ([7], ("regress",)),
-    "data.test_ratio": (0.2, ("regress", "sft")),
+    "data.test_ratio": (0.2, ("regress", "sft", "dpo", "kto", "reward")),
     "method.head_init": ("label_words", ("classify",)),
-    "train.head_lr": (1e-3, ("classify", "regress")),
-    "train.compile": (True, ("classify", "sft")),
+    "train.head_lr": (1e-3, ("classify", "regress", "reward")),
+    "train.compile": (True, ("classify", "sft", "dpo", "kto", "reward")),
+    "train.beta": (0.2, ("dpo", "kto")),
+    "train.loss_type": ("ipo", ("dpo",)),
+    "train.label_smoothing": (0.1, ("dpo",)),
+    "train.desirable_weight": (1.2, ("kto",)),
+    "train.undesirable_weight": (0.8, ("kto",)),
+    "train.use_margin": (False, ("reward",)),
     "train.cache_frozen": (False, ("classify",)),
     "train.packing": (True, ("sft",)),
     "eval.zero_shot_prompt": ("Say {choices} about {text}", ("classify",)),
     "eval.verbalizer": ({"a": "yes"}, ("classify",)),
     "eval.max_length": (64, ("classify",)),
-    "eval.max_new_tokens": (32, ("sft",)),
-    "eval.merge_adapters": (False, ("sft",)),
-    "eval.max_test_examples": (5, ("sft",)),
+    "eval.max_new_tokens": (32, ("sft", "dpo", "kto")),
+    "eval.merge_adapters": (False, ("sft", "dpo", "kto")),
+    "eval.max_test_examples": (5, ("sft", "dpo", "kto", "reward")),
+    "eval.judge": ("runs/judge", ("dpo", "kto")),
     "eval.calibrate_base": (False, ("classify",)),
     "eval.prompted_sample": (50, ("classify",)),
     "eval.fewshot_k": (4, ("classify",)),
@@ -120,12 +127,21 @@ TASK_KEYS = {  # key: (a valid value to set it to, the tasks that read it)
     "eval.abstain_below": (0.6, ("classify",)),
     "eval.error_costs": ({"a->b": 3.0}, ("classify",)),
     "eval.probe_tolerance": (0.1, ("regress", "sft")),
+    "eval.slices": (["region"], ("classify", "regress", "sft")),
+    "eval.length_buckets": (3, ("classify", "regress", "sft")),
+    "eval.slice_min_size": (5, ("classify", "regress", "sft")),
+    "eval.probe_sample": (10, ("classify", "regress", "sft")),
+    "eval.probe_threshold": (0.1, ("classify", "regress", "sft")),
+    "eval.probe_terms": ("terms.yaml", ("classify", "regress", "sft")),
+    "eval.forgetting": (False, ("classify", "regress", "sft")),
+    "eval.forgetting_threshold": (0.2, ("classify", "regress", "sft")),
+    "eval.price_per_hour": (0.5, ("classify", "regress", "sft")),
     "gate.exact_below": (10, ("classify",)),
 }
 # Read by every task since classify trains on the shared loop: a row each, so none of them regresses.
 SHARED_KEYS = {"data.val_ratio": 0.2, "train.eval_every": 5, "train.patience": 2, "train.overfit_window": 4,
                "train.checkpoint_every": 5, "data.max_train_examples": 10, "eval.systems": ["tuned"],
-               "eval.batch_size": 8, "method.top_layers": 2, "train.max_length": 64, "eval.price_per_hour": 0.5}
+               "eval.batch_size": 8, "method.top_layers": 2, "train.max_length": 64}
 
 
 def _set(key: str, value) -> dict:
@@ -189,7 +205,7 @@ def test_every_offending_key_is_reported_at_once():
         recipe_from_dict(doc, where="r.yaml")
     assert str(e.value).splitlines() == [
         "r.yaml: train.packing: not used by task classify (used by: sft)",
-        "r.yaml: eval.max_new_tokens: not used by task classify (used by: sft)",
+        "r.yaml: eval.max_new_tokens: not used by task classify (used by: sft, dpo, kto)",
     ]
 
 
@@ -212,7 +228,7 @@ def test_explain_for_one_task_lists_only_its_keys():
     keys = {row.key for row in explain(task="classify")}
     assert {"train.cache_frozen", "data.labels", "train.patience", "eval.max_length"} <= keys
     assert not keys & {"train.packing", "data.value_field", "eval.max_new_tokens"}
-    with pytest.raises(ConfigError, match=r"unknown task \(known: classify, regress, sft\)"):
+    with pytest.raises(ConfigError, match=r"unknown task \(known: classify, regress, sft, dpo, kto, reward\)"):
         explain(task="translate")
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tuneloop.config import load_recipe, recipe_from_dict
+from tuneloop.config import TASKS, load_recipe, recipe_from_dict
 from tuneloop.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("path", sorted(ROOT.glob("recipes/**/*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_recipe_loads(path):
     r = load_recipe(path)
-    assert r.name and r.task in ("classify", "regress", "sft")
+    assert r.name and r.task in TASKS
 
 
 def test_quickstart_recipe_is_lora_classification_on_the_bundled_model():

@@ -95,24 +95,67 @@ def eval_(
     data: Annotated[Optional[str], typer.Option("--data", help="Test file (default: the recipe's data.test).")] = None,
     systems: Annotated[Optional[str], typer.Option(help="Comma-separated, e.g. base,tuned,tfidf_logreg "
                                                         "(classify), base,tuned (sft), tuned,seasonal_naive "
-                                                        "(regress).")] = None,
+                                                        "(regress), base,parent,tuned (dpo, kto), "
+                                                        "tuned,base,length (reward).")] = None,
     text_field: Annotated[Optional[str], typer.Option(help="Text column in --data (default: the recipe's).")] = None,
     label_field: Annotated[Optional[str], typer.Option(help="Label column in --data (default: the recipe's).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Folder for report.json/html (default: the run folder).")] = None,
+    judge: Annotated[Optional[str], typer.Option(
+        "--judge", help="dpo / kto: the reward run (folder or name under <workspace>/runs/) that judges the "
+        "answers for the win rates (default: the recipe's eval.judge).")] = None,
     workspace: Workspace = None,
     no_progress: NoProgress = False,
 ) -> None:
     """Evaluate a run on a test file, side by side with the base model and its baselines."""
     from .eval.tasks import evaluate_run, evaluator_for
-    from .runs import open_run, workspace_path
+    from .runs import locate_run, open_run, workspace_path
 
     opened = open_run(run, workspace_path(workspace))
     names = [s.strip() for s in systems.split(",")] if systems else None
+    judge_dir = str(locate_run(judge, workspace_path(workspace))) if judge else None
     report = evaluate_run(opened, data, names, out, show_progress=not no_progress, text_field=text_field,
-                          label_field=label_field)
+                          label_field=label_field, judge=judge_dir)
     ev = evaluator_for(opened.task)
     ev.print_table(report, console)
     console.print(f"report: {(out or opened.dir) / ev.report_file}")
+
+
+@data_app.command("pairs")
+def data_pairs(
+    rejected_from: Annotated[str, typer.Option(
+        "--rejected-from", help="The model whose greedy answers are `rejected`: a zoo name, HF folder, hub id, "
+        "run folder or NAME@ALIAS.")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Preference pairs (JSONL: prompt, chosen, rejected).")],
+    source: Annotated[Optional[str], typer.Argument(
+        help="Chat records (alpaca, sharegpt, messages; package:MODULE/path); default: the --recipe's data.train.")] = None,
+    recipe: Annotated[Optional[Path], typer.Option(
+        "--recipe", help="The sft recipe YAML or sft run folder whose split the pairs follow (its test split "
+        "never enters them).")] = None,
+    split: Annotated[str, typer.Option(help="train (for training), or test: the held-out pairs an evaluation "
+                                            "reads.")] = "train",
+    test_ratio: Annotated[Optional[float], typer.Option(help="Without --recipe: the held-out fraction (0: SOURCE "
+                                                             "is training records only).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Without --recipe: the split's seed (default 0).")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest generated answer.")] = 128,
+    batch_size: Annotated[int, typer.Option(min=1, help="Prompts generated together.")] = 16,
+    max_similarity: Annotated[float, typer.Option(
+        help="Drop a pair whose answers have ROUGE-L F1 at or above this (near-identical).")] = 0.9,
+    max_records: Annotated[Optional[int], typer.Option(min=1, help="Use the first N records of the split.")] = None,
+    workspace: Workspace = None,
+    no_progress: NoProgress = False,
+) -> None:
+    """Preference pairs from chat records: the record's answer is `chosen`, --rejected-from's own greedy
+    answer `rejected`; near-identical pairs dropped (counted); built from the training split only."""
+    from .pairs import make_pairs
+    from .runs import workspace_path
+
+    s = make_pairs(out, rejected_from, source, recipe, split, test_ratio, seed, max_new_tokens, batch_size,
+                   max_similarity, max_records, workspace_path(workspace), show_progress=not no_progress)
+    d = s["dropped"]
+    console.print(f"wrote {s['pairs']} pairs from {s['records']} {s['split']} records to {s['out']} "
+                  f"(dropped: {d['near_identical']} near-identical, {d['empty_answer']} empty answers, "
+                  f"{d['not_single_turn']} multi-turn) in {s['seconds']:.0f} s", highlight=False)
+    console.print(s["note"], highlight=False, soft_wrap=True)
 
 
 @app.command()

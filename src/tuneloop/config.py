@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serial
 
 from .errors import ConfigError, NotFoundError
 
-Task = Literal["classify", "regress", "sft"]
+Task = Literal["classify", "regress", "sft", "dpo", "kto", "reward"]
 TASKS: tuple[str, ...] = get_args(Task)
 
 
@@ -27,6 +27,11 @@ def only(*tasks: str) -> dict:
     if unknown:
         raise ValueError(f"only(): unknown task {', '.join(unknown)} (known: {', '.join(TASKS)})")
     return {"tasks": list(tasks)}
+
+
+# The slice, probe and forgetting keys: read by the tasks whose reports score per example (classify, regress,
+# sft); the preference reports have their own measures.
+SCORED = only("classify", "regress", "sft")
 
 
 def field_tasks(field) -> tuple[str, ...]:
@@ -101,7 +106,7 @@ class DataConfig(Section):
     test_ratio: float | None = Field(
         None, gt=0, lt=1, description="When `test` is not given, hold out this fraction of `train` as the test "
         "set (seeded; the latest rows when `time_field` is set). Written to `<run>/test.jsonl`.",
-        json_schema_extra=only("regress", "sft"),
+        json_schema_extra=only("regress", "sft", "dpo", "kto", "reward"),
     )
     val_ratio: float = Field(
         0.1, ge=0, lt=1, description="Fraction of the training records kept aside for validation loss (classify: "
@@ -148,8 +153,8 @@ class TrainConfig(Section):
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
     head_lr: float | None = Field(
-        None, gt=0, description="Learning rate of the new classification or regression head (default: `lr`).",
-        json_schema_extra=only("classify", "regress"),
+        None, gt=0, description="Learning rate of the new classification, regression or reward head (default: `lr`).",
+        json_schema_extra=only("classify", "regress", "reward"),
     )
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Fraction of steps of linear warm-up.")
     scheduler: Literal["linear", "cosine", "constant"] = Field("linear", description="Decay after warm-up.")
@@ -165,7 +170,7 @@ class TrainConfig(Section):
         False, description="torch.compile each decoder block (compiled once, reused by every layer). Measured "
         "on the 2-core CPU (bench/train_throughput.py): about +17% tokens/s and -15% peak memory for sft, after "
         "20-40 s of compiling; worth it for runs longer than a few minutes.",
-        json_schema_extra=only("classify", "sft"),
+        json_schema_extra=only("classify", "sft", "dpo", "kto", "reward"),
     )
     cache_frozen: bool = Field(
         True, description="With adapters on the top blocks only (`method.top_layers`) and more than "
@@ -178,6 +183,36 @@ class TrainConfig(Section):
     packing: bool = Field(
         False, description="Pack short examples into rows of `max_length` tokens; position ids restart "
         "per example, so attention never crosses from one example into another.", json_schema_extra=only("sft"),
+    )
+    beta: float = Field(
+        0.1, gt=0, description="How far the policy may move from the reference (the model it starts from, "
+        "i.e. the policy with its adapter switched off): the scale of the implicit reward beta * (log p_policy - "
+        "log p_ref). Smaller lets it move further; TRL's default.", json_schema_extra=only("dpo", "kto"),
+    )
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = Field(
+        "sigmoid", description="DPO's loss on the reward gap d = beta * (chosen log-ratio - rejected log-ratio): "
+        "`sigmoid` -log sigmoid(d) (the DPO paper); `ipo` (log-ratios averaged per answer token, squared distance "
+        "to 1 / (2 beta)); `hinge` max(0, 1 - d) (SLiC); `robust` (rDPO: unbiased under a `label_smoothing` "
+        "share of flipped pairs). The same formulas as TRL's DPOTrainer, checked against it.",
+        json_schema_extra=only("dpo"),
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="The share of pairs believed to be the wrong way round: `sigmoid` then "
+        "trains on -(1-e) log sigmoid(d) - e log sigmoid(-d) (conservative DPO); `robust` corrects for it.",
+        json_schema_extra=only("dpo"),
+    )
+    desirable_weight: float = Field(
+        1.0, gt=0, description="KTO: weight of the loss on desirable answers. With unbalanced data, keep "
+        "desirable_weight x desirable count / (undesirable_weight x undesirable count) between 1 and 4/3 (the KTO "
+        "paper's advice).", json_schema_extra=only("kto"),
+    )
+    undesirable_weight: float = Field(
+        1.0, gt=0, description="KTO: weight of the loss on undesirable answers.", json_schema_extra=only("kto"),
+    )
+    use_margin: bool = Field(
+        True, description="Reward model: train on -log sigmoid(r_chosen - r_rejected - margin) where a pair has a "
+        "`margin` (a rating gap), so clearly better answers are pushed further apart; pairs without one use 0.",
+        json_schema_extra=only("reward"),
     )
     eval_every: int | None = Field(
         None, ge=1, description="Validation loss every N optimizer steps (default: once per epoch "
@@ -198,11 +233,13 @@ class TrainConfig(Section):
 
 
 class EvalConfig(Section):
-    systems: list[Literal["base", "base_fewshot", "tuned", "tfidf_logreg", "seasonal_naive"]] = Field(
+    systems: list[Literal["base", "base_fewshot", "tuned", "tfidf_logreg", "seasonal_naive", "parent", "length"]] = Field(
         default_factory=lambda: ["base", "base_fewshot", "tuned", "tfidf_logreg"],
         description="Systems compared side by side on the test set. classify: `base` (the untuned model "
         "zero-shot, calibrated), `base_fewshot` (the untuned model with training examples in its prompt), "
-        "`tuned`, `tfidf_logreg`; regress: `tuned`, `seasonal_naive`; sft: `base`, `tuned`.",
+        "`tuned`, `tfidf_logreg`; regress: `tuned`, `seasonal_naive`; sft: `base`, `tuned`; dpo / kto: `base`, "
+        "`parent` (the run it started from), `tuned`; reward: `tuned`, `base`, `length`. Names another task "
+        "does not know are left out, so one default serves every task.",
     )
     batch_size: int = Field(32, ge=1, description="Records per evaluation batch (length-sorted).")
     zero_shot_prompt: str = Field(
@@ -254,11 +291,11 @@ class EvalConfig(Section):
     price_per_hour: float | None = Field(
         None, ge=0, description="What an hour of the machine evaluating costs, for the report's cost per "
         "1,000 predictions; default 0.10 on CPU (a 2-vCPU cloud VM) and 1.00 on a GPU (one L4 / A10G class "
-        "GPU), USD on-demand list prices.",
+        "GPU), USD on-demand list prices.", json_schema_extra=SCORED,
     )
     max_new_tokens: int = Field(
         160, ge=1, description="Longest generated answer when scoring ROUGE-L / BLEU (greedy decoding).",
-        json_schema_extra=only("sft"),
+        json_schema_extra=only("sft", "dpo", "kto"),
     )
     merge_adapters: bool = Field(
         True, description="Generate with LoRA/DoRA adapters merged into the base weights: each decoded "
@@ -267,28 +304,39 @@ class EvalConfig(Section):
         "rounded to bf16, so greedy answers differ in detail from the adapters' (FAQ recipe: 10 of 50 answers "
         "identical, ROUGE-L 0.1570 → 0.1551, BLEU 3.40 → 3.57, generation 2.9x faster); set false to generate "
         "exactly as `tuneloop serve` does, through the adapters.",
-        json_schema_extra=only("sft"),
+        json_schema_extra=only("sft", "dpo", "kto"),
     )
     max_test_examples: int | None = Field(
         None, ge=1, description="Generate for at most this many test records (the first N), to bound time.",
-        json_schema_extra=only("sft"),
+        json_schema_extra=only("sft", "dpo", "kto", "reward"),
+    )
+    judge: str | None = Field(
+        None, description="A reward run (its folder, relative to the recipe or absolute) that judges each "
+        "system's greedy answers for the win rates (tuned vs parent, vs base); `tuneloop eval --judge RUN` "
+        "overrides it. Train it separately (task: reward), on training pairs only.",
+        json_schema_extra=only("dpo", "kto"),
     )
     slices: list[str] = Field(
         default_factory=list, description="Fields of the test records (their extra keys or columns, e.g. "
         "`[product, region]`) to report metrics per value of, beside the length buckets and protected-attribute "
         "mentions every report has; the worst slice is named with its gap to the whole and an interval.",
+        json_schema_extra=SCORED,
     )
-    length_buckets: int = Field(4, ge=2, description="Quantile buckets of input length (characters) for the slices.")
+    length_buckets: int = Field(4, ge=2, description="Quantile buckets of input length (characters) for the slices.",
+                                json_schema_extra=SCORED)
     slice_min_size: int = Field(
-        10, ge=1, description="Slices smaller than this are shown but never named the worst (too noisy)."
+        10, ge=1, description="Slices smaller than this are shown but never named the worst (too noisy).",
+        json_schema_extra=SCORED,
     )
     probe_sample: int = Field(
         100, ge=0, description="Counterfactual bias probes: at most this many test inputs that mention a protected "
         "term (a seeded sample stratified by category), each re-scored with its terms swapped (he/she, names, "
         "religions, ages, nationalities); 0 turns the probes off.",
+        json_schema_extra=SCORED,
     )
     probe_threshold: float = Field(
-        0.05, ge=0, le=1, description="Flag a category whose share of swaps that change the output exceeds this."
+        0.05, ge=0, le=1, description="Flag a category whose share of swaps that change the output exceeds this.",
+        json_schema_extra=SCORED,
     )
     probe_tolerance: float = Field(
         0.05, ge=0, description="A swap changes a regress value, or an sft reference answer's perplexity, when it "
@@ -297,15 +345,18 @@ class EvalConfig(Section):
     probe_terms: str | None = Field(
         None, description="A YAML file of extra or replacement probe word lists, in the shape of the shipped "
         "`tuneloop/eval/data/probe_terms.yaml` (categories, groups of aligned terms, exclusions); merged over it.",
+        json_schema_extra=SCORED,
     )
     forgetting: bool = Field(
         True, description="Measure general ability before and after tuning: perplexity on general English text "
         "and accuracy on general questions, base vs tuned (SmolLM2-135M on the shared 2-core machine: about 50 s "
         "per system).",
+        json_schema_extra=SCORED,
     )
     forgetting_threshold: float = Field(
         0.10, ge=0, description="Flag forgetting when general-text perplexity rises by more than this fraction, "
         "or general-question accuracy falls by more than this (absolute).",
+        json_schema_extra=SCORED,
     )
 
 
@@ -366,11 +417,15 @@ class Recipe(Section):
     name: str = Field(description="Short name; runs are stored as `<workspace>/runs/<name>-<time>`.")
     task: Task = Field(
         "classify", description="What is learned: `classify` (text → label), `regress` (text → number), "
-        "`sft` (chat records → assistant answers).",
+        "`sft` (chat records → assistant answers), `dpo` (preference pairs → a policy that prefers the chosen "
+        "answers), `kto` (answers marked desirable / undesirable, unpaired), `reward` (pairs → a scalar reward "
+        "model, Bradley-Terry).",
     )
     model: str = Field(
         "smollm2-135m-instruct",
-        description="A name from `tuneloop models list`, a local HF folder, or a hub id.",
+        description="A name from `tuneloop models list`, a local HF folder, or a hub id. dpo / kto: also a run "
+        "folder (or a registry ref) of an sft, dpo or kto run to start from: its adapter is merged into the base "
+        "weights and a new adapter is trained on top, so the reference is exactly that run's model.",
     )
     data: DataConfig
     method: MethodConfig = Field(default_factory=MethodConfig)

@@ -15,7 +15,9 @@ A run folder holds:
     loss.png            the loss curve
     test.jsonl          the held-out test records (sft, regress; when the recipe has no data.test)
     train_tail.jsonl    regress: the latest training rows (the seasonal baseline looks back into them)
-    model/              the adapter (PEFT) or the full weights; sft also keeps the tokenizer here
+    model/              the adapter (PEFT) or the full weights; sft, dpo and kto also keep the tokenizer here
+                        (dpo / kto started from another run: its adapter is over the base with that run's
+                        adapters merged in, `RunInfo.merged_adapters`)
     checkpoints/last/   while training: the state `--resume` continues from
     report.json/.html   after `tuneloop eval`; generations.jsonl for sft
     FAILED              a marker that training stopped with an error
@@ -162,6 +164,10 @@ class RunInfo(BaseModel):
     error: str | None = None
     mlflow_run_id: str | None = Field(None, description="The MLflow tracking run this run was logged to "
                                                         "(the registry links a version to it).")
+    parent_run: str | None = Field(None, description="dpo / kto: the run folder this run started from (its "
+                                                     "model is the reference), None when it started from a base.")
+    merged_adapters: list[str] = Field(default_factory=list, description="Adapter folders merged into the base, "
+                                       "in order, before this run's own adapter goes on (the parent run's chain).")
 
 
 def input_spec(recipe: "Recipe") -> InputSpec:
@@ -292,7 +298,7 @@ def read_history(run_dir: Path) -> dict:
 
 def finish_run(run_dir: Path, recipe: "Recipe", metrics: dict, *, model_path: str,
                fingerprints: Fingerprints, labels: list[str] | None = None,
-               target: TargetScale | None = None) -> RunInfo:
+               target: TargetScale | None = None, start: "StartPoint | None" = None) -> RunInfo:
     """The end of a recipe's save section: labels / target scale, train_metrics.json, the finished
     `run.json`, and no checkpoint left (nothing to resume). Written last: a run is finished only once
     `run.json` says so."""
@@ -308,7 +314,9 @@ def finish_run(run_dir: Path, recipe: "Recipe", metrics: dict, *, model_path: st
         finished=_now(), base_model=recipe.model, model_path=model_path,
         base_weights_sha256=weights_sha256(model_path), method=recipe.method.name, dtype=metrics.get("dtype"),
         labels=labels, target=target, input=input_spec(recipe), data=fingerprints,
-        metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool)) or v is None})
+        metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool)) or v is None},
+        parent_run=str(start.run) if start is not None and start.run is not None else None,
+        merged_adapters=list(start.merged) if start is not None else [])
     _write_info(run_dir, info)
     shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)
     (run_dir / FAILED).unlink(missing_ok=True)
@@ -398,6 +406,49 @@ def open_run(run: "str | os.PathLike | Run", workspace: Path | None = None, fini
     return Run(dir=p, info=info, recipe=load_recipe(p / RECIPE))
 
 
+# The tasks whose run a dpo / kto recipe may start from: causal LMs whose adapter can be merged into the base.
+STARTS_FROM = ("sft", "dpo", "kto")
+
+
+@dataclass
+class StartPoint:
+    """What a recipe's `model` starts training from: the base model (`from_pretrained` path), the adapter
+    folders merged into it first (in order), and the run they come from (None for a plain model)."""
+
+    base: str
+    merged: list[str]
+    run: Path | None = None
+
+
+def start_point(model: str, workspace: Path | None = None) -> StartPoint:
+    """Resolve a recipe's `model`: a zoo name / folder / hub id as it is, or a run folder (a path, a name
+    under `<workspace>/runs/`, or a registry ref NAME:VERSION / NAME@ALIAS) of an sft, dpo or kto run. A
+    run's adapter is merged into its base (after the adapters it was itself started on), so the new run's
+    reference is exactly that run's model; a run with full weights is itself the base."""
+    from .zoo import resolve_model
+
+    folder = None
+    p = Path(model).expanduser()
+    if p.is_dir() and is_run_dir(p):
+        folder = p
+    elif workspace is not None and not p.is_dir() and (Path(workspace) / "runs" / model).is_dir():
+        folder = Path(workspace) / "runs" / model
+    elif workspace is not None and not p.exists():
+        from .registry import is_ref, resolve
+
+        if is_ref(model):
+            folder = resolve(workspace, model).run_dir
+    if folder is None:
+        return StartPoint(base=resolve_model(model), merged=[])
+    run = open_run(folder)
+    if run.task not in STARTS_FROM:
+        raise ConfigError(f"model: {folder} is a {run.task} run; training can start from a "
+                          f"{', '.join(STARTS_FROM)} run (a causal LM)")
+    if not run.is_adapter:
+        return StartPoint(base=str(run.model_dir), merged=[], run=run.dir)
+    return StartPoint(base=run.base_model_path(), merged=[*run.info.merged_adapters, str(run.model_dir)], run=run.dir)
+
+
 @dataclass
 class Loaded:
     """A run ready for inference: the model (eval mode, on `device`), its tokenizer and how it reads inputs."""
@@ -433,7 +484,9 @@ def load_for_inference(run: "Run | str | os.PathLike", device=None, base=None) -
         raise ConfigError(f"{run.dir}: task {run.task!r} has no inference loader (known: {', '.join(sorted(LOADERS))})")
     dev = device or default_device()
     dtype = getattr(torch, run.info.dtype or "float32")
+    # a run started from another carries the adapters merged into its base before its own
+    merged = {"merged": run.info.merged_adapters} if run.info.merged_adapters else {}
     model, tok = LOADERS[run.task](run.model_dir, run.is_adapter, run.base_model_path(), run.tokenizer_path(),
-                                   dtype, dev, labels=run.info.labels, base=base)
+                                   dtype, dev, labels=run.info.labels, base=base, **merged)
     return Loaded(run=run, task=run.task, model=model, tokenizer=tok, dtype=dtype, device=dev,
                   input=run.info.input, labels=run.info.labels, target=run.info.target)

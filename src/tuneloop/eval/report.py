@@ -291,10 +291,85 @@ def _headline_html(report: dict) -> str:
     return f'<p class="headline">{e(h["metric"])} ({better} is better): {values}</p>'
 
 
-def write_report(report: dict, out_dir: Path) -> tuple[Path, Path]:
-    """report.json (checked against the one schema) and report.html, each written atomically."""
+# dpo / kto / reward reports: the metrics shown, in order, with the way that is better
+PREFERENCE_COLUMNS = (("preference_accuracy", "preference accuracy", "higher"),
+                      ("likelihood_accuracy", "likelihood accuracy", "higher"),
+                      ("reward_margin", "reward margin (nats)", "higher"),
+                      ("win_rate_vs_parent", "win rate vs parent", "higher"),
+                      ("win_rate_vs_base", "win rate vs base", "higher"),
+                      ("judge_score", "judge score", "higher"),
+                      ("rougeL", "ROUGE-L", "higher"),
+                      ("perplexity", "perplexity", "lower"),
+                      ("mean_margin", "mean margin", "higher"),
+                      ("mean_answer_words", "words / answer", None))
+
+
+def render_preference_html(report: dict, examples_shown: int = 12) -> str:
+    """The preference section: every system's metrics with their intervals, the paired tests, and the first
+    held-out pairs with each system's answer and its judge score, so a reader sees what the numbers count."""
+    e = html.escape
+    systems = report["systems"]
+    cols = [c for c in PREFERENCE_COLUMNS if any(m.get(c[0]) is not None for m in systems.values())]
+    ref = report.get("settings", {}).get("reference")
+    iv = report.get("intervals") or {}
+
+    def cell(name: str, key: str, v) -> str:
+        if key == "preference_accuracy" and name == ref:
+            return "<td>reference</td>"
+        if v is None:
+            return "<td>-</td>"
+        i = iv.get(name, {}).get(key)
+        return f"<td>{v:.4f}" + (f" <small>[{i[0]:.3f}, {i[1]:.3f}]</small>" if i else "") + "</td>"
+
+    head = "".join(f"<th>{e(label)} {'↑' if d == 'higher' else '↓' if d == 'lower' else ''}</th>"
+                   for _, label, d in cols)
+    rows = "".join(f"<tr><th>{e(n)}</th>{''.join(cell(n, k, m.get(k)) for k, _, _ in cols)}</tr>"
+                   for n, m in systems.items())
+    tests = "".join(
+        f"<tr><th>{e(t['a'])} vs {e(t['b'])}</th><td>{e(t['metric'])}</td><td>{t['delta']:+.4f}</td>"
+        f"<td>[{t['interval'][0]:+.3f}, {t['interval'][1]:+.3f}]</td><td>{t['p_value']:.3g}</td></tr>"
+        for t in report.get("tests") or [])
+    preds = report.get("predictions") or {}
+    shown = []
+    for ex in report["examples"][:examples_shown]:
+        answers = "".join(
+            f"<dt>{e(n)}" + (f" <small>judge {p['judge']:+.2f}</small>" if p and p.get("judge") is not None else "")
+            + f"</dt><dd>{e(p.get('text') or '') if p else '-'}</dd>"
+            for n, by_id in preds.items() for p in [by_id.get(ex["id"])] if p and "text" in p)
+        shown.append(f"<details><summary>{e(str(ex['id']))}</summary><dl><dt>chosen (reference)</dt>"
+                     f"<dd>{e(str(ex['reference']))}</dd><dt>rejected</dt><dd>{e(str(ex['meta'].get('rejected', '')))}"
+                     f"</dd>{answers}</dl></details>")
+    notes = "".join(f"<li>{e(n)}</li>" for n in report.get("notes", []))
+    settings = ", ".join(f"{e(k)}: <code>{e(str(v))}</code>" for k, v in (report.get("settings") or {}).items()
+                         if v is not None)
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{e(report.get('title', 'tuneloop report'))}</title>
+<style>
+body{{font-family:system-ui,sans-serif;margin:2rem;color:#222;max-width:80rem}} table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:.3rem .6rem;text-align:right}} th:first-child{{text-align:left}}
+.meta{{color:#555}} dt{{font-weight:bold;margin-top:.4rem}} dd{{margin-left:1rem;white-space:pre-wrap}}
+</style></head><body>
+<h1>{e(report.get('title', 'tuneloop report'))}</h1>
+<p class="meta">run <code>{e(str(report.get('run', '')))}</code> · model <code>{e(str(report.get('model', '')))}</code>
+ · held-out pairs <code>{e(str(report['test']['path']))}</code> ({report['test']['n']})
+ · total wall {report.get('wall_seconds', 0):.1f} s</p>
+<p class="meta">{settings}</p>
+{_headline_html(report)}
+<h2>Preference and task metrics</h2>
+<table><tr><th>system</th>{head}</tr>{rows}</table>
+<p class="meta">[low, high]: 95% bootstrap interval over the held-out pairs.</p>
+{f'<h2>Paired tests</h2><table><tr><th>pair</th><th>metric</th><th>delta</th><th>interval</th><th>p</th></tr>{tests}</table>' if tests else ''}
+{f'<h2>Held-out examples</h2>{"".join(shown)}' if shown else ''}
+{f'<h2>Notes</h2><ul>{notes}</ul>' if notes else ''}
+</body></html>
+"""
+
+
+def write_report(report: dict, out_dir: Path, render=render_html) -> tuple[Path, Path]:
+    """report.json (checked against the one schema) and report.html (`render`: the task's page), each
+    written atomically."""
     j = write_report_json(Report.model_validate(report), out_dir)
-    h = write_text_atomic(Path(out_dir) / REPORT_HTML, render_html(report))
+    h = write_text_atomic(Path(out_dir) / REPORT_HTML, render(report))
     return j, h
 
 

@@ -15,6 +15,9 @@ from ..errors import ConfigError
 from ..runs import REPORT_HTML, REPORT_JSON, Run, open_run
 from .compare import SYSTEMS as CLASSIFY_SYSTEMS
 from .compare import evaluate_classify
+from .preference import REWARD_SYSTEMS
+from .preference import SYSTEMS as PREFERENCE_SYSTEMS
+from .preference import evaluate_preference, evaluate_reward, print_preference_table, print_reward_table
 from .regression import SYSTEMS as REGRESS_SYSTEMS
 from .regression import evaluate_regress, print_regress_table
 from .report import print_table
@@ -41,6 +44,11 @@ EVALUATORS: dict[str, Evaluator] = {
                           report_file=REPORT_HTML),
     "regress": Evaluator(evaluate_regress, REGRESS_SYSTEMS, print_regress_table, report_file=REPORT_HTML),
     "sft": Evaluator(evaluate_sft, SFT_SYSTEMS, print_sft_table, report_file=REPORT_HTML),
+    "dpo": Evaluator(evaluate_preference, PREFERENCE_SYSTEMS, print_preference_table, options=("judge",),
+                     report_file=REPORT_HTML),
+    "kto": Evaluator(evaluate_preference, PREFERENCE_SYSTEMS, print_preference_table, options=("judge",),
+                     report_file=REPORT_HTML),
+    "reward": Evaluator(evaluate_reward, REWARD_SYSTEMS, print_reward_table, report_file=REPORT_HTML),
 }
 
 

@@ -53,10 +53,21 @@ def load_regressor(model_dir: Path, adapter: bool, model_path: str, tokenizer_pa
                       problem_type="regression")
 
 
+def merge_adapters(model, adapters: list[str] | tuple[str, ...]):
+    """`model` with each adapter folder merged into its weights, in order (a dpo run started from an sft
+    run: the sft adapter goes into the base before the dpo adapter is put on, as in training)."""
+    from peft import PeftModel
+
+    for a in adapters:
+        model = PeftModel.from_pretrained(model, str(a)).merge_and_unload()
+    return model
+
+
 def load_generator(model_dir: Path, adapter: bool, model_path: str, tokenizer_path: str, dtype: torch.dtype,
-                   dev: torch.device, labels: list[str] | None = None, base=None):
+                   dev: torch.device, labels: list[str] | None = None, base=None, merged: tuple[str, ...] = ()):
     """A causal LM: the adapter over the base (`base`, when one is already loaded, else a fresh one), or
-    the full fine-tuned weights."""
+    the full fine-tuned weights. `merged`: adapters merged into a fresh base first (a shared `base` is then
+    not used, since merging would change it for its other users)."""
     from transformers import AutoModelForCausalLM
 
     tok = load_tokenizer(tokenizer_path, chat=True)
@@ -64,8 +75,8 @@ def load_generator(model_dir: Path, adapter: bool, model_path: str, tokenizer_pa
     if adapter:
         from peft import PeftModel
 
-        base = base if base is not None else AutoModelForCausalLM.from_pretrained(model_path, **load)
-        model = PeftModel.from_pretrained(base, str(model_dir))
+        base = base if base is not None and not merged else AutoModelForCausalLM.from_pretrained(model_path, **load)
+        model = PeftModel.from_pretrained(merge_adapters(base, merged), str(model_dir))
         if dtype == torch.bfloat16:
             keep_adapter_inputs_bf16(model)  # inference runs under bf16 autocast, as training did
     else:
@@ -73,8 +84,17 @@ def load_generator(model_dir: Path, adapter: bool, model_path: str, tokenizer_pa
     return model.to(dev).eval(), tok
 
 
+def load_reward(model_dir: Path, adapter: bool, model_path: str, tokenizer_path: str, dtype: torch.dtype,
+                dev: torch.device, labels: list[str] | None = None, base=None):
+    """A reward model: a one-output (scalar) head over the base model, reading the whole conversation."""
+    return _load_head(model_dir, adapter, model_path, tokenizer_path, dtype, dev, num_labels=1)
+
+
 LOADERS: dict[str, Callable] = {
     "classify": load_classifier,
     "regress": load_regressor,
     "sft": load_generator,
+    "dpo": load_generator,
+    "kto": load_generator,
+    "reward": load_reward,
 }

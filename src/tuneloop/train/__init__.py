@@ -35,10 +35,31 @@ def _sft(recipe: Recipe, run_dir: Path, show_progress: bool, resume: bool = Fals
     return train_sft(recipe, run_dir, show_progress, resume)
 
 
+def _dpo(recipe: Recipe, run_dir: Path, show_progress: bool, resume: bool = False) -> dict:
+    from .dpo import train_dpo
+
+    return train_dpo(recipe, run_dir, show_progress, resume)
+
+
+def _kto(recipe: Recipe, run_dir: Path, show_progress: bool, resume: bool = False) -> dict:
+    from .kto import train_kto
+
+    return train_kto(recipe, run_dir, show_progress, resume)
+
+
+def _reward(recipe: Recipe, run_dir: Path, show_progress: bool, resume: bool = False) -> dict:
+    from .reward import train_reward
+
+    return train_reward(recipe, run_dir, show_progress, resume)
+
+
 RECIPES: dict[str, Callable[..., dict]] = {
     "classify": _classify,
     "regress": _regress,
     "sft": _sft,
+    "dpo": _dpo,
+    "kto": _kto,
+    "reward": _reward,
 }
 
 

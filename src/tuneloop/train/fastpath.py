@@ -20,6 +20,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 
 from ..infer.encode import IGNORE
+from ..infer.logprobs import FinalHidden  # noqa: F401  (moved to infer/, which evaluation shares)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -84,29 +85,6 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     if rows.shape[0] == 0:
         return hidden.sum() * 0.0, 0
     return _LinearCrossEntropy.apply(rows, weight, targets, chunk), int(targets.numel())
-
-
-class FinalHidden:
-    """Catches the decoder's last hidden state (after its final norm) through a forward hook, so the loss
-    can be taken from it while the model itself is asked for no logits at all (`logits_to_keep` an empty
-    index: asking for one position made matmul copy the 49k x 576 output matrix per row). A hook, rather than calling the inner decoder directly, keeps the call going
-    through DDP's forward, which gradient synchronisation needs."""
-
-    def __init__(self, model):
-        decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-        if decoder is None or decoder is model:
-            raise TypeError(f"{type(model).__name__} exposes no inner decoder (get_decoder)")
-        self.value: torch.Tensor | None = None
-        self.handle = decoder.register_forward_hook(self._catch)
-
-    def _catch(self, module, args, output):
-        self.value = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
-
-    def take(self) -> torch.Tensor:
-        v, self.value = self.value, None
-        if v is None:
-            raise RuntimeError("the decoder's forward did not run")
-        return v
 
 
 # ----------------------------------------------------------------------------------------------------
