@@ -62,6 +62,24 @@ def regress_data(tmp: Path) -> dict:
             "val_ratio": 0.15, "template": "{{ weekday }}, temp {{ temp }}"}
 
 
+def preference_data(tmp: Path) -> dict:
+    path = tmp / "pairs.jsonl"
+    with path.open("w") as f:
+        for i in range(30):
+            f.write(json.dumps({"prompt": f"What is {i} plus {i}?", "chosen": f"It is {2 * i}.",
+                                "rejected": f"It is {2 * i + 1}.", "margin": 1.0}) + "\n")
+    return {"train": str(path), "test_ratio": 0.2, "val_ratio": 0.2}
+
+
+def kto_data(tmp: Path) -> dict:
+    path = tmp / "thumbs.jsonl"
+    with path.open("w") as f:
+        for i in range(30):
+            f.write(json.dumps({"prompt": f"What is {i} plus {i}?", "completion": f"It is {2 * i + i % 2}.",
+                                "label": i % 2 == 0}) + "\n")
+    return {"train": str(path), "test_ratio": 0.2, "val_ratio": 0.2}
+
+
 def serve_classify(tc, name: str) -> None:
     r = tc.post("/v1/classify", json={"model": name, "input": ["the soup was great", "the soup was stale"]})
     assert r.status_code == 200, r.text
@@ -90,6 +108,9 @@ TASKS = [
     Task("classify", classify_data, serve_classify, {"batch_size": 8}),
     Task("sft", sft_data, serve_chat, {"batch_size": 4, "max_new_tokens": 4, "max_test_examples": 3}),
     Task("regress", regress_data, None, {"batch_size": 8}),
+    Task("dpo", preference_data, None, {"batch_size": 4}),
+    Task("kto", kto_data, None, {"batch_size": 4}),
+    Task("reward", preference_data, None, {"batch_size": 4}),
 ]
 
 

@@ -48,11 +48,31 @@ def _classify_data(path: Path) -> dict:
     return {"train": str(path), "val_ratio": 0.15}
 
 
+def _pairs_data(path: Path) -> dict:
+    with path.open("w") as f:
+        for i in range(64):
+            f.write(json.dumps({"prompt": f"What is {i} times two?", "chosen": f"{i} times two is {2 * i}.",
+                                "rejected": f"{i} times two is {2 * i + 3}, I think." * (1 + i % 2),
+                                "margin": float(i % 3)}) + "\n")
+    return {"train": str(path), "val_ratio": 0.15}
+
+
+def _kto_data(path: Path) -> dict:
+    with path.open("w") as f:
+        for i in range(64):
+            f.write(json.dumps({"prompt": f"What is {i} times two?", "completion": f"{i} times two is {2 * i + i % 3}.",
+                                "label": i % 3 == 0}) + "\n")
+    return {"train": str(path), "val_ratio": 0.15}
+
+
 # A new task is a new row: (task, its data, what its `method` adds). The classify row adapts the top
 # block only, so the frozen-layer cache is on too: after resume it fills again, and nothing changes.
 TASKS = {
     "sft": (_sft_data, {}),
     "classify": (_classify_data, {"top_layers": 1}),
+    "dpo": (_pairs_data, {}),
+    "kto": (_kto_data, {}),
+    "reward": (_pairs_data, {}),
 }
 
 
