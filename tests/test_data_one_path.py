@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 from data_helpers import faq_file, run_cli, write_jsonl
 from rich.console import Console
 from test_data_formats import BAD, SHAPES
@@ -19,7 +20,7 @@ from tuneloop.config import load_recipe
 from tuneloop.data.chat import load_chat
 from tuneloop.data.records import Record, fingerprint, write_jsonl as write_records
 from tuneloop.data.tabular import load_table
-from tuneloop.data.validate import MAX_PROBLEMS_SHOWN, load_classification, read_records
+from tuneloop.data.validate import MAX_PROBLEMS_SHOWN, load_classification, read_preferences, read_records
 from tuneloop.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -188,8 +189,16 @@ def _recipe_loads(recipe) -> list[tuple[str, object]]:
         "sft": lambda p: load_chat(p, dc.format),
         "regress": lambda p: load_table(p, dc.value_field, dc.template, dc.text_field, dc.time_field, dc.lags,
                                         dc.format),
+        "dpo": lambda p: _checked(read_preferences(p, dc.format)),
+        "reward": lambda p: _checked(read_preferences(p, dc.format)),
+        "kto": lambda p: _checked(read_preferences(p, dc.format, unpaired=True)),
     }[recipe.task]
     return [(recipe.resolve_path(p), calls) for p in (dc.train, dc.test) if p]
+
+
+def _checked(res):
+    res.raise_if_problems()
+    return res.records
 
 
 def _explicit_options(recipe) -> list[str]:
@@ -207,6 +216,15 @@ def _explicit_options(recipe) -> list[str]:
 @pytest.mark.parametrize("recipe_file", RECIPES, ids=[p.stem for p in RECIPES])
 def test_every_shipped_recipe(monkeypatch, recipe_file):
     recipe = load_recipe(recipe_file)
+    raw = yaml.safe_load(recipe_file.read_text())["data"]
+    made = [raw[k] for k in ("train", "test") if str(raw.get(k, "")).startswith("workspace/")]
+    if made:
+        # Preference pairs are made from a trained SFT run by `tuneloop data pairs`, so they cannot ship;
+        # the recipe must then say how each file is made (the command writing exactly that path).
+        header = recipe_file.read_text()
+        for p in made:
+            assert re.search(rf"tuneloop data pairs .*(\n#.*)*-o {re.escape(p)}", header), (recipe_file, p)
+        return
     for path, load in _recipe_loads(recipe):
         records, error = loader_outcome(lambda: load(path))
         assert records, error

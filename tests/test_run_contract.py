@@ -108,8 +108,8 @@ TASKS = [
     Task("classify", classify_data, serve_classify, {"batch_size": 8}),
     Task("sft", sft_data, serve_chat, {"batch_size": 4, "max_new_tokens": 4, "max_test_examples": 3}),
     Task("regress", regress_data, None, {"batch_size": 8}),
-    Task("dpo", preference_data, None, {"batch_size": 4}),
-    Task("kto", kto_data, None, {"batch_size": 4}),
+    Task("dpo", preference_data, serve_chat, {"batch_size": 4, "max_new_tokens": 4, "max_test_examples": 3}),
+    Task("kto", kto_data, serve_chat, {"batch_size": 4, "max_new_tokens": 4, "max_test_examples": 3}),
     Task("reward", preference_data, None, {"batch_size": 4}),
 ]
 
@@ -189,7 +189,7 @@ def test_train_open_load_evaluate_serve(row: Task, tmp_path, tiny_llama_dir):
     engine = Engine(str(tiny_llama_dir), base_name="tiny", max_new_tokens=8)
     try:
         if row.serve is None:
-            with pytest.raises(ConfigError, match=f"a {row.task} run; serving knows classify, sft"):
+            with pytest.raises(ConfigError, match=f"a {row.task} run; serving knows classify, dpo, kto, sft"):
                 engine.load_adapter("r", run_dir)
             return
         engine.load_adapter("r", run_dir).result()

@@ -133,6 +133,11 @@ def test_dpo_from_an_sft_run_merges_its_adapter_and_refuses_full(tmp_path, tiny_
         a, _ = sequence_logps(dpo.model, dpo.tokenizer, *args)
     b, _ = sequence_logps(sft_model.model, sft_model.tokenizer, *args)
     assert a[0] == pytest.approx(b[0], abs=1e-4)
+    # the server shares one base between adapters: a run trained on a merged parent is refused, saying why
+    from tuneloop.serve.engine import read_run_info
+
+    with pytest.raises(ConfigError, match="cannot serve it"):
+        read_run_info(run_dir)
     with pytest.raises(ConfigError, match="dpo needs an adapter method"):
         train_run(recipe_from_dict({"name": "f", "task": "dpo", "model": str(tiny_llama_dir), "data": data,
                                     "method": {"name": "full"}, "train": FAST}), ws, show_progress=False)

@@ -98,7 +98,8 @@ class AdapterInfo:
 
 
 # What a run of each task is served as; a task missing here cannot be served.
-SERVED_AS = {"classify": "classify", "sft": "generate"}
+# dpo / kto runs are causal LMs with an adapter, served like sft (reward runs score, they do not answer).
+SERVED_AS = {"classify": "classify", "sft": "generate", "dpo": "generate", "kto": "generate"}
 
 
 @dataclass
@@ -127,6 +128,13 @@ def read_run_info(path: Path) -> dict:
                 f"{run.model_dir}: full fine-tuned weights, not a LoRA adapter; serve it as the base "
                 f"(tuneloop serve --model {path})"
             )
+        if run.info.merged_adapters:
+            # The engine puts each adapter on one shared base; this adapter was trained on a base with its
+            # parent's adapter merged in, so on the shared base it would answer as neither model.
+            raise ConfigError(
+                f"{path}: a {run.task} run trained on top of {run.info.parent_run or 'another run'} (its adapter "
+                f"merged into the base); the server shares one base between adapters and cannot serve it. Serve "
+                f"the parent, or train this run with `model:` set to the base model")
         return {"kind": kind, "adapter_dir": run.model_dir, "labels": run.info.labels, "run_dir": path, "run": run,
                 "base_model": run.info.base_model, "model_path": run.info.model_path}
     if is_adapter(path):
