@@ -164,7 +164,7 @@ def test_enqueueing_is_idempotent_and_validated(store):
     assert store.queues() == [{"queue": "test", "kind": "answer", "items": 6, "done": 0, "reviews": 0,
                                "reviews_wanted": 1}]
     with pytest.raises(DataError, match=r"items\[1\]\.answer"):
-        store.enqueue_answers("test", [_answers(1)[0], {"prompt": "p", "answer": "", "source": "v"}])
+        store.enqueue_answers("test", [_answers(1)[0], {"prompt": "p", "answer": None, "source": "v"}])
     with pytest.raises(DataError, match=r"items\[0\]\.prompt"):
         store.enqueue_answers("test", [{"prompt": [{"role": "user"}], "answer": "a", "source": "v"}])
     with pytest.raises(DataError, match="reviews_wanted"):

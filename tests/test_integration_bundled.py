@@ -23,7 +23,7 @@ def test_bundled_model_trains_and_evaluates_on_real_reviews(tmp_path):
     assert m["steps"] == 4 and m["dtype"] in ("bfloat16", "float32")
     assert m["trainable_params"] < 0.1 * m["total_params"]
     rep = evaluate_classify(run_dir, show_progress=False, print_results=False)
-    assert set(rep["systems"]) == {"base", "tuned", "tfidf_logreg"}
+    assert set(rep["systems"]) == {"base", "base_fewshot", "tuned", "tfidf_logreg"}
     # Every system scored every record, and the report on disk is the one returned.
     for s in rep["systems"].values():
         assert s["n"] == 48 and sum(map(sum, s["confusion"])) == 48
