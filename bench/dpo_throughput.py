@@ -4,7 +4,7 @@
 
 Model: the bundled SmolLM2-135M-Instruct. Pairs: the construction FAQ's questions (503), the firm's answer
 chosen and the answer to the next question rejected (a fluent, wrong answer), HELD_OUT pairs held out.
-LoRA r16 / alpha 32 / dropout 0 on all linear layers, AdamW lr 5e-5 linear decay, clipping at 1.0, beta
+LoRA r16 / alpha 32 / dropout 0 on all linear layers, AdamW lr 5e-4 linear decay, clipping at 1.0, beta
 0.1, sigmoid loss, `batch` pairs per optimizer step, every run the same number of steps. Each run in its
 own process (so peak RSS is its own):
 
@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from train_throughput import matmul_peak, peak_rss_bytes, split_faq, throughput  # noqa: E402
 
 SEED = 0
-LR = 5e-5
+LR = 5e-4  # LoRA-sized: at 5e-5, 10 steps leave every held-out loss at log 2, so the loss check could not tell
 BETA = 0.1
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0}
 LOSS_TOLERANCE = 0.05

@@ -27,7 +27,7 @@ import torch
 
 from ..errors import NotFoundError
 from ..infer.batching import pad_batch, sorted_batches
-from .slices import bootstrap_interval
+from .stats import bootstrap_interval
 
 QUESTIONS_FILE = Path(__file__).parent / "data" / "general_questions.jsonl"
 TEXT_PACKAGE = "chatterbot_corpus"  # pip name chatterbot-corpus

@@ -30,7 +30,7 @@ import numpy as np
 import yaml
 
 from ..errors import ConfigError
-from .slices import bootstrap_interval
+from .stats import bootstrap_interval
 
 TERMS_FILE = Path(__file__).parent / "data" / "probe_terms.yaml"
 MAX_SWAPS_PER_CATEGORY = 2  # variants per input and category (eight nationalities would give seven)

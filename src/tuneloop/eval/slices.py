@@ -9,33 +9,16 @@ its gap to the whole test set with a 95% bootstrap interval, and the worst slice
 from __future__ import annotations
 
 import html
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
+
+from .stats import bootstrap_interval
 
 SLICE_METRIC: dict[str, tuple[str, str]] = {"classify": ("accuracy", "higher"), "regress": ("mae", "lower"),
                                             "sft": ("rougeL", "higher")}
 TOP_VALUES = 12  # a declared field with more distinct values keeps its most common, the rest are "(other)"
 NO_MENTION = "(none)"
-
-
-def bootstrap_interval(data: tuple[np.ndarray, ...], statistic: Callable, confidence: float = 0.95,
-                       resamples: int = 1000, seed: int = 0) -> list[float] | None:
-    """Percentile bootstrap interval of `statistic(*data, axis=-1)` with the arrays resampled together
-    (paired: index i of every array is one example), by scipy.stats.bootstrap; None below two examples.
-    (One helper, so eval/stats.py can take its place.)"""
-    from scipy.stats import bootstrap
-
-    if len(data[0]) < 2:
-        return None
-    import warnings
-
-    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a slice where every example agrees has a degenerate, still valid, interval
-        res = bootstrap(data, statistic, paired=True, vectorized=True, n_resamples=resamples,
-                        confidence_level=confidence, method="percentile", rng=np.random.default_rng(seed))
-    lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
-    return None if np.isnan(lo) or np.isnan(hi) else [lo, hi]
 
 
 def example_value(task: str, pred: dict) -> float:

@@ -152,6 +152,26 @@ def metric_interval(columns, metric: Metric, *, confidence: float = CONFIDENCE, 
     return min(lo, point), max(hi, point)
 
 
+def bootstrap_interval(data: tuple[np.ndarray, ...], statistic: Callable, confidence: float = 0.95,
+                       resamples: int = 1000, seed: int = 0) -> list[float] | None:
+    """Percentile bootstrap interval of `statistic(*data, axis=-1)` with the arrays resampled together
+    (paired: index i of every array is one example), by scipy.stats.bootstrap; None below two examples.
+    For statistics that are not a report metric (a slice's gap, a probe's change rate, a perplexity ratio);
+    a metric's own interval is `metric_interval`."""
+    from scipy.stats import bootstrap
+
+    if len(data[0]) < 2:
+        return None
+    import warnings
+
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a slice where every example agrees has a degenerate, still valid, interval
+        res = bootstrap(data, statistic, paired=True, vectorized=True, n_resamples=resamples,
+                        confidence_level=confidence, method="percentile", rng=np.random.default_rng(seed))
+    lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
+    return None if np.isnan(lo) or np.isnan(hi) else [lo, hi]
+
+
 def _delta_distribution(metric: Metric, a: np.ndarray, b: np.ndarray, samples: int,
                         rng: np.random.Generator) -> np.ndarray:
     """Bootstrap distribution of metric(a) - metric(b), both scored on the same resampled examples."""

@@ -21,9 +21,7 @@ import torch.nn.functional as F
 from rich.console import Console
 
 from ..config import Recipe
-from ..data.chat import holdout
 from ..data.records import fingerprint, write_jsonl
-from ..data.validate import read_preferences
 from ..fileio import atomic_dir
 from ..infer.attention import keep_adapter_inputs_bf16
 from ..infer.batching import sorted_batches
@@ -34,7 +32,7 @@ from ..runs import (LOSS_PLOT, MODEL, TEST_RECORDS, Fingerprints, finish_run, st
 from .common import plot_losses, recipe_for_run, seed_everything
 from .fastpath import compile_blocks
 from .loop import fit
-from .preference import Scorer, answer_hook, encode_pairs, load_policy, need_records, seqs, too_short
+from .preference import Scorer, answer_hook, encode_pairs, load_policy, read_splits, seqs, too_short
 
 console = Console(stderr=True)
 
@@ -107,20 +105,7 @@ def train_dpo(recipe: Recipe, run_dir: Path, show_progress: bool = True, resume:
     dev = acc.device
 
     # ---- data: held-out test pairs (written to the run folder for eval), validation, training
-    res = read_preferences(recipe.resolve_path(dc.train), dc.format)
-    res.raise_if_problems()
-    records = res.records
-    need_records(records, dc.train, "dpo")
-    n_all = len(records)
-    if dc.test:
-        test_res = read_preferences(recipe.resolve_path(dc.test), dc.format)
-        test_res.raise_if_problems()
-        test = test_res.records
-    else:
-        records, test = holdout(records, dc.test_ratio or 0.0, tc.seed)
-    train_recs, val_recs = holdout(records, dc.val_ratio, tc.seed + 1)
-    if dc.max_train_examples:
-        train_recs = train_recs[: dc.max_train_examples]
+    train_recs, val_recs, test, n_all = read_splits(recipe, "dpo")
 
     start = start_point(recipe.model, run_dir.parent.parent)
     tok = load_tokenizer(start.base, chat=True)

@@ -22,9 +22,7 @@ import torch
 from rich.console import Console
 
 from ..config import Recipe
-from ..data.chat import holdout
 from ..data.records import fingerprint, write_jsonl
-from ..data.validate import read_preferences
 from ..fileio import atomic_dir
 from ..infer.attention import keep_adapter_inputs_bf16
 from ..infer.batching import sorted_batches
@@ -36,7 +34,7 @@ from ..runs import (LOSS_PLOT, MODEL, TEST_RECORDS, Fingerprints, finish_run, st
 from .common import plot_losses, recipe_for_run, seed_everything
 from .fastpath import compile_blocks
 from .loop import fit
-from .preference import (Scorer, answer_hook, encode_answers, load_policy, need_records, seqs, system_of,
+from .preference import (Scorer, answer_hook, encode_answers, load_policy, read_splits, seqs, system_of,
                          too_short)
 
 console = Console(stderr=True)
@@ -123,20 +121,7 @@ def train_kto(recipe: Recipe, run_dir: Path, show_progress: bool = True, resume:
     dev = acc.device
 
     # ---- data: held-out test answers (written to the run folder for eval), validation, training
-    res = read_preferences(recipe.resolve_path(dc.train), dc.format, unpaired=True)
-    res.raise_if_problems()
-    records = res.records
-    need_records(records, dc.train, "kto")
-    n_all = len(records)
-    if dc.test:
-        test_res = read_preferences(recipe.resolve_path(dc.test), dc.format, unpaired=True)
-        test_res.raise_if_problems()
-        test = test_res.records
-    else:
-        records, test = holdout(records, dc.test_ratio or 0.0, tc.seed)
-    train_recs, val_recs = holdout(records, dc.val_ratio, tc.seed + 1)
-    if dc.max_train_examples:
-        train_recs = train_recs[: dc.max_train_examples]
+    train_recs, val_recs, test, n_all = read_splits(recipe, "kto", unpaired=True)
 
     start = start_point(recipe.model, run_dir.parent.parent)
     tok = load_tokenizer(start.base, chat=True)

@@ -85,6 +85,31 @@ def encode_pairs(tok, records, max_length: int) -> tuple[list[tuple], list[int],
     return rows, kept, report
 
 
+def read_splits(recipe, task: str, unpaired: bool = False) -> tuple[list, list, list, int]:
+    """(train, validation, held-out test, all training-file records) as the recipe splits them: data.test,
+    else `data.test_ratio` held out (written to the run folder for eval), then `data.val_ratio` for
+    validation; kto reads pairs as two answers each (`unpaired`)."""
+    from ..data.chat import holdout
+    from ..data.validate import read_preferences
+
+    tc, dc = recipe.train, recipe.data
+    res = read_preferences(recipe.resolve_path(dc.train), dc.format, unpaired=unpaired)
+    res.raise_if_problems()
+    records = res.records
+    need_records(records, dc.train, task)
+    n_all = len(records)
+    if dc.test:
+        test_res = read_preferences(recipe.resolve_path(dc.test), dc.format, unpaired=unpaired)
+        test_res.raise_if_problems()
+        test = test_res.records
+    else:
+        records, test = holdout(records, dc.test_ratio or 0.0, tc.seed)
+    train_recs, val_recs = holdout(records, dc.val_ratio, tc.seed + 1)
+    if dc.max_train_examples:
+        train_recs = train_recs[: dc.max_train_examples]
+    return train_recs, val_recs, test, n_all
+
+
 def too_short(rows, max_length: int) -> None:
     if not rows:
         raise ConfigError(f"train.max_length: {max_length} tokens is too short for every record's prompt")

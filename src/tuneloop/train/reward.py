@@ -17,9 +17,7 @@ import torch.nn.functional as F
 from rich.console import Console
 
 from ..config import Recipe
-from ..data.chat import holdout
 from ..data.records import fingerprint, write_jsonl
-from ..data.validate import read_preferences
 from ..fileio import atomic_dir
 from ..infer.batching import pad_batch, sorted_batches
 from ..infer.device import pick_dtype, set_threads
@@ -30,7 +28,7 @@ from ..zoo import resolve_model
 from .common import load_kwargs, plot_losses, recipe_for_run, seed_everything, wrap_method
 from .fastpath import compile_blocks
 from .loop import fit
-from .preference import encode_pairs, need_records, too_short
+from .preference import encode_pairs, read_splits, too_short
 
 console = Console(stderr=True)
 
@@ -83,20 +81,7 @@ def train_reward(recipe: Recipe, run_dir: Path, show_progress: bool = True, resu
     dev = acc.device
 
     # ---- data: held-out test pairs (written to the run folder for eval), validation, training
-    res = read_preferences(recipe.resolve_path(dc.train), dc.format)
-    res.raise_if_problems()
-    records = res.records
-    need_records(records, dc.train, "reward")
-    n_all = len(records)
-    if dc.test:
-        test_res = read_preferences(recipe.resolve_path(dc.test), dc.format)
-        test_res.raise_if_problems()
-        test = test_res.records
-    else:
-        records, test = holdout(records, dc.test_ratio or 0.0, tc.seed)
-    train_recs, val_recs = holdout(records, dc.val_ratio, tc.seed + 1)
-    if dc.max_train_examples:
-        train_recs = train_recs[: dc.max_train_examples]
+    train_recs, val_recs, test, n_all = read_splits(recipe, "reward")
 
     model_path = resolve_model(recipe.model)
     tok = load_tokenizer(model_path, chat=True)
