@@ -295,6 +295,9 @@ def _headline_html(report: dict) -> str:
 PREFERENCE_COLUMNS = (("preference_accuracy", "preference accuracy", "higher"),
                       ("likelihood_accuracy", "likelihood accuracy", "higher"),
                       ("reward_margin", "reward margin (nats)", "higher"),
+                      ("label_accuracy", "label accuracy", "higher"),
+                      ("desirable_reward", "reward of desirable (nats)", "higher"),
+                      ("undesirable_reward", "reward of undesirable (nats)", "lower"),
                       ("win_rate_vs_parent", "win rate vs parent", "higher"),
                       ("win_rate_vs_base", "win rate vs base", "higher"),
                       ("judge_score", "judge score", "higher"),
@@ -306,15 +309,17 @@ PREFERENCE_COLUMNS = (("preference_accuracy", "preference accuracy", "higher"),
 
 def render_preference_html(report: dict, examples_shown: int = 12) -> str:
     """The preference section: every system's metrics with their intervals, the paired tests, and the first
-    held-out pairs with each system's answer and its judge score, so a reader sees what the numbers count."""
+    held-out pairs (or thumbs) with each system's answer and its judge score, so a reader sees what the
+    numbers count."""
     e = html.escape
     systems = report["systems"]
+    unit = "answers" if (report.get("headline") or {}).get("metric") == "label_accuracy" else "pairs"
     cols = [c for c in PREFERENCE_COLUMNS if any(m.get(c[0]) is not None for m in systems.values())]
     ref = report.get("settings", {}).get("reference")
     iv = report.get("intervals") or {}
 
     def cell(name: str, key: str, v) -> str:
-        if key == "preference_accuracy" and name == ref:
+        if key in ("preference_accuracy", "label_accuracy") and name == ref:
             return "<td>reference</td>"
         if v is None:
             return "<td>-</td>"
@@ -336,9 +341,14 @@ def render_preference_html(report: dict, examples_shown: int = 12) -> str:
             f"<dt>{e(n)}" + (f" <small>judge {p['judge']:+.2f}</small>" if p and p.get("judge") is not None else "")
             + f"</dt><dd>{e(p.get('text') or '') if p else '-'}</dd>"
             for n, by_id in preds.items() for p in [by_id.get(ex["id"])] if p and "text" in p)
-        shown.append(f"<details><summary>{e(str(ex['id']))}</summary><dl><dt>chosen (reference)</dt>"
-                     f"<dd>{e(str(ex['reference']))}</dd><dt>rejected</dt><dd>{e(str(ex['meta'].get('rejected', '')))}"
-                     f"</dd>{answers}</dl></details>")
+        if "label" in ex["meta"]:  # a thumb: one answer and its label
+            label = str(ex["meta"]["label"])
+            given = (f"<dt>completion ({e(label)}{', reference' if label == 'desirable' else ''})</dt>"
+                     f"<dd>{e(str(ex['reference']))}</dd>")
+        else:
+            given = (f"<dt>chosen (reference)</dt><dd>{e(str(ex['reference']))}</dd><dt>rejected</dt>"
+                     f"<dd>{e(str(ex['meta'].get('rejected', '')))}</dd>")
+        shown.append(f"<details><summary>{e(str(ex['id']))}</summary><dl>{given}{answers}</dl></details>")
     notes = "".join(f"<li>{e(n)}</li>" for n in report.get("notes", []))
     settings = ", ".join(f"{e(k)}: <code>{e(str(v))}</code>" for k, v in (report.get("settings") or {}).items()
                          if v is not None)
@@ -351,13 +361,13 @@ td,th{{border:1px solid #ccc;padding:.3rem .6rem;text-align:right}} th:first-chi
 </style></head><body>
 <h1>{e(report.get('title', 'tuneloop report'))}</h1>
 <p class="meta">run <code>{e(str(report.get('run', '')))}</code> · model <code>{e(str(report.get('model', '')))}</code>
- · held-out pairs <code>{e(str(report['test']['path']))}</code> ({report['test']['n']})
+ · held-out {unit} <code>{e(str(report['test']['path']))}</code> ({report['test']['n']})
  · total wall {report.get('wall_seconds', 0):.1f} s</p>
 <p class="meta">{settings}</p>
 {_headline_html(report)}
 <h2>Preference and task metrics</h2>
 <table><tr><th>system</th>{head}</tr>{rows}</table>
-<p class="meta">[low, high]: 95% bootstrap interval over the held-out pairs.</p>
+<p class="meta">[low, high]: 95% bootstrap interval over the held-out {unit}.</p>
 {f'<h2>Paired tests</h2><table><tr><th>pair</th><th>metric</th><th>delta</th><th>interval</th><th>p</th></tr>{tests}</table>' if tests else ''}
 {f'<h2>Held-out examples</h2>{"".join(shown)}' if shown else ''}
 {f'<h2>Notes</h2><ul>{notes}</ul>' if notes else ''}
