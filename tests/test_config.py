@@ -108,6 +108,7 @@ TASK_KEYS = {  # key: (a valid value to set it to, the tasks that read it)
     "train.beta": (0.2, ("dpo", "kto")),
     "train.loss_type": ("ipo", ("dpo",)),
     "train.label_smoothing": (0.1, ("dpo",)),
+    "train.pair_rows": (False, ("dpo",)),
     "train.desirable_weight": (1.2, ("kto",)),
     "train.undesirable_weight": (0.8, ("kto",)),
     "train.use_margin": (False, ("reward",)),

@@ -278,3 +278,101 @@ def test_reward_loss_equals_trls(tiny_llama_dir):
         rc, rr = pair_rewards(trainer.model, rows, list(range(len(rows))), tok.pad_token_id, torch.device("cpu"))
     assert float((rc - rr).abs().max()) > 1e-3
     assert float(bradley_terry(rc, rr, margin).mean()) == pytest.approx(theirs, rel=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# a pair as one row [prompt | chosen | rejected]: the same log-probs and gradients as two sequences
+
+
+@pytest.mark.parametrize("impl,dtype,tol,grad_tol", [("sdpa", torch.float32, 1e-5, 1e-5),
+                                                     ("eager", torch.float32, 1e-5, 1e-5),
+                                                     ("tuneloop_cpu", torch.bfloat16, 1e-3, 1e-2)])
+def test_pair_rows_equal_separate_sequences(tiny_llama_dir, impl, dtype, tol, grad_tol):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tuneloop.data.records import Record
+    from tuneloop.infer.attention import register_attention
+    from tuneloop.infer.logprobs import FinalHidden
+    from tuneloop.infer.attention import as_attention_mask
+    from tuneloop.infer.preference import PAD, collate_pair_rows, pair_logps, pair_mask_for, pair_row
+    from tuneloop.train.dpo import dpo_losses, pair_scores
+    from tuneloop.train.preference import Scorer, encode_pairs
+
+    if impl == "tuneloop_cpu":
+        register_attention()
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=dtype, attn_implementation=impl)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
+    torch.manual_seed(1)
+    with torch.no_grad():  # a trained-looking adapter, so policy and reference differ
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    # answers of different lengths (pads in the batch), and a pair whose answers start alike
+    recs = [Record(prompt=p["prompt"], chosen=p["chosen"], rejected=p["rejected"] * (1 + i % 3))
+            for i, p in enumerate(pairs(5))]
+    recs.append(Record(prompt="What colour is box 9?", chosen="Box 9 is red.", rejected="Box 9 is blue, sorry."))
+    rows, _, _ = encode_pairs(tok, recs, 96)
+    idx = list(range(len(rows)))
+    row = pair_row(*rows[0])
+    assert len(row[0]) < len(rows[0][0]) + len(rows[0][2]) - 10  # the prompt is there once
+    assert (collate_pair_rows([pair_row(*r) for r in rows], tok.pad_token_id)["segments"] == PAD).any()
+
+    scorer = Scorer(FinalHidden(base), base.get_output_embeddings().weight)
+    seen = []
+    attn = base.model.layers[0].self_attn
+    hook = attn.register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get("attention_mask")), with_kwargs=True)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    out = {}
+    for shared in (True, False):
+        seen.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            scores = pair_scores(model, model, scorer, rows, idx, tok.pad_token_id, torch.device("cpu"), shared)
+            loss = dpo_losses(*scores[:4], 0.3, "sigmoid", 0.0).sum()
+        out[shared] = [s.detach() for s in scores], torch.autograd.grad(loss, trainable)
+        if shared:  # the tree mask reaches the attention layer as it was built: transformers passes it through
+            segments = collate_pair_rows([pair_row(*r) for r in rows], tok.pad_token_id)["segments"]
+            assert torch.equal(seen[0], pair_mask_for(model, segments, dtype))
+    hook.remove()
+    scorer.hidden.handle.remove()
+    (ours, g_ours), (theirs, g_theirs) = out[True], out[False]
+    assert float((theirs[0] - theirs[2]).abs().max()) > 1e-2  # the adapter does change the log-probs
+    for a, b in zip(ours[4:], theirs[4:]):
+        assert torch.equal(a, b)  # the same answer tokens counted
+    # summed log-probs are ~ -10 per token here (a random model over 49k tokens): compared per answer token
+    for k, (a, b) in enumerate(zip(ours[:4], theirs[:4])):
+        n = ours[4 + k % 2]
+        torch.testing.assert_close(a / n, b / n, rtol=0, atol=tol)
+    for a, b in zip(g_ours, g_theirs):
+        torch.testing.assert_close(a, b, rtol=grad_tol, atol=grad_tol * float(b.abs().max()))
+    # the check can fail: a plain causal mask over the row lets the rejected answer see the chosen one
+    batch = collate_pair_rows([pair_row(*r) for r in rows], tok.pad_token_id)
+    t = batch["input_ids"].shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool).tril().expand(len(rows), 1, t, t)
+    scorer = Scorer(FinalHidden(base), base.get_output_embeddings().weight)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        _, leaked, _, _ = pair_logps(model, batch, scorer.hidden, scorer.out_weight,
+                                     as_attention_mask(causal, impl, dtype))
+    scorer.hidden.handle.remove()
+    assert float(((leaked - theirs[1]) / ours[5]).abs().max()) > 5 * tol
+
+
+def test_pair_row_keeps_each_sequence_and_its_positions():
+    from tuneloop.infer.encode import IGNORE
+    from tuneloop.infer.preference import CHOSEN, PROMPT, REJECTED, pair_row, tree_mask
+
+    # prompt 1 2 3, answers starting with the same token 7 (it is not shared: it is an answer token)
+    c_ids, c_lab = [1, 2, 3, 7, 8, 9], [IGNORE] * 3 + [7, 8, 9]
+    r_ids, r_lab = [1, 2, 3, 7, 5], [IGNORE] * 3 + [7, 5]
+    ids, lc, lr, pos, seg = pair_row(c_ids, c_lab, r_ids, r_lab)
+    # two shared tokens: the last prompt token opens the rejected segment, which predicts its first answer token
+    assert seg == [PROMPT] * 2 + [CHOSEN] * 4 + [REJECTED] * 3
+    assert ids == [1, 2, 3, 7, 8, 9, 3, 7, 5] and pos == [0, 1, 2, 3, 4, 5, 2, 3, 4]
+    assert lc == c_lab + [IGNORE] * 3 and lr == [IGNORE] * 6 + [IGNORE, 7, 5]
+    allowed = tree_mask(torch.tensor([seg]))[0, 0]
+    # each answer's tokens see exactly its own separate sequence's tokens
+    for q in range(len(ids)):
+        seen = [ids[k] for k in range(len(ids)) if allowed[q, k]]
+        own = c_ids if seg[q] != REJECTED else r_ids
+        assert seen == own[: pos[q] + 1]

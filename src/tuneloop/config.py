@@ -201,6 +201,12 @@ class TrainConfig(Section):
         "trains on -(1-e) log sigmoid(d) - e log sigmoid(-d) (conservative DPO); `robust` corrects for it.",
         json_schema_extra=only("dpo"),
     )
+    pair_rows: bool = Field(
+        True, description="Read each pair as one row [prompt | chosen | rejected] under a tree attention mask (the "
+        "rejected answer sees the prompt, not the chosen one) instead of two sequences: the prompt is computed once, "
+        "for the policy and for the reference, with the same log-probabilities. Not with prompt / prefix tuning or "
+        "flash attention (they read the two sequences).", json_schema_extra=only("dpo"),
+    )
     desirable_weight: float = Field(
         1.0, gt=0, description="KTO: weight of the loss on desirable answers. With unbalanced data, keep "
         "desirable_weight x desirable count / (undesirable_weight x undesirable count) between 1 and 4/3 (the KTO "

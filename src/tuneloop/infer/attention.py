@@ -120,6 +120,22 @@ def attention_for(dev: torch.device, dtype: torch.dtype) -> str:
     return "sdpa"
 
 
+# attention implementations that take a custom 4-D mask, and in which form: boolean (True = may attend)
+# or additive (0 / the dtype's minimum, added to the scores: eager adds whatever it is given)
+MASK_FORMS = {"sdpa": "bool", ATTENTION_NAME: "bool", "eager": "additive"}
+
+
+def as_attention_mask(allowed: torch.Tensor, implementation: str | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A boolean (B, 1, Tq, Tk) mask as `implementation` takes it (see MASK_FORMS), or None where that
+    implementation takes no custom mask."""
+    form = MASK_FORMS.get(implementation or "")
+    if form == "bool":
+        return allowed
+    if form == "additive":
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+    return None
+
+
 def keep_adapter_inputs_bf16(model) -> int:
     """Switch off PEFT's cast of each adapter input to fp32 (see the module doc); returns how many layers.
 

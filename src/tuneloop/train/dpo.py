@@ -8,7 +8,8 @@ The loss compares how much more likely the policy makes each answer than the ref
 d = beta * ((log p(chosen) - log p_ref(chosen)) - (log p(rejected) - log p_ref(rejected))), `sigmoid` is
 -log sigmoid(d). The reference is the policy with its adapter off (train/preference.py), so the loss is
 exactly log 2 at step 0. The formulas are TRL's DPOTrainer's, checked against it in
-tests/test_train_preference.py.
+tests/test_train_preference.py. Each pair is one row [prompt | chosen | rejected] under a tree attention
+mask (`train.pair_rows`): the prompt is computed once per pair instead of twice, for policy and reference.
 """
 
 from __future__ import annotations
@@ -62,8 +63,13 @@ def dpo_losses(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.T
     raise ValueError(f"unknown loss_type {loss_type!r} (known: sigmoid, ipo, hinge, robust)")
 
 
-def pair_scores(model, inner, scorer: Scorer, rows, idx: list[int], pad_id: int, dev):
-    """(policy chosen, policy rejected, ref chosen, ref rejected, chosen tokens, rejected tokens) of the pairs `idx`."""
+def pair_scores(model, inner, scorer: Scorer, rows, idx: list[int], pad_id: int, dev, pair_rows: bool = True):
+    """(policy chosen, policy rejected, ref chosen, ref rejected, chosen tokens, rejected tokens) of the pairs
+    `idx`: with `pair_rows` each pair as one row sharing its prompt where the model allows it
+    (`Scorer.pairs`), else as two sequences."""
+    shared = scorer.pairs(model, inner, rows, idx, pad_id, dev) if pair_rows else None
+    if shared is not None:
+        return shared
     pairs = [rows[i] for i in idx]
     batch = seqs([(p[0], p[1]) for p in pairs] + [(p[2], p[3]) for p in pairs], pad_id, dev)
     logps, counts = scorer.policy(model, batch)
@@ -73,13 +79,14 @@ def pair_scores(model, inner, scorer: Scorer, rows, idx: list[int], pad_id: int,
 
 
 @torch.no_grad()
-def pair_metrics(inner, scorer: Scorer, rows, pad_id: int, batch_size: int, dev, autocast: bool, tc) -> dict:
+def pair_metrics(inner, scorer: Scorer, rows, pad_id: int, batch_size: int, dev, autocast: bool, tc,
+                 pair_rows: bool = True) -> dict:
     """Mean DPO loss, reward accuracy (implicit reward of chosen above rejected) and mean reward margin."""
     inner.eval()
     loss = acc = margin = 0.0
     for b in sorted_batches([len(r[0]) + len(r[2]) for r in rows], batch_size):
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
-            c, r, rc, rr, nc, nr = pair_scores(inner, inner, scorer, rows, b, pad_id, dev)
+            c, r, rc, rr, nc, nr = pair_scores(inner, inner, scorer, rows, b, pad_id, dev, pair_rows)
         gap = tc.beta * ((c - rc) - (r - rr))
         loss += float(dpo_losses(c, r, rc, rr, tc.beta, tc.loss_type, tc.label_smoothing, nc, nr).sum())
         acc += float((gap > 0).sum())
@@ -134,11 +141,13 @@ def train_dpo(recipe: Recipe, run_dir: Path, show_progress: bool = True, resume:
 
     # ---- fit: the DPO loss summed over my pairs, divided by the pairs of the whole global batch
     def loss_fn(model, mine: list[int], batch: list[int]) -> torch.Tensor:
-        c, r, rc, rr, nc, nr = pair_scores(model, acc.unwrap_model(model), scorer, rows, mine, tok.pad_token_id, dev)
+        c, r, rc, rr, nc, nr = pair_scores(model, acc.unwrap_model(model), scorer, rows, mine, tok.pad_token_id, dev,
+                                           tc.pair_rows)
         return dpo_losses(c, r, rc, rr, tc.beta, tc.loss_type, tc.label_smoothing, nc, nr).sum() / len(batch)
 
     def validate(inner) -> tuple[float, str]:
-        m = pair_metrics(inner, scorer, val_rows, tok.pad_token_id, recipe.eval.batch_size, dev, use_autocast, tc)
+        m = pair_metrics(inner, scorer, val_rows, tok.pad_token_id, recipe.eval.batch_size, dev, use_autocast, tc,
+                         tc.pair_rows)
         return m["loss"], (f"validation dpo loss {m['loss']:.4f} · reward accuracy {m['reward_accuracy']:.3f} · "
                            f"margin {m['reward_margin']:.3f}")
 
@@ -146,8 +155,8 @@ def train_dpo(recipe: Recipe, run_dir: Path, show_progress: bool = True, resume:
                  validate if val_rows else None, run_dir, resume, console, autocast=use_autocast, name="dpo",
                  show_progress=show_progress, loss_name="dpo loss")
     inner, history, fm = fitted.model, fitted.history, fitted.metrics
-    final = (pair_metrics(inner, scorer, val_rows, tok.pad_token_id, recipe.eval.batch_size, dev, use_autocast, tc)
-             if val_rows else {})
+    final = (pair_metrics(inner, scorer, val_rows, tok.pad_token_id, recipe.eval.batch_size, dev, use_autocast, tc,
+                          tc.pair_rows) if val_rows else {})
 
     # ---- save: the best validation checkpoint when there was validation, else the last weights
     if main:

@@ -5,7 +5,9 @@ policy's and the reference's answer log-probabilities.
 The reference is the policy with its adapter switched off (peft's `disable_adapter()`): no second copy of
 the model in memory, and at step 0 (a fresh LoRA adapter is zero) policy and reference agree exactly, so
 DPO starts at log 2. Log-probabilities come from the final hidden states on the answer positions only
-(infer/logprobs.py); the full B x T x V logits never exist.
+(infer/logprobs.py); the full B x T x V logits never exist. A pair is read as one row [prompt | chosen |
+rejected] with a tree attention mask where the model's attention takes one (`Scorer.pairs`,
+infer/preference.py `pair_row`): its prompt is computed once, not twice, by the policy and the reference.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 from ..errors import ConfigError, DataError
 from ..infer.encode import IGNORE, collate
 from ..infer.logprobs import FinalHidden, batch_logps
-from ..infer.preference import encode_answer
+from ..infer.preference import collate_pair_rows, encode_answer, pair_logps, pair_mask_for, pair_row
 from ..runs import StartPoint
 from .common import load_kwargs, wrap_method
 
@@ -145,3 +147,20 @@ class Scorer:
     def reference(self, inner, batch: dict) -> torch.Tensor:
         with inner.disable_adapter():
             return batch_logps(inner, batch, self.hidden, self.out_weight)[0]
+
+    def pairs(self, model, inner, rows, idx: list[int], pad_id: int, dev):
+        """(policy chosen, policy rejected, ref chosen, ref rejected, chosen tokens, rejected tokens) of the
+        pairs `idx` of `encode_pairs` rows, each pair read as one `pair_row`; None where that cannot be done
+        (virtual tokens change the sequence; the attention takes no 4-D mask)."""
+        if self.hidden is None:
+            return None
+        batch = collate_pair_rows([pair_row(*rows[i]) for i in idx], pad_id)
+        mask = pair_mask_for(inner, batch["segments"], self.out_weight.dtype)
+        if mask is None:
+            return None
+        batch = {k: v.to(dev) for k, v in batch.items()}
+        mask = mask.to(dev)
+        c, r, nc, nr = pair_logps(model, batch, self.hidden, self.out_weight, mask)
+        with torch.no_grad(), inner.disable_adapter():
+            rc, rr, _, _ = pair_logps(inner, batch, self.hidden, self.out_weight, mask)
+        return c, r, rc, rr, nc, nr
