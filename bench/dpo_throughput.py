@@ -14,7 +14,9 @@ own process (so peak RSS is its own):
   log-probs precomputed once before training (`precompute_ref_log_probs`; its time is not in tokens/s).
   `padding_free` is not offered: since TRL's DPO refactor it warns and falls back to padding.
 - `tuneloop`: `train_dpo` with a recipe of the same settings: bf16 weights, GEMM attention, answer-only
-  log-probs from the final hidden states (no full logits), the reference with the adapter off.
+  log-probs from the final hidden states (no full logits), the reference with the adapter off, each pair
+  one row [prompt | chosen | rejected] under a tree attention mask (`train.pair_rows`: the prompt computed
+  once, not twice; tokens are still counted as chosen + rejected with their prompts, so MFU is effective).
 
 Measured: tokens (chosen + rejected, no padding) per second over the steps after `warmup`, peak RSS, MFU =
 tokens/s x 4 x parameters x (1 + 1/3 for the reference forward) / bf16 matmul peak measured here first.
