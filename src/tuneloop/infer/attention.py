@@ -132,7 +132,8 @@ def as_attention_mask(allowed: torch.Tensor, implementation: str | None, dtype: 
     if form == "bool":
         return allowed
     if form == "additive":
-        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+        zeros = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+        return zeros.masked_fill(~allowed, torch.finfo(dtype).min)
     return None
 
 
