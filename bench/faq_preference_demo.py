@@ -53,6 +53,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="The smallest run that exercises every step.")
     ap.add_argument("--size", choices=sorted(SIZES), default=None, help="full (default), medium, quick")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--reuse", action="store_true",
+                    help="Keep the finished SFT run, pairs and judge already in the workspace (a rerun after an "
+                         "interruption); the result says which steps were reused.")
     args = ap.parse_args()
 
     from rich.console import Console
@@ -76,8 +79,25 @@ def main() -> None:
         console.rule(f"[bold]{name}")
         return time.time()
 
+    reused: list[str] = []
+
+    def finished(name: str):
+        """The newest finished run of this recipe name in the workspace, with its metrics (--reuse)."""
+        from tuneloop.runs import open_run
+
+        for d in sorted((ws / "runs").glob(f"{name}-*"), reverse=True) if args.reuse else []:
+            try:
+                run = open_run(d)
+            except Exception:
+                continue
+            if run.info.status == "finished":
+                reused.append(name)
+                return d, run.info.metrics or {}
+        return None
+
     t = step("1. SFT on the FAQ's training split")
-    sft_run, sft_metrics = train_run(load_recipe(ROOT / "recipes" / "faq-assistant-sft.yaml", size["sft"]), ws, show)
+    sft_run, sft_metrics = finished("faq-assistant") or train_run(
+        load_recipe(ROOT / "recipes" / "faq-assistant-sft.yaml", size["sft"]), ws, show)
     seconds["sft"] = time.time() - t
     console.print(f"SFT run: {sft_run}")
 
@@ -86,17 +106,23 @@ def main() -> None:
     train_pairs, test_pairs = pairs_dir / "train.jsonl", pairs_dir / "test.jsonl"
     made = {}
     for split, out in (("train", train_pairs), ("test", test_pairs)):
+        if args.reuse and out.exists() and (out.parent / f".{split}.made.json").exists():
+            made[split] = json.loads((out.parent / f".{split}.made.json").read_text())
+            reused.append(f"pairs:{split}")
+            continue
         made[split] = make_pairs(out, BASE, recipe_path=sft_run, split=split, max_new_tokens=size["pairs_tokens"],
                                  max_records=size["pairs_records"], workspace=ws, show_progress=show)
         d = made[split]["dropped"]
         console.print(f"{split}: {made[split]['pairs']} pairs from {made[split]['records']} records "
                       f"({d['near_identical']} near-identical dropped)", highlight=False)
         console.print(made[split]["note"], highlight=False, soft_wrap=True)
+        (out.parent / f".{split}.made.json").write_text(json.dumps(made[split]))
     seconds["pairs"] = time.time() - t
     data = [f"data.train={train_pairs}", f"data.test={test_pairs}"]
 
     t = step("3. The judge: a reward model on the training pairs")
-    judge_run, _ = train_run(load_recipe(ROOT / "recipes" / "faq-reward.yaml", data + size["judge"]), ws, show)
+    judge_run, _ = finished("faq-reward") or train_run(
+        load_recipe(ROOT / "recipes" / "faq-reward.yaml", data + size["judge"]), ws, show)
     judge_report = evaluate_run(judge_run, show_progress=show)
     seconds["judge"] = time.time() - t
     console.print(f"judge run: {judge_run}; held-out preference accuracy "
@@ -145,6 +171,7 @@ def main() -> None:
         "judge_preference_accuracy": {n: m["preference_accuracy"] for n, m in judge_report["systems"].items()},
         "sft_steps": sft_metrics.get("steps"), "dpo_steps": dpo_metrics.get("steps"),
         "runs": {"sft": str(sft_run), "judge": str(judge_run), "dpo": str(dpo_run)}, "seconds": seconds,
+        "reused": reused,
     }
     print("RESULT " + json.dumps(result))
 

@@ -40,7 +40,7 @@ def _recipe(model: Path, train: dict) -> str:
         "name": "soup", "task": "classify", "model": str(model),
         "data": {"train": "../data/train.jsonl", "test": "../data/test.jsonl"},
         "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
-        "eval": {"batch_size": 16, "systems": ["tuned"]},
+        "eval": {"batch_size": 16, "systems": ["tuned"], "probe_sample": 0, "forgetting": False},
         "train": {"batch_size": 8, "precision": "fp32", "threads": 1, "max_length": 48, **train}})
 
 

@@ -335,7 +335,7 @@ def test_gate_end_to_end_through_the_registry_and_the_cli(tmp_path, tiny_llama_d
             "name": name, "task": "classify", "model": str(tiny_llama_dir),
             "data": data or {"train": train, "test": test},
             "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
-            "eval": {"batch_size": 16, "systems": ["tuned"]},
+            "eval": {"batch_size": 16, "systems": ["tuned"], "probe_sample": 0, "forgetting": False},
             "train": {"batch_size": 8, "precision": "fp32", "threads": 1, "max_length": 48, **train_keys}})
         run_dir, _ = train_run(recipe, ws, show_progress=False)
         return registry.register(ws, run_dir, name="soup").ref
@@ -404,7 +404,10 @@ def test_gate_end_to_end_on_held_out_test_sets(task, tmp_path, tiny_llama_dir):
 
     ws = tmp_path / "ws"
     data = (regress_data if task == "regress" else sft_data)(tmp_path)
-    ev = {"batch_size": 8} if task == "regress" else {"batch_size": 4, "max_new_tokens": 6, "systems": ["tuned"]}
+    # the gate compares predictions: the report's probes and forgetting check only cost time here
+    quick = {"probe_sample": 0, "forgetting": False}
+    ev = {"batch_size": 8, **quick} if task == "regress" else {"batch_size": 4, "max_new_tokens": 6,
+                                                               "systems": ["tuned"], **quick}
 
     def trained(train_keys: dict, gate_keys: dict | None = None) -> str:
         recipe = recipe_from_dict({"name": f"g-{task}", "task": task, "model": str(tiny_llama_dir), "data": data,
