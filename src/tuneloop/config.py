@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer,
+                      model_validator)
 
 from .errors import ConfigError, NotFoundError
 
@@ -32,6 +33,24 @@ def only(*tasks: str) -> dict:
 # The slice, probe and forgetting keys: read by the tasks whose reports score per example (classify, regress,
 # sft); the preference reports have their own measures.
 SCORED = only("classify", "regress", "sft")
+
+
+def duration_seconds(text: str | float | int, where: str = "duration") -> float:
+    """`90s`, `8m`, `1h30m`, `2d` or a plain number of seconds -> seconds; anything else a ConfigError."""
+    import re
+
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        seconds = float(text)
+    else:
+        spec = str(text).strip().lower()
+        parts = re.findall(r"(\d+(?:\.\d+)?)\s*([smhdw]?)", spec)
+        if not parts or re.sub(r"(\d+(?:\.\d+)?)\s*([smhdw]?)", "", spec).strip():
+            raise ConfigError(f"{where}: {text!r} is not a duration (write 90s, 8m, 1h30m or a number of seconds)")
+        unit = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+        seconds = sum(float(v) * unit[u] for v, u in parts)
+    if seconds <= 0:
+        raise ConfigError(f"{where}: {text!r} must be longer than zero")
+    return seconds
 
 
 def field_tasks(field) -> tuple[str, ...]:
@@ -232,10 +251,29 @@ class TrainConfig(Section):
         3, ge=2, description="Warn about overfitting when train loss fell and validation loss rose over this many "
         "consecutive validations.",
     )
+    time_budget: str | None = Field(
+        None, description="Wall time training may take, such as `8m`, `90s` or `1h30m`. The recipe first times "
+        "its own forward and backward on a few real batches (a few seconds, no step taken), says what fits, and "
+        "sizes the run to the budget: fewer epochs first (down to one), then fewer examples (a seeded share, "
+        "stratified by label where there are labels). The plan is kept in the run (`budget.json`, followed on "
+        "`--resume`) and its train metrics; training also stops once the budget is spent. Without a budget, "
+        "training says its ETA after the first steps.",
+    )
     checkpoint_every: int | None = Field(
         None, ge=1, description="Write a resumable checkpoint (weights, optimizer, scheduler, RNG, "
         "data position) every N optimizer steps; `tuneloop train --resume RUN_DIR` continues from it exactly.",
     )
+
+
+    @field_validator("time_budget")
+    @classmethod
+    def _budget_parses(cls, v):
+        if v is not None:
+            try:
+                duration_seconds(v, "time_budget")
+            except ConfigError as e:  # pydantic reports ValueErrors with the field's place in the recipe
+                raise ValueError(str(e).split(": ", 1)[1]) from None
+        return v
 
 
 class EvalConfig(Section):

@@ -53,6 +53,7 @@ DATA = "data.json"
 LABELS = "labels.json"
 TARGET = "target.json"
 TRAIN_METRICS = "train_metrics.json"
+BUDGET = "budget.json"  # the plan under train.time_budget (train/budget.py)
 HISTORY = "history.json"
 LOSS_PLOT = "loss.png"
 TEST_RECORDS = "test.jsonl"

@@ -216,7 +216,8 @@ def train_classifier(recipe: Recipe, run_dir: Path, show_progress: bool = True, 
         return val, f"validation loss {val:.4f} · accuracy {accuracy:.3f}"
 
     fitted = fit(acc, model, groups, tc, lengths, loss_fn, validate if enc_val else None, run_dir, resume,
-                 console, autocast=use_autocast, name="train", show_progress=show_progress)
+                 console, autocast=use_autocast, name="train", show_progress=show_progress,
+                 strata=[labels[y] for y in ys], val_tokens=sum(len(e) for e in enc_val))
     inner, history = fitted.model, fitted.history
     cache_bytes = cache.nbytes() if cache is not None and not cache.off else None
     if cache is not None:

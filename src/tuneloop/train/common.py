@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 from typing import Iterator
 
 import numpy as np
@@ -40,13 +41,22 @@ def length_bucketed_batches(
     return batches
 
 
-def log_line(console, step: int, total: int, loss: float, tps: float, elapsed: float, every: int = 20) -> None:
-    """Where no live bar can be drawn (logs, CI), a plain line about every 1/`every` of the run, with ETA."""
-    if step % max(1, total // every) and step != total:
-        return
-    eta = elapsed / max(1, step) * (total - step)
-    console.print(f"step {step}/{total} · loss {loss:.4f} · {tps:,.0f} tok/s · "
-                  f"elapsed {elapsed / 60:.1f} min · ETA {eta / 60:.1f} min", highlight=False)
+class LogLines:
+    """Where no live bar can be drawn (log files, CI, `nohup`): a plain progress line every `every_s`
+    seconds (and at the last step), with the rate and ETA, so a log never goes silent for minutes."""
+
+    def __init__(self, console, every_s: float = 5.0):
+        self.console, self.every_s = console, every_s
+        self.last = float("-inf")
+
+    def __call__(self, step: int, total: int, loss: float, tps: float, elapsed: float) -> None:
+        now = time.monotonic()
+        if now - self.last < self.every_s and step != total:
+            return
+        self.last = now
+        eta = elapsed / max(1, step) * (total - step)
+        self.console.print(f"step {step}/{total} · loss {loss:.4f} · {tps:,.0f} tok/s · "
+                           f"elapsed {elapsed / 60:.1f} min · ETA {eta / 60:.1f} min", highlight=False)
 
 
 # ----------------------------------------------------------------------------------------------------

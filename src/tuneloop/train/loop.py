@@ -24,7 +24,8 @@ import torch
 from rich.progress import Progress
 
 from ..infer.batching import progress_columns
-from .common import LoopState, load_trainable_state, log_line, plan_steps
+from . import budget as budgets
+from .common import LogLines, LoopState, load_trainable_state, plan_steps
 
 # (model, my rows, the whole global batch) -> my share of the global batch's loss (see the module doc)
 LossFn = Callable[[torch.nn.Module, list[int], list[int]], torch.Tensor]
@@ -45,19 +46,37 @@ class Fitted:
 
 def fit(acc, model, groups: list[dict], tc, lengths: list[int], loss_fn: LossFn, validate: ValidateFn | None,
         run_dir: Path, resume: bool, console, *, autocast: bool, name: str, show_progress: bool = True,
-        loss_name: str = "loss") -> Fitted:
+        loss_name: str = "loss", strata: list | None = None, val_tokens: int = 0) -> Fitted:
     """Train `model` on rows `0..len(lengths)-1` under the recipe's `train` section `tc`.
 
     `groups` are AdamW parameter groups (each with its `lr`); `acc` is the run's `Accelerator`;
     `console` a rich Console the progress bar and messages go to; `name` labels the bar, `loss_name`
     the loss in it. With `resume`, the optimizer, schedule, RNGs, position and history come back from
-    `run_dir/checkpoints/last`. `validate` None means no validation (nothing extra per step)."""
+    `run_dir/checkpoints/last`. `validate` None means no validation (nothing extra per step).
+
+    With `train.time_budget`, the run is first sized to it (budget.py): `strata` (one per row, e.g. its
+    label) keep the class shares when examples must be left out, `val_tokens` (the validation rows'
+    tokens) prices each validation. Training also stops once the budget is spent, whatever the plan said."""
     if not lengths:
         from ..errors import ConfigError
 
         raise ConfigError("data.train: no training records left after the validation hold-out (data.val_ratio)")
     main = acc.is_main_process
     dev = acc.device
+    t_fit = time.time()
+    plan = None
+    if tc.time_budget is not None:
+        plan = _sized(acc, model, loss_fn, lengths, tc, strata, val_tokens if validate is not None else 0,
+                      run_dir, resume, autocast)
+        if main:
+            console.print(plan.message(), highlight=False)
+        if plan.rows is not None:
+            rows, row_loss = plan.rows, loss_fn
+            lengths = [lengths[i] for i in rows]
+
+            def loss_fn(m, mine, batch):  # the loop counts kept rows; the task knows them by their own index
+                return row_loss(m, [rows[i] for i in mine], [rows[i] for i in batch])
+        tc = tc.model_copy(update={"max_steps": plan.steps})
     batches_per_epoch, _, total_steps, eval_every = plan_steps(len(lengths), tc)
     state = LoopState(acc, model, groups, tc, total_steps, run_dir, resume, console.print)
     model, inner, scheduler = state.model, state.inner, state.scheduler
@@ -65,7 +84,10 @@ def fit(acc, model, groups: list[dict], tc, lengths: list[int], loss_fn: LossFn,
 
     model.train()
     world, rank = acc.num_processes, acc.process_index
-    stop, stopped_early = False, False
+    stop, stopped_early, budget_stop = False, False, None
+    log_line = LogLines(console)
+    first_step = pos["step"]
+    eta_said = first_step + min(5, max(1, total_steps // 20))
     window: list[float] = []
     t_train, tokens_at_start = time.time(), pos["seen_tokens"]
     with Progress(*progress_columns(), console=console, disable=not (show_progress and main)) as progress:
@@ -93,9 +115,20 @@ def fit(acc, model, groups: list[dict], tc, lengths: list[int], loss_fn: LossFn,
             tps = (pos["seen_tokens"] - tokens_at_start) / max(1e-9, time.time() - t_train)
             progress.update(task, advance=1, info=f"{loss_name} {step_loss:.4f} · {tps:,.0f} tok/s")
             if show_progress and main and not console.is_terminal:
-                log_line(console, pos["step"], total_steps, step_loss, tps, time.time() - t_train)
+                log_line(pos["step"], total_steps, step_loss, tps, time.time() - t_train)
+            if main and pos["step"] == eta_said and pos["step"] < total_steps:
+                left = (time.time() - t_train) / (pos["step"] - first_step) * (total_steps - pos["step"])
+                console.print(f"step {pos['step']}/{total_steps}: {tps:,.0f} tokens/s; training ends in about "
+                              f"{budgets.fmt_s(left)} ({time.strftime('%H:%M', time.localtime(time.time() + left))})",
+                              highlight=False)
 
             last = pos["step"] >= total_steps
+            if plan is not None and not last and time.time() - t_fit > plan.budget_s:
+                # Slower than measured (a busy machine): the budget wins over the plan.
+                budget_stop = pos["step"]
+                last = True
+                if main:
+                    console.print(f"[yellow]time budget spent[/] at step {pos['step']} of {total_steps}; stopping here")
             if validate is not None and (pos["step"] % eval_every == 0 or last):
                 # The unwrapped model: a DDP forward is a collective (buffer sync), and processes may
                 # hold different numbers of validation batches.
@@ -126,6 +159,43 @@ def fit(acc, model, groups: list[dict], tc, lengths: list[int], loss_fn: LossFn,
         "overfit_warning_step": watch.overfit_warned_at,
         "processes": world,
     }
+    if plan is not None:
+        metrics["budget"] = {**plan.record(), "rows": None, "stopped_at_budget": budget_stop,
+                             "fit_seconds": round(time.time() - t_fit, 2)}
     return Fitted(inner, history, watch.points, metrics)
 
 
+
+
+def _sized(acc, model, loss_fn, lengths, tc, strata, val_tokens, run_dir, resume, autocast) -> "budgets.Plan":
+    """The run's plan under `train.time_budget`: measured and made now, or read back when resuming (a
+    resumed run must see the batches the first attempt planned). Every process gets the main one's plan."""
+    if resume:
+        plan = budgets.read(run_dir)
+        if plan is not None:
+            return plan
+    from accelerate.utils import broadcast_object_list
+
+    from ..config import duration_seconds
+
+    rate, probe_s = budgets.measure(model, loss_fn, lengths, tc.batch_size, tc.seed, acc.device, autocast,
+                                    acc.num_processes, acc.process_index)
+    if acc.num_processes > 1:
+        # Each process runs its 1/world share of a batch at once: the slowest share sets the step's pace.
+        rate = float(acc.gather(torch.tensor([rate], device=acc.device)).max()) / acc.num_processes
+    every = tc.eval_every
+
+    def n_validations(steps: int, per_epoch: int) -> int:
+        if not val_tokens:
+            return 0
+        e = every or per_epoch
+        return steps // e + (1 if steps % e else 0)
+
+    made = [budgets.plan(duration_seconds(tc.time_budget), rate, probe_s, lengths, tc, strata, val_tokens,
+                         n_validations, plan_steps) if acc.is_main_process else None]
+    if acc.num_processes > 1:
+        broadcast_object_list(made)
+    plan = made[0]
+    if acc.is_main_process:
+        budgets.write(run_dir, plan)
+    return plan

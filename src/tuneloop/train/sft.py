@@ -227,7 +227,8 @@ def train_sft(recipe: Recipe, run_dir: Path, show_progress: bool = True, resume:
         return val, f"validation loss {val:.4f} (perplexity {math.exp(val):.2f})"
 
     fitted = fit(acc, model, groups, tc, [len(r[0]) for r in rows], loss_fn, validate if val_rows else None,
-                 run_dir, resume, console, autocast=use_autocast, name="sft", show_progress=show_progress)
+                 run_dir, resume, console, autocast=use_autocast, name="sft", show_progress=show_progress,
+                 val_tokens=sum(len(r[0]) for r in val_rows))
     inner, history, fm = fitted.model, fitted.history, fitted.metrics
 
     # ---- save: the best validation checkpoint when there was validation, else the last weights

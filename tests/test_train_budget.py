@@ -1,0 +1,138 @@
+"""train.time_budget: the plan (budget.py) priced batch by batch, and a real run sized by it."""
+
+import json
+from collections import Counter
+from types import SimpleNamespace
+
+import pytest
+
+from tuneloop.config import duration_seconds, recipe_from_dict
+from tuneloop.errors import ConfigError
+from tuneloop.train import budget as budgets
+from tuneloop.train import train_run
+from tuneloop.train.common import plan_steps
+
+from test_classify import make_reviews
+
+
+def test_durations_parse_and_bad_ones_name_the_field(tiny_llama_dir):
+    assert duration_seconds("8m") == 480 and duration_seconds("1h30m") == 5400
+    assert duration_seconds("90s") == 90 and duration_seconds("2.5m") == 150 and duration_seconds(12) == 12
+    for bad in ("8x", "", "m", "-3m", "0"):
+        with pytest.raises(ConfigError):
+            duration_seconds(bad)
+    with pytest.raises(ConfigError, match="train.time_budget"):
+        recipe_from_dict({"name": "x", "model": str(tiny_llama_dir), "data": {"train": "t.jsonl"},
+                          "train": {"time_budget": "ten minutes"}})
+
+
+def _tc(**kw):
+    base = dict(epochs=1.0, max_steps=None, batch_size=8, grad_accum=1, seed=0, eval_every=None)
+    return SimpleNamespace(**{**base, **kw})
+
+
+def _plan(budget_s, lengths, strata=None, rate=1e-3, **tc):
+    return budgets.plan(budget_s, rate, 0.0, lengths, _tc(**tc), strata, 0, lambda s, e: 0, plan_steps)
+
+
+LENGTHS = [10 + (i * 37) % 90 for i in range(400)]
+LABELS = ["rare" if i % 5 == 0 else "common" for i in range(400)]
+
+
+def test_everything_fits_when_the_budget_allows():
+    cost = budgets.steps_cost(LENGTHS, list(range(400)), 8, 1, 0, 50, 1e-3)
+    p = _plan(cost / (1 - budgets.RESERVE) + 1, LENGTHS, epochs=1.0)
+    assert p.decision == "fits" and p.rows is None and p.steps == 50
+    assert p.eta_s == pytest.approx(cost)
+
+
+def test_epochs_are_cut_before_examples():
+    one_epoch = budgets.steps_cost(LENGTHS, list(range(400)), 8, 1, 0, 50, 1e-3)
+    p = _plan(2.5 * one_epoch / (1 - budgets.RESERVE), LENGTHS, epochs=4.0)
+    assert p.decision == "fewer epochs" and p.rows is None
+    assert 100 <= p.steps < 200  # between 2 and 4 epochs' steps, never more than the budget buys
+    assert p.eta_s <= 2.5 * one_epoch + 1e-9
+    assert budgets.steps_cost(LENGTHS, list(range(400)), 8, 1, 0, p.steps + 1, 1e-3) > 2.5 * one_epoch
+
+
+def test_examples_are_cut_stratified_and_seeded_when_one_epoch_does_not_fit():
+    one_epoch = budgets.steps_cost(LENGTHS, list(range(400)), 8, 1, 0, 50, 1e-3)
+    p = _plan(0.5 * one_epoch / (1 - budgets.RESERVE), LENGTHS, LABELS, epochs=3.0)
+    assert p.decision == "fewer examples" and p.rows is not None
+    assert 150 <= len(p.rows) <= 210 and p.eta_s <= 0.5 * one_epoch
+    kept = Counter(LABELS[i] for i in p.rows)
+    assert kept["rare"] / len(p.rows) == pytest.approx(0.2, abs=0.01)  # the class shares stay
+    assert p.dropped_by_stratum == {"common": 320 - kept["common"], "rare": 80 - kept["rare"]}
+    assert p.steps == plan_steps(len(p.rows), _tc())[1]  # one pass over what is kept
+    again = _plan(0.5 * one_epoch / (1 - budgets.RESERVE), LENGTHS, LABELS, epochs=3.0)
+    assert again.rows == p.rows  # deterministic for a seed
+    other = _plan(0.5 * one_epoch / (1 - budgets.RESERVE), LENGTHS, LABELS, epochs=3.0, seed=1)
+    assert other.rows != p.rows
+    assert "left out" in p.message() and "rare" in p.message()
+
+
+def test_validations_are_priced_into_the_plan():
+    lengths = [40] * 160
+    no_val = budgets.plan(100.0, 1e-3, 0.0, lengths, _tc(epochs=3.0), None, 0, lambda s, e: 0, plan_steps)
+    with_val = budgets.plan(100.0, 1e-3, 0.0, lengths, _tc(epochs=3.0), None, 4000,
+                            lambda s, e: s // e + (1 if s % e else 0), plan_steps)
+    assert no_val.decision == "fits" and with_val.eta_s > no_val.eta_s
+
+
+@pytest.fixture
+def reviews(tmp_path, tiny_llama_dir):
+    def make(**train):
+        return recipe_from_dict({
+            "name": "budgeted", "model": str(tiny_llama_dir),
+            "data": {"train": make_reviews(tmp_path / "train.jsonl", 96, 0),
+                     "test": make_reviews(tmp_path / "test.jsonl", 16, 1),
+                     "text_field": "review", "label_field": "score", "val_ratio": 0.0},
+            "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+            "train": {"epochs": 2, "batch_size": 8, "lr": 3e-3, "max_length": 32, "precision": "fp32",
+                      "threads": 1, **train},
+        })
+    return make
+
+
+def test_a_run_is_sized_to_its_budget_and_records_the_plan(reviews, tmp_path, monkeypatch):
+    # The machine's speed is pinned so the plan is exact: 12 batches of 8 per epoch at a known price.
+    monkeypatch.setattr(budgets, "measure", lambda *a, **k: (1e-3, 0.0))
+    r = reviews(time_budget="1h")
+    run_dir, m = train_run(r, tmp_path / "ws", show_progress=False)
+    plan = json.loads((run_dir / "budget.json").read_text())
+    assert plan["decision"] == "fits" and m["steps"] == 24 and m["budget"]["stopped_at_budget"] is None
+    # now a budget that buys only part of one epoch: fewer reviews, both labels kept in their shares
+    tight = plan["eta_s"] / 2 * 0.5 / (1 - budgets.RESERVE)
+    run_dir, m = train_run(reviews(time_budget=f"{tight}s"), tmp_path / "ws", show_progress=False)
+    plan = json.loads((run_dir / "budget.json").read_text())
+    assert plan["decision"] == "fewer examples" and plan["kept"] < 96
+    assert m["steps"] == plan["steps"] < 12 and m["budget"]["kept"] == plan["kept"]
+    assert set(plan["dropped_by_stratum"]) == {"bad", "good"}
+
+
+def test_training_stops_when_the_budget_is_spent(reviews, tmp_path, monkeypatch):
+    # A machine far slower than measured: the plan says everything fits, the clock says stop.
+    monkeypatch.setattr(budgets, "measure", lambda *a, **k: (1e-12, 0.0))
+    run_dir, m = train_run(reviews(time_budget="1s", max_steps=100000), tmp_path / "ws", show_progress=False)
+    assert m["budget"]["decision"] == "fits" and m["budget"]["stopped_at_budget"] is not None
+    assert m["steps"] == m["budget"]["stopped_at_budget"] < 100000
+
+
+def test_the_probe_changes_no_weight_and_leaves_no_gradient(tiny_llama_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    rows = [torch.randint(0, 100, (8 + i % 20,)) for i in range(40)]
+
+    def loss_fn(m, mine, batch):
+        n = max(len(rows[i]) for i in mine)
+        ids = torch.stack([torch.nn.functional.pad(rows[i], (0, n - len(rows[i]))) for i in mine])
+        return m(input_ids=ids, labels=ids).loss
+
+    rate, spent = budgets.measure(model, loss_fn, [len(r) for r in rows], 8, 0, torch.device("cpu"), False)
+    assert rate > 0 and spent > 0
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
