@@ -44,12 +44,17 @@ NoProgress = Annotated[bool, typer.Option("--no-progress", help="Hide progress b
 
 
 @app.command()
-def quickstart(workspace: Workspace = None, set_: Sets = None, no_progress: NoProgress = False) -> None:
+def quickstart(workspace: Workspace = None, set_: Sets = None, no_progress: NoProgress = False,
+               budget: Annotated[str, typer.Option(
+                   "--budget", help="Wall time for the whole quickstart (training is sized to what the "
+                   "evaluation leaves); `none` trains on everything. A `--set train.time_budget=...` wins.")] = "10m",
+               ) -> None:
     """Fine-tune the bundled SmolLM2-135M-Instruct on real food reviews and compare base / tuned / TF-IDF."""
     from .quickstart import run_quickstart
     from .runs import workspace_path
 
-    run_quickstart(workspace_path(workspace), set_ or [], show_progress=not no_progress)
+    run_quickstart(workspace_path(workspace), set_ or [], show_progress=not no_progress,
+                   budget=None if budget.strip().lower() in ("none", "off", "0") else budget)
 
 
 @app.command()

@@ -53,6 +53,11 @@ def duration_seconds(text: str | float | int, where: str = "duration") -> float:
     return seconds
 
 
+def format_seconds(seconds: float) -> str:
+    """A duration as a person reads it in a progress line: `45 s`, `8.2 min`."""
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
 def field_tasks(field) -> tuple[str, ...]:
     """The tasks that read a field: its `only(...)` list, else every task."""
     extra = field.json_schema_extra

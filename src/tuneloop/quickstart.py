@@ -13,9 +13,61 @@ from .errors import NotFoundError
 console = Console()
 
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "quickstart-reviews.yaml"
+BUDGET = "10m"  # the whole quickstart: training sized to what the evaluation leaves (`--budget`)
+# The evaluation's work in units of "the tuned model reading the test set once": its wall seconds divided
+# by (test tokens at eval.max_length x forward seconds per token, measured just before training). Its
+# systems (base and base_fewshot on a 200-review sample, tuned and TF-IDF on all 1,000, the probes and the
+# forgetting check) are fixed work, so the ratio holds from machine to machine; measured on the quickstart
+# recipe as shipped (see EVAL_WORK_MEASURED). A recipe changed with --set may make the estimate wrong; the
+# training budget then says so in the end (the wall time is printed beside the budget).
+EVAL_WORK = 3.0
+SETUP_S = 25  # reading the data, loading and wrapping the model, before the first training batch
 
 
-def run_quickstart(workspace: Path, overrides: list[str] | None = None, show_progress: bool = True) -> dict:
+def estimate_eval_seconds(recipe) -> tuple[float, float]:
+    """(seconds the evaluation will take here, forward tokens/s measured): the base model reads a few
+    batches of test reviews now, the rest is EVAL_WORK x the test set's tokens at that speed."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .data.records import load_classification
+    from .infer.attention import attention_for
+    from .infer.batching import pad_batch
+    from .infer.device import device, pick_dtype, set_threads
+    from .infer.encode import encode_texts, load_tokenizer
+    from .zoo import resolve_model
+
+    dc, ec, tc = recipe.data, recipe.eval, recipe.train
+    set_threads(tc.threads)
+    test = load_classification(recipe.resolve_path(dc.test), dc.text_field, dc.label_field, dc.labels, dc.format)
+    model_path = resolve_model(recipe.model)
+    tok = load_tokenizer(model_path)
+    dev = device()
+    dtype = pick_dtype(tc.precision, dev)
+    enc = encode_texts(tok, [r.text for r in test.records], ec.max_length or tc.max_length, dc.input_template,
+                       dc.as_chat, dc.system_prompt, dc.truncate)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype,
+                                                 attn_implementation=attention_for(dev, dtype)).to(dev).eval()
+    order = sorted(range(len(enc)), key=lambda i: len(enc[i]))
+    bs = ec.batch_size
+    # one warm-up batch, then three from the middle of the length distribution
+    picks = [order[len(order) // 2 - bs // 2:][:bs]] + [order[q * len(order) // 4:][:bs] for q in (1, 2, 3)]
+    spent, tokens = 0.0, 0
+    with torch.inference_mode():
+        for n, b in enumerate(picks):
+            ids, mask = pad_batch([enc[i] for i in b], tok.pad_token_id)
+            t = time.perf_counter()
+            model.model(input_ids=ids.to(dev), attention_mask=mask.to(dev))
+            if n:
+                spent += time.perf_counter() - t
+                tokens += ids.numel()
+    del model
+    rate = tokens / max(spent, 1e-9)
+    return EVAL_WORK * sum(len(e) for e in enc) / rate, rate
+
+
+def run_quickstart(workspace: Path, overrides: list[str] | None = None, show_progress: bool = True,
+                   budget: str | None = BUDGET) -> dict:
     from .eval.compare import evaluate_classify
     from .runs import REPORT_HTML, REPORT_JSON, open_run
     from .tracking import log_to_mlflow
@@ -27,6 +79,19 @@ def run_quickstart(workspace: Path, overrides: list[str] | None = None, show_pro
     recipe = load_recipe(RECIPE, overrides)
     console.rule(f"[bold]tuneloop quickstart[/] · {recipe.name} · model {recipe.model}")
     console.print(f"workspace: {workspace}")
+    plan = None
+    if budget and recipe.train.time_budget is None:
+        from .config import duration_seconds
+        from .config import format_seconds as fmt_s
+
+        total = duration_seconds(budget, "--budget")
+        eval_s, rate = estimate_eval_seconds(recipe)
+        train_s = max(60.0, total - (time.time() - t0) - eval_s - SETUP_S)
+        recipe.train.time_budget = f"{train_s:.0f}s"
+        plan = {"total_s": total, "eval_estimate_s": round(eval_s, 1), "forward_tokens_per_s": round(rate, 1),
+                "train_budget_s": round(train_s, 1)}
+        console.print(f"budget {fmt_s(total)}: the evaluation will take about {fmt_s(eval_s)} here (the model reads "
+                      f"{rate:,.0f} tokens/s), so training gets {fmt_s(train_s)}", highlight=False)
     run_dir, train_metrics = train_run(recipe, workspace, show_progress)
     console.print(
         f"trained {train_metrics['steps']} steps on {train_metrics['examples']} reviews in "
@@ -35,6 +100,8 @@ def run_quickstart(workspace: Path, overrides: list[str] | None = None, show_pro
     )
     report = evaluate_classify(open_run(run_dir), show_progress=show_progress, print_results=False)
     report["wall_seconds"] = round(time.time() - t0, 2)
+    if plan is not None:
+        report["budget"] = {**plan, "train": train_metrics.get("budget"), "wall_s": report["wall_seconds"]}
     from .eval.report import print_table, write_report
 
     write_report(report, run_dir)
@@ -43,5 +110,10 @@ def run_quickstart(workspace: Path, overrides: list[str] | None = None, show_pro
     metrics["wall_seconds"] = report["wall_seconds"]
     log_to_mlflow(workspace, recipe.name, f"{run_dir.name}-eval", {"run": str(run_dir)}, metrics,
                   artifacts=[run_dir / REPORT_JSON, run_dir / REPORT_HTML], tags={"stage": "eval"})
+    if plan is not None:
+        from .eval.report import budget_summary
+
+        console.print(budget_summary(report), highlight=False)
     console.print(f"report: {run_dir / REPORT_HTML}  ·  total {report['wall_seconds']:.0f} s")
     return report
+

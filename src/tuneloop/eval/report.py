@@ -268,6 +268,7 @@ pre{{white-space:pre-wrap;background:#f6f6f6;padding:.5rem;max-height:24rem;over
  · test <code>{e(str(report['test']['path']))}</code> ({report['test']['n']} records)
  · total wall {report.get('wall_seconds', 0):.1f} s</p>
 {_headline_html(report)}
+{f'<p class="meta">{e(budget_summary(report))}</p>' if report.get('budget') else ''}
 {_systems_html(report)}
 <p class="meta">small print under a value: its 95% bootstrap interval</p>
 {_tests_html(report)}
@@ -279,6 +280,25 @@ pre{{white-space:pre-wrap;background:#f6f6f6;padding:.5rem;max-height:24rem;over
 {f'<h2>Notes</h2><ul>{notes}</ul>' if notes else ''}
 </body></html>
 """
+
+
+def budget_summary(report: dict) -> str:
+    """One line: the budget, what it cut, the accuracy reached, the wall time it really took."""
+    from ..config import format_seconds
+
+    b, tuned = report["budget"], report["systems"].get("tuned", {})
+    t = b.get("train") or {}
+    if t.get("decision") == "fewer examples":
+        cut = f"trained on {t['kept']:,} of {t['rows_total']:,} reviews (the budget left out {t['rows_total'] - t['kept']:,})"
+    elif t.get("decision") == "fewer epochs":
+        cut = f"trained {t['steps']:,} of {t['steps_asked']:,} steps on every review"
+    else:
+        cut = "every review trained on, nothing cut"
+    if t.get("stopped_at_budget"):
+        cut += f"; stopped at step {t['stopped_at_budget']} when the training budget ran out"
+    acc = f"tuned accuracy {tuned['accuracy']:.3f}" if "accuracy" in tuned else "tuned model evaluated"
+    return (f"budget {format_seconds(b['total_s'])}: {cut}; {acc}; wall time {format_seconds(b['wall_s'])} "
+            f"(evaluation estimated {format_seconds(b['eval_estimate_s'])})")
 
 
 def _headline_html(report: dict) -> str:

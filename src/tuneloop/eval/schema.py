@@ -71,6 +71,10 @@ class Report(BaseModel):
     settings: dict[str, Any] = Field(default_factory=dict, description="How the systems were run (decoding ...).")
     notes: list[str] = Field(default_factory=list)
     wall_seconds: float = 0.0
+    budget: dict[str, Any] = Field(
+        default_factory=dict, description="Under a wall-time budget (the quickstart's --budget): {total_s, "
+        "eval_estimate_s, forward_tokens_per_s, train_budget_s, train (the run's budget plan: decision, kept, "
+        "rows_total, steps, steps_asked, stopped_at_budget ...), wall_s}.")
     intervals: dict[str, dict[str, list[float]]] = Field(
         default_factory=dict, description="system → metric → [low, high]: its 95% bootstrap interval, on the "
         "examples that system predicted (a sampled system's is wider).")

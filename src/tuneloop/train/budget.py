@@ -16,7 +16,6 @@ here, now.
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from ..config import format_seconds as fmt_s
 from .common import length_bucketed_batches
 
 PROBE_BATCHES = 3  # timed, after one warm-up batch
@@ -70,10 +70,6 @@ class Plan:
         d["kept"] = self.kept
         d["message"] = self.message()
         return d
-
-
-def fmt_s(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
 def padded_tokens(batches: list[list[int]], lengths: list[int]) -> int:
@@ -206,7 +202,3 @@ def read(run_dir: Path) -> Plan | None:
 
     path = Path(run_dir) / BUDGET
     return from_record(json.loads(path.read_text())) if path.exists() else None
-
-
-def steps_per_epoch_count(rows: int, batch_size: int, grad_accum: int) -> int:
-    return max(1, math.ceil(rows / batch_size) // grad_accum)
