@@ -61,8 +61,10 @@ postgres:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null) ; } || \
 	  echo "postgresql not installed: postgres tests will be skipped"
 
+# Two workers (pytest-xdist), a test file each at a time: the tiny-model tests run on one thread, and the
+# subprocess, browser and server tests wait on other processes, so both cores stay busy.
 test: setup browser postgres
-	$(BIN)/python -m pytest -q -rs
+	$(BIN)/python -m pytest -q -rs -n 2 --dist loadfile --durations=20
 
 # The inner loop: unit tests only (tiny models built from a config; 85 s of CPU time on the 2-core machine).
 test-fast: setup

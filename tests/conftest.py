@@ -14,9 +14,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def smol_dir() -> Path:
     """The bundled SmolLM2-135M-Instruct as an HF folder (converted once from the installed package)."""
-    from tuneloop.zoo import resolve_model
+    from filelock import FileLock
 
-    return Path(resolve_model("smollm2-135m-instruct"))
+    from tuneloop.zoo import cache_dir, resolve_model
+
+    # pytest-xdist workers start together: one converts the bundled model, the others wait for it, so no
+    # worker reads a folder another is swapping in.
+    lock = cache_dir() / ".convert.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(lock)):
+        return Path(resolve_model("smollm2-135m-instruct"))
 
 
 @pytest.fixture(scope="session")
