@@ -100,8 +100,15 @@ class DataConfig(Section):
     )
     truncate: Literal["end", "middle"] = Field(
         "end", description="How a text longer than its room in `train.max_length` is cut: `end` keeps its "
-        "start; `middle` keeps its first and last halves (reviews and tickets often end with the verdict).",
-        json_schema_extra=only("classify"),
+        "start; `middle` keeps its first and last halves (reviews and tickets often end with the verdict; "
+        "papers with their conclusion). sft: the document in a prompt, with `data.answer_room`.",
+        json_schema_extra=only("classify", "sft"),
+    )
+    answer_room: int | None = Field(
+        None, ge=1, description="Tokens of `train.max_length` kept for the answer. A longer prompt has its "
+        "longest user turn (the document to summarise) cut to fit, where `data.truncate` says, in training and "
+        "in evaluation alike; both count what they cut. None: a record whose prompt alone fills max_length is "
+        "dropped (a question cut short is another question).", json_schema_extra=only("sft"),
     )
     system_prompt: str | None = Field(
         None, description="With `as_chat`: the system turn (default: the chat template's own, if it has one; "
@@ -282,15 +289,21 @@ class TrainConfig(Section):
 
 
 class EvalConfig(Section):
-    systems: list[Literal["base", "base_fewshot", "tuned", "tfidf_logreg", "seasonal_naive", "parent", "length"]] = Field(
+    systems: list[Literal["base", "base_fewshot", "tuned", "tfidf_logreg", "seasonal_naive", "parent", "length",
+                          "lead", "textrank"]] = Field(
         default_factory=lambda: ["base", "base_fewshot", "tuned", "tfidf_logreg"],
         description="Systems compared side by side on the test set. classify: `base` (the untuned model "
         "zero-shot, calibrated), `base_fewshot` (the untuned model with training examples in its prompt), "
-        "`tuned`, `tfidf_logreg`; regress: `tuned`, `seasonal_naive`; sft: `base`, `tuned`; dpo / kto: `base`, "
+        "`tuned`, `tfidf_logreg`; regress: `tuned`, `seasonal_naive`; sft: `base`, `tuned`, and for summaries the "
+        "extractive `lead` (first sentences) and `textrank` (most central sentences); dpo / kto: `base`, "
         "`parent` (the run it started from), `tuned`; reward: `tuned`, `base`, `length`. Names another task "
         "does not know are left out, so one default serves every task.",
     )
     batch_size: int = Field(32, ge=1, description="Records per evaluation batch (length-sorted).")
+    extractive_sentences: int = Field(
+        1, ge=1, description="Sentences the extractive summaries (`lead`, `textrank`) pick from each document.",
+        json_schema_extra=only("sft"),
+    )
     zero_shot_prompt: str = Field(
         "Classify the text.\n\nText: {text}\n\nAnswer with one word: {choices}.",
         description="User message for the base model's zero-shot answer; `{text}` and `{choices}` are filled in.",

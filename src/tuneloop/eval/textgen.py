@@ -1,5 +1,6 @@
-"""Generation metrics for SFT runs: perplexity on the reference answers, and ROUGE-L / BLEU of greedy
-answers, side by side for the base model and the tuned one.
+"""Generation metrics for SFT runs: perplexity on the reference answers, and ROUGE-1/2/L and BLEU of
+greedy answers, side by side for the base model, the tuned one and (for summaries) the classical
+extractive baselines `lead` and `textrank` (extractive.py).
 
 rouge-score and sacrebleu do the scoring (offline; never `evaluate.load`).
 """
@@ -23,10 +24,12 @@ from ..fileio import write_text_atomic
 from ..infer.attention import attention_for
 from ..infer.batching import progress_columns
 from ..infer.device import device, set_threads
-from ..infer.encode import load_tokenizer
+from ..infer.encode import fit_prompt, load_tokenizer
 from ..infer.predict import answer_losses, generate_answers
 from ..runs import GENERATIONS, TEST_RECORDS, Run, load_for_inference, open_run
 from .cost import BatchTimer, system_cost
+from .extractive import SYSTEMS as EXTRACTIVE
+from .extractive import summarise
 from .forgetting import causal_logits, compare_general, general_scores, not_applicable
 from .probes import load_lexicon, run_probes
 from .report import print_tests, write_report
@@ -34,9 +37,18 @@ from .schema import Report, TestSet, headline, keyed, make_examples
 from .slices import slice_report
 from .stats import default_pairs, report_statistics
 
-SYSTEMS = ("base", "tuned")
+MODEL_SYSTEMS = ("base", "tuned")
+SYSTEMS = MODEL_SYSTEMS + EXTRACTIVE
 
 console = Console(stderr=True)
+
+
+def rouge_each(predictions: list[str], references: list[str]) -> list[dict[str, float]]:
+    """ROUGE-1, ROUGE-2 and ROUGE-L F-measures per answer (Porter stemming, as the ROUGE papers score)."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    return [{k: v.fmeasure for k, v in scorer.score(ref, pred).items()} for pred, ref in zip(predictions, references)]
 
 
 def rouge_l_each(predictions: list[str], references: list[str]) -> list[float]:
@@ -90,10 +102,21 @@ def evaluate_sft(run_dir: "Path | Run", test_path: str | None = None, systems: l
     if ec.max_test_examples:
         records = records[: ec.max_test_examples]
     convs = [r.messages for r in records]
-    prompts = [m[:-1] for m in convs]
-    refs = [m[-1]["content"] for m in convs]
+    documents = [m[:-1][-1]["content"] if len(m) > 1 else "" for m in convs]  # uncut, for the extractive systems
     model_path = run.base_model_path()
     tok = load_tokenizer(run.tokenizer_path(), chat=True)
+    notes: list[str] = []
+    if recipe.data.answer_room:
+        # the prompts the tuned model was trained on: long documents cut the same way (data.answer_room)
+        fitted = [fit_prompt(tok, m, recipe.train.max_length, recipe.data.answer_room, recipe.data.truncate)
+                  for m in convs]
+        convs = [m for m, _ in fitted]
+        cut = [n for _, n in fitted if n]
+        notes.append(f"{len(cut)} of {len(convs)} test prompts cut to {recipe.train.max_length - recipe.data.answer_room}"
+                     f" tokens for the models (data.truncate: {recipe.data.truncate}; {sum(cut):,} tokens left out); "
+                     f"lead and textrank read the whole documents")
+    prompts = [m[:-1] for m in convs]
+    refs = [m[-1]["content"] for m in convs]
     dtype = getattr(torch, run.info.dtype or "float32")
     bf16 = dtype == torch.bfloat16
     load = {"dtype": dtype, "attn_implementation": attention_for(dev, dtype)}
@@ -114,7 +137,18 @@ def evaluate_sft(run_dir: "Path | Run", test_path: str | None = None, systems: l
     general: dict[str, dict] = {}
     with Progress(*progress_columns(), console=console, disable=not show_progress) as progress:
         model = None
-        for name in SYSTEMS:
+        for name in EXTRACTIVE:
+            if name not in systems:
+                continue
+            ts = time.time()
+            gen = [summarise(name, d, ec.extractive_sentences) for d in documents]
+            answers[name] = gen
+            each = rouge_each(gen, refs)
+            results[name] = {"perplexity": None, **_rouge_means(each), "bleu": bleu(gen, refs),
+                             "mean_answer_words": sum(len(g.split()) for g in gen) / max(1, len(gen)),
+                             "seconds": round(time.time() - ts, 1)}
+            per_example[name] = [{"text": g, **r, "loss": None, "tokens": 0} for g, r in zip(gen, each)]
+        for name in MODEL_SYSTEMS:
             if name not in systems:
                 continue
             ts = time.time()
@@ -158,12 +192,12 @@ def evaluate_sft(run_dir: "Path | Run", test_path: str | None = None, systems: l
             new_tokens = sum(len(tok(g, add_special_tokens=False)["input_ids"]) for g in gen)
             cost[name]["tokens_per_second"] = round(new_tokens / max(1e-9, cost[name]["seconds"]), 1)
             answers[name] = gen
-            each = rouge_l_each(gen, refs)
-            results[name] = {"perplexity": ppl, "rougeL": sum(each) / max(1, len(each)), "bleu": bleu(gen, refs),
+            each = rouge_each(gen, refs)
+            results[name] = {"perplexity": ppl, **_rouge_means(each), "bleu": bleu(gen, refs),
                              "merged_adapters": merged,
                              "mean_answer_words": sum(len(g.split()) for g in gen) / max(1, len(gen)),
                              "seconds": round(time.time() - ts, 1)}
-            per_example[name] = [{"text": g, "rougeL": r, "loss": v / k if k else None, "tokens": k}
+            per_example[name] = [{"text": g, **r, "loss": v / k if k else None, "tokens": k}
                                  for g, r, (v, k) in zip(gen, each, losses)]
     if not ec.forgetting:
         forgetting = not_applicable("eval.forgetting is off")
@@ -182,7 +216,8 @@ def evaluate_sft(run_dir: "Path | Run", test_path: str | None = None, systems: l
                             [p[-1]["content"] if p else "" for p in prompts], meta=meta, fields=ec.slices,
                             buckets=ec.length_buckets, min_size=ec.slice_min_size, seed=recipe.train.seed,
                             lexicon=lexicon),
-        probes=probes, forgetting=forgetting, cost=cost, wall_seconds=round(time.time() - t0, 1)).model_dump(mode="json")
+        probes=probes, forgetting=forgetting, cost=cost, notes=notes,
+        wall_seconds=round(time.time() - t0, 1)).model_dump(mode="json")
     report.update(report_statistics(report, default_pairs(list(results)), seed=recipe.train.seed))
     out_dir = Path(out_dir or run_dir)
     write_report(report, out_dir)
@@ -192,14 +227,21 @@ def evaluate_sft(run_dir: "Path | Run", test_path: str | None = None, systems: l
     return report
 
 
+def _rouge_means(each: list[dict[str, float]]) -> dict[str, float]:
+    return {k: sum(e[k] for e in each) / max(1, len(each)) for k in ("rouge1", "rouge2", "rougeL")}
+
+
 def print_sft_table(report: dict, out: Console | None = None) -> None:
     t = Table(title=f"held-out answers (n={report['test']['n']}, {report['settings']['decoding']}, "
                     f"≤{report['settings']['max_new_tokens']} new tokens)")
-    for c in ("system", "perplexity ↓", "ROUGE-L ↑ [95% CI]", "BLEU ↑", "words/answer"):
+    for c in ("system", "perplexity ↓", "ROUGE-1 ↑", "ROUGE-2 ↑", "ROUGE-L ↑ [95% CI]", "BLEU ↑", "words/answer"):
         t.add_column(c, no_wrap=True)
     for name, m in report["systems"].items():
         iv = (report.get("intervals") or {}).get(name, {}).get("rougeL")
-        t.add_row(name, f"{m['perplexity']:.2f}", f"{m['rougeL']:.4f}" + (f" [{iv[0]:.3f}, {iv[1]:.3f}]" if iv else ""),
+        ppl = m.get("perplexity")
+        t.add_row(name, "-" if ppl is None else f"{ppl:.2f}",
+                  *(f"{m[k]:.4f}" if k in m else "-" for k in ("rouge1", "rouge2")),
+                  f"{m['rougeL']:.4f}" + (f" [{iv[0]:.3f}, {iv[1]:.3f}]" if iv else ""),
                   f"{m['bleu']:.2f}", f"{m['mean_answer_words']:.0f}")
     out = out or Console()
     out.print(t)

@@ -119,3 +119,46 @@ def collate(rows, pad_id: int, packed: bool) -> dict[str, torch.Tensor]:
     if packed:
         return {"input_ids": ids, "labels": labels, "position_ids": pos}
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def fit_prompt(tok, messages: list[dict], max_length: int, answer_room: int, truncate: str = "end"
+               ) -> tuple[list[dict], int]:
+    """`messages` with its longest user turn cut (at token boundaries, `end` keeping the start, `middle` the
+    first and last halves) so that the prompt (every turn before the last answer, as the chat template
+    renders it) leaves `answer_room` of `max_length` tokens for the answer; and how many tokens were cut.
+
+    For documents (summaries, long tickets) the document is what is cut, never the instruction around it.
+    The same function runs in training and evaluation, so the model is scored on the inputs it learned on."""
+    prompt = messages[:-1] if messages and messages[-1]["role"] == "assistant" else messages
+    rendered = tok.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=False)
+    n = len(rendered["input_ids"] if hasattr(rendered, "keys") else rendered)
+    over = n - (max_length - answer_room)
+    users = [i for i, m in enumerate(prompt) if m["role"] == "user"]
+    if over <= 0 or not users:
+        return messages, 0
+    longest = max(users, key=lambda i: len(prompt[i]["content"]))
+    content = prompt[longest]["content"]
+    start, end = longest_block(content)
+    ids = tok(content[start:end], add_special_tokens=False)["input_ids"]
+    keep = max(1, len(ids) - over - 2)  # 2: the joint may tokenize into a token or two more
+    if truncate == "middle":
+        head = keep // 2
+        text = tok.decode(ids[:head]).rstrip() + " … " + tok.decode(ids[len(ids) - (keep - head):]).lstrip()
+    else:
+        text = tok.decode(ids[:keep]).rstrip()
+    out = [dict(m) for m in messages]
+    out[longest]["content"] = content[:start] + text + content[end:]
+    return out, len(ids) - keep
+
+
+def longest_block(text: str) -> tuple[int, int]:
+    """(start, end) of the longest blank-line-separated block of `text`: in a prompt that wraps a document
+    in a line of instruction, the document."""
+    import re
+
+    spans, at = [], 0
+    for m in re.finditer(r"\n\s*\n", text):
+        spans.append((at, m.start()))
+        at = m.end()
+    spans.append((at, len(text)))
+    return max(spans, key=lambda se: se[1] - se[0])

@@ -23,7 +23,7 @@ from ..data.chat import holdout, load_chat
 from ..data.records import fingerprint, write_jsonl
 from ..errors import ConfigError
 from ..fileio import atomic_dir
-from ..infer.encode import IGNORE, collate, encode_chat, load_tokenizer
+from ..infer.encode import IGNORE, collate, encode_chat, fit_prompt, load_tokenizer
 from ..runs import (
     LOSS_PLOT,
     MODEL,
@@ -47,6 +47,23 @@ console = Console(stderr=True)
 
 # ----------------------------------------------------------------------------------------------------
 # data: the model's own chat template, with a mask that is true on answer tokens only
+
+
+def fit_records(tok, records, max_length: int, answer_room: int, truncate: str) -> tuple[list, dict]:
+    """Records whose prompts are cut to leave `answer_room` tokens (infer.encode.fit_prompt), and what
+    was cut: {records, tokens, median_prompt_tokens (before cutting)}."""
+    import dataclasses
+    import statistics
+
+    out, cut, tokens, sizes = [], 0, 0, []
+    for r in records:
+        m, n = fit_prompt(tok, r.messages, max_length, answer_room, truncate)
+        sizes.append(len(tok(r.messages[0]["content"] if r.messages else "", add_special_tokens=False)["input_ids"]))
+        if n:
+            cut, tokens = cut + 1, tokens + n
+            r = dataclasses.replace(r, messages=m)
+        out.append(r)
+    return out, {"records": cut, "tokens": tokens, "median_prompt_tokens": int(statistics.median(sizes)) if sizes else 0}
 
 
 def encode_all(tok, records, max_length: int) -> tuple[list[tuple[list[int], list[int]]], dict]:
@@ -174,6 +191,15 @@ def train_sft(recipe: Recipe, run_dir: Path, show_progress: bool = True, resume:
 
     model_path = resolve_model(recipe.model)
     tok = load_tokenizer(model_path, chat=True)
+    prompts_cut = None
+    if dc.answer_room:
+        train_recs, prompts_cut = fit_records(tok, train_recs, tc.max_length, dc.answer_room, dc.truncate)
+        val_recs, _ = fit_records(tok, val_recs, tc.max_length, dc.answer_room, dc.truncate)
+        if main and prompts_cut["records"]:
+            console.print(f"long prompts: {prompts_cut['records']} of {len(train_recs)} training prompts cut to "
+                          f"{tc.max_length - dc.answer_room} tokens (data.truncate: {dc.truncate}; "
+                          f"{prompts_cut['tokens']:,} document tokens left out, median prompt "
+                          f"{prompts_cut['median_prompt_tokens']} tokens)", highlight=False)
     enc_train, report = encode_all(tok, train_recs, tc.max_length)
     enc_val, report_val = encode_all(tok, val_recs, tc.max_length)
     if not enc_train:
@@ -252,6 +278,8 @@ def train_sft(recipe: Recipe, run_dir: Path, show_progress: bool = True, resume:
         "packed_rows": len(rows) if tc.packing else None,
         "truncated_records": report["truncated"],
         "dropped_records": report["dropped"],
+        "prompts_cut": prompts_cut["records"] if prompts_cut else 0,
+        "prompt_tokens_cut": prompts_cut["tokens"] if prompts_cut else 0,
         **fm,
         "best_val_perplexity": math.exp(fm["best_val_loss"]) if fm["best_val_loss"] is not None else None,
         "trainable_params": trainable,
