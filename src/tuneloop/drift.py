@@ -34,7 +34,9 @@ from __future__ import annotations
 import hashlib
 import random
 import re
+import time
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 
@@ -339,3 +341,231 @@ def rating_drift(ratings: list[tuple[float, float]], *, thresholds: dict | None 
                        mean_second_half=round(float(np.mean([r for _, r in pts[half:]])), 3))
     return {"score": check["value"], "drifted": check["drifted"], "checks": {"rating": check},
             "n_reference": 0, "n_live": n}
+
+
+# ----------------------------------------------------------------------------------------------------
+# a served version against its training data
+
+DRIFT_JSON = "drift.json"
+DRIFT_HTML = "drift.html"
+EXIT_DRIFTED = 4  # `tuneloop drift` exits 0 (no drift) or this (drift); 1-3 are errors (errors.py)
+
+
+def _prompt_text(prompt) -> str:
+    """A logged prompt as the text the model read, the way `Record.input_text` reads a training record:
+    a completion prompt as it is, chat turns without the assistant's."""
+    if isinstance(prompt, str):
+        return prompt
+    return "\n".join(m.get("content") or "" for m in prompt if isinstance(m, dict) and m.get("role") != "assistant")
+
+
+def _reference(run) -> tuple[list[str], dict[str, int] | None, str]:
+    """The run's training inputs as text, its training label counts (classify), and the file they came from."""
+    from .data.commands import RECIPE_READERS
+
+    dc = run.recipe.data
+    if run.task not in RECIPE_READERS or not dc.train:
+        raise DataError(f"{run.dir}: task {run.task!r} has no training data drift can read")
+    path = run.recipe.resolve_path(dc.train)
+    res = RECIPE_READERS[run.task](path, dc, "utf-8")
+    if not res.records:
+        raise DataError(f"{path}: no usable training records (the training data of {run.dir})")
+    texts = [r.input_text() for r in res.records]
+    prior = dict(Counter(r.label for r in res.records)) if run.task == "classify" else None
+    return texts, prior, path
+
+
+def _target(workspace: Path, ref: str):
+    """(the run, the version names the server logged it under, the registered version's ref or None)."""
+    from . import registry
+    from .runs import open_run
+
+    if registry.is_ref(ref):
+        v = registry.resolve(workspace, ref)
+        run = open_run(v.run_dir, workspace)
+        # served by its registered name (NAME:VERSION), or loaded as a plain run folder (its folder name)
+        return run, [v.ref, run.dir.name], v.ref
+    run = open_run(ref, workspace)
+    return run, [run.dir.name], None
+
+
+def drift_report(workspace: Path, ref: str, since: float | None = None, out_dir: Path | None = None, *,
+                 thresholds: dict | None = None, seed: int = 0, permutations: int = 200,
+                 encoder_dir: str | None = None, max_texts: int = MAX_TEXTS) -> dict:
+    """The live inputs the server logged for `ref` (NAME:VERSION, NAME@ALIAS or a run folder) since `since`
+    (epoch seconds; None: all) against the training data of its run: text drift, the predicted label mix
+    (classify) and the rating trend. Writes `drift.json` and `drift.html` to `out_dir` (default
+    `<workspace>/drift/<ref>/`) and returns the JSON."""
+    from .feedback import FeedbackStore
+    from .fileio import write_json_atomic, write_text_atomic
+
+    workspace = Path(workspace)
+    th = _thresholds(thresholds)
+    run, names, version = _target(workspace, ref)
+    reference, prior, ref_path = _reference(run)
+    db = workspace / "feedback.db"
+    if not db.exists():
+        raise DataError(f"{db}: no feedback store: nothing has been served from this workspace yet "
+                        f"(`tuneloop serve` logs every request there)")
+    store = FeedbackStore(db)
+    try:
+        rows: dict[str, dict] = {}
+        for name in dict.fromkeys(names):
+            for r in store.responses(since=since, model_version=name):
+                if (r["endpoint"] == "classify") == (run.task == "classify"):
+                    rows[r["id"]] = r
+        ratings = [(f["created"], f["rating"]) for f in store.feedback()
+                   if f["response_id"] in rows and f["rating"] is not None]
+        ratings += [(rv["created"], rv["rating"]) for rv in store.reviews(since=since)
+                    if rv.get("response_id") in rows and rv["rating"] is not None]
+    finally:
+        store.close()
+    live_rows = sorted(rows.values(), key=lambda r: (r["created"], r["id"]))
+    when = "" if since is None else f" since {time.strftime('%Y-%m-%d %H:%M', time.gmtime(since))} UTC"
+    if len(live_rows) < MIN_TEXTS:
+        raise DataError(f"{ref}: {len(live_rows)} live inputs logged for {' / '.join(dict.fromkeys(names))}{when} "
+                        f"in {db}; drift needs at least {MIN_TEXTS} (serve it and send it traffic, or widen --since)")
+    live = [_prompt_text(r["prompt"]) for r in live_rows]
+    text, extras = _text_drift(reference, live, encoder_dir=encoder_dir, seed=seed, permutations=permutations,
+                               thresholds=th, max_texts=max_texts)
+    checks = dict(text["checks"])
+    labels = None
+    if prior is not None:
+        labels = label_drift(prior, [r["output"] for r in live_rows], thresholds=th)
+        checks.update(labels["checks"])
+    rating = rating_drift(ratings, thresholds=th)
+    checks.update(rating["checks"])
+    drifted = [k for k, c in checks.items() if c["drifted"]]
+    out = {"ref": ref, "version": version, "run": str(run.dir), "task": run.task, "served_as": list(dict.fromkeys(names)),
+           "training_data": ref_path, "since": since, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+           "score": text["score"], "drifted": bool(drifted), "drifted_checks": drifted, "checks": checks,
+           "n_reference": text["n_reference"], "n_live": text["n_live"],
+           "n_reference_given": text["n_reference_given"], "n_live_given": text["n_live_given"],
+           "live_window": [live_rows[0]["created"], live_rows[-1]["created"]],
+           "thresholds": th, "seed": seed, "permutations": permutations, "max_texts": max_texts,
+           "encoder": ENCODER if encoder_dir is None else str(encoder_dir)}
+    out_dir = Path(out_dir) if out_dir is not None else workspace / "drift" / re.sub(r"[^A-Za-z0-9_.-]+", "-", ref)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out_dir / DRIFT_JSON, out)
+    write_text_atomic(out_dir / DRIFT_HTML, render_html(out, extras, prior, [r["output"] for r in live_rows],
+                                                         sorted(ratings)))
+    out["json"], out["html"] = str(out_dir / DRIFT_JSON), str(out_dir / DRIFT_HTML)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# the HTML report
+
+
+def _png(fig) -> str:
+    import base64
+
+    from .plots import figure_png
+
+    return base64.b64encode(figure_png(fig, dpi=100)).decode()
+
+
+def _plots(extras: dict, prior: dict | None, predicted: list[str], ratings: list[tuple[float, float]]) -> list[tuple[str, str]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.decomposition import PCA
+
+    out = []
+    x, n_ref = extras["embeddings"], extras["n_ref"]
+    xy = PCA(n_components=2, random_state=0).fit_transform(x)
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    ax[0].scatter(*xy[:n_ref].T, s=6, alpha=0.5, label="training")
+    ax[0].scatter(*xy[n_ref:].T, s=6, alpha=0.5, label="live")
+    ax[0].set_title("MiniLM embeddings, first two principal components")
+    ax[0].legend()
+    s = extras["domain_scores"]
+    bins = np.linspace(0, 1, 26)
+    ax[1].hist(s[:n_ref], bins=bins, alpha=0.6, density=True, label="training")
+    ax[1].hist(s[n_ref:], bins=bins, alpha=0.6, density=True, label="live")
+    ax[1].set_title("domain classifier: out-of-fold P(live)")
+    ax[1].legend()
+    fig.tight_layout()
+    out.append(("embeddings", _png(fig)))
+
+    lens = extras["lengths"]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    top = max(np.percentile(lens, 99), 1)
+    bins = np.linspace(0, top, 31)
+    ax.hist(np.minimum(lens[:n_ref], top), bins=bins, alpha=0.6, density=True, label="training")
+    ax.hist(np.minimum(lens[n_ref:], top), bins=bins, alpha=0.6, density=True, label="live")
+    ax.set_xlabel("words per text")
+    ax.set_title("text length")
+    ax.legend()
+    fig.tight_layout()
+    out.append(("lengths", _png(fig)))
+
+    if prior is not None:
+        got = Counter(predicted)
+        labels = sorted(set(prior) | set(got))
+        e = np.array([prior.get(lab, 0) for lab in labels], float)
+        a = np.array([got.get(lab, 0) for lab in labels], float)
+        fig, ax = plt.subplots(figsize=(max(4, 0.8 * len(labels) + 2), 3.5))
+        pos = np.arange(len(labels))
+        ax.bar(pos - 0.2, e / e.sum(), 0.4, label="training labels")
+        ax.bar(pos + 0.2, a / a.sum(), 0.4, label="live predictions")
+        ax.set_xticks(pos, labels, rotation=30, ha="right")
+        ax.set_ylabel("share")
+        ax.set_title("label mix")
+        ax.legend()
+        fig.tight_layout()
+        out.append(("label mix", _png(fig)))
+
+    if ratings:
+        t = np.array([r[0] for r in ratings]) / 86400
+        t = t - t[0]
+        v = np.array([r[1] for r in ratings], float)
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.scatter(t, v, s=10, alpha=0.5)
+        k = max(1, len(v) // 10)
+        ax.plot(t[k - 1:], np.convolve(v, np.ones(k) / k, mode="valid"), color="C1", label=f"mean of {k}")
+        ax.set_xlabel("days since the first rating")
+        ax.set_ylabel("rating")
+        ax.set_title("ratings over time")
+        ax.legend()
+        fig.tight_layout()
+        out.append(("ratings", _png(fig)))
+    return out
+
+
+def render_html(report: dict, extras: dict, prior: dict | None, predicted: list[str],
+                ratings: list[tuple[float, float]]) -> str:
+    import html
+
+    e = html.escape
+    rows = ""
+    for name, c in report["checks"].items():
+        val = "-" if c["value"] is None else f"{c['value']:.4f}"
+        p = f"{c['p_value']:.4f}" if c.get("p_value") is not None else "-"
+        rows += (f"<tr class=\"{'bad' if c['drifted'] else ''}\"><td>{e(name)}</td><td>{val}</td><td>{p}</td>"
+                 f"<td>{e(str(c['threshold']))}</td><td>{'yes' if c['drifted'] else 'no'}</td></tr>")
+    figs = "".join(f'<figure><img alt="{e(n)}" src="data:image/png;base64,{png}"><figcaption>{e(n)}</figcaption>'
+                   f"</figure>" for n, png in _plots(extras, prior, predicted, ratings))
+    verdict = "drift" if report["drifted"] else "no drift"
+    title = f"drift of {report['ref']}: {verdict}"
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{e(title)}</title>
+<style>
+body{{font-family:system-ui,sans-serif;margin:2rem;color:#222}} table{{border-collapse:collapse;margin:.5rem 0}}
+td,th{{border:1px solid #ccc;padding:.3rem .6rem;text-align:right}} td:first-child,th:first-child{{text-align:left}}
+figure{{display:inline-block;margin:1rem}} .meta{{color:#555}} tr.bad td{{background:#fbe3e1}}
+</style></head><body>
+<h1>{e(title)}</h1>
+<p class="meta">run <code>{e(report['run'])}</code> · training data <code>{e(report['training_data'])}</code>
+ ({report['n_reference']} of {report['n_reference_given']} texts read) · live inputs logged as
+ <code>{e(', '.join(report['served_as']))}</code> ({report['n_live']} of {report['n_live_given']} read)
+ · seed {report['seed']} · {report['permutations']} permutations</p>
+<p>score (domain classifier AUC; 0.5 = live inputs look like training): <b>{report['score']:.3f}</b></p>
+<table><tr><th>check</th><th>value</th><th>p-value</th><th>threshold</th><th>drifted</th></tr>{rows}</table>
+<p class="meta">A check flags drift when its value is past the threshold and its p-value is under
+alpha = {report['thresholds']['alpha']}. embedding: AUC, MMD permutation p-value; length, vocabulary,
+labels: PSI (permutation / chi-square p-value); rating: Kendall's tau of rating against time.</p>
+{figs}
+</body></html>
+"""
