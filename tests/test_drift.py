@@ -90,6 +90,8 @@ def test_too_few_texts_is_a_clear_error():
         text_drift(REFERENCE, ["one", "two"])
     with pytest.raises(DataError, match="thresholds.nope"):
         text_drift(REFERENCE, REFERENCE[:10], thresholds={"nope": 1})
+    with pytest.raises(DataError, match="permutations"):
+        text_drift(REFERENCE, REFERENCE[:10], permutations=50)  # the smallest p-value would be 1/51 > alpha
 
 
 def test_psi_invariants():

@@ -254,6 +254,9 @@ def text_drift(reference: list[str], live: list[str], *, encoder_dir: str | None
 def _text_drift(reference, live, *, encoder_dir, seed, permutations, thresholds, max_texts) -> tuple[dict, dict]:
     """text_drift, and what the HTML report plots (embeddings, lengths, out-of-fold scores)."""
     th = _thresholds(thresholds)
+    if 1 / (1 + permutations) >= th["alpha"]:
+        raise DataError(f"permutations: {permutations} cannot give a p-value under alpha {th['alpha']}; "
+                        f"use at least {int(np.ceil(1 / th['alpha']))}")
     ref = [t for t in reference if isinstance(t, str) and t.strip()]
     liv = [t for t in live if isinstance(t, str) and t.strip()]
     if len(ref) < MIN_TEXTS or len(liv) < MIN_TEXTS:
