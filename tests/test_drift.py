@@ -223,6 +223,8 @@ def test_drift_cli_end_to_end(tmp_path, monkeypatch, capsys):
     report = json.loads((out_dir / "drift.json").read_text())
     assert code == 4 and report["checks"]["rating"]["drifted"] and report["checks"]["rating"]["value"] < 0
     assert report["n_live"] == 120 and report["checks"]["rating"]["n"] == 26
+    code, out, err = run_cli(monkeypatch, capsys, "drift", "reviews:1", "--since", "all", "-o", str(out_dir), *w)
+    assert code == 4 and json.loads((out_dir / "drift.json").read_text())["n_live"] == 160  # the month-old 40 too
     # the run folder itself is a ref too (the server logs a plain run folder by its name: none here)
     code, out, err = run_cli(monkeypatch, capsys, "drift", str(run_dir), *w)
     assert code == 1 and "0 live inputs" in err and run_dir.name in err

@@ -417,9 +417,11 @@ def drift_report(workspace: Path, ref: str, since: float | None = None, out_dir:
             for r in store.responses(since=since, model_version=name):
                 if (r["endpoint"] == "classify") == (run.task == "classify"):
                     rows[r["id"]] = r
-        ratings = [(f["created"], f["rating"]) for f in store.feedback()
+        # a rating is placed at the time of the answer it rates: the trend is of the model on that day's
+        # traffic, however late the rating came (from /v1/feedback or a reviewer)
+        ratings = [(rows[f["response_id"]]["created"], f["rating"]) for f in store.feedback()
                    if f["response_id"] in rows and f["rating"] is not None]
-        ratings += [(rv["created"], rv["rating"]) for rv in store.reviews(since=since)
+        ratings += [(rows[rv["response_id"]]["created"], rv["rating"]) for rv in store.reviews()
                     if rv.get("response_id") in rows and rv["rating"] is not None]
     finally:
         store.close()
@@ -494,8 +496,9 @@ def _plots(extras: dict, prior: dict | None, predicted: list[str], ratings: list
 
     lens = extras["lengths"]
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    top = max(np.percentile(lens, 99), 1)
-    bins = np.linspace(0, top, 31)
+    lo, top = float(lens.min()), max(float(np.percentile(lens, 99)), 1.0)
+    # whole words: one bar per length while they fit, else 30 bars (the longest 1% in the last)
+    bins = np.arange(lo - 0.5, top + 1.5) if top - lo <= 30 else np.linspace(lo, top, 31)
     ax.hist(np.minimum(lens[:n_ref], top), bins=bins, alpha=0.6, density=True, label="training")
     ax.hist(np.minimum(lens[n_ref:], top), bins=bins, alpha=0.6, density=True, label="live")
     ax.set_xlabel("words per text")
