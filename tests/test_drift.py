@@ -278,3 +278,19 @@ def test_classify_requests_are_logged_for_drift(tmp_path, tiny_llama_dir):
         store.close()
     finally:
         engine.close()
+
+
+def test_embeddings_are_unit_length_cached_and_independent_of_their_batch(monkeypatch):
+    from tuneloop import drift
+
+    a, b = REFERENCE[:20], texts(gadget, 30, 21)
+    drift._EMBEDDINGS.clear()
+    alone = drift.embed(a)
+    assert alone.shape == (20, 384) and np.allclose(np.linalg.norm(alone, axis=1), 1, atol=1e-5)
+    drift._EMBEDDINGS.clear()
+    mixed = drift.embed(b + a, batch_size=7)  # other batches, other padding: the same vectors
+    assert np.allclose(mixed[30:], alone, atol=1e-5)
+    # a cache over its bound starts over without losing what this call needs
+    monkeypatch.setattr(drift, "_EMBEDDINGS_MAX", 40)
+    again = drift.embed(a + b)
+    assert np.allclose(again[:20], alone, atol=1e-5) and len(drift._EMBEDDINGS) == len(set(a + b))

@@ -94,10 +94,11 @@ def embed(texts: list[str], encoder_dir: str | None = None, batch_size: int = 64
 
     path, tok, model = _encoder(encoder_dir)
     keys = [hashlib.sha256(t.encode()).hexdigest() for t in texts]
-    todo = sorted({k: t for k, t in zip(keys, texts) if (path, k) not in _EMBEDDINGS}.items(),
-                  key=lambda kv: len(kv[1]))  # similar lengths together: less padding
-    if len(_EMBEDDINGS) + len(todo) > _EMBEDDINGS_MAX:
+    unique = dict(zip(keys, texts))
+    if len(_EMBEDDINGS) + len(unique) > _EMBEDDINGS_MAX:
         _EMBEDDINGS.clear()
+    # similar lengths together: less padding
+    todo = sorted(((k, t) for k, t in unique.items() if (path, k) not in _EMBEDDINGS), key=lambda kv: len(kv[1]))
     with torch.inference_mode():
         for i in range(0, len(todo), batch_size):
             chunk = todo[i:i + batch_size]
