@@ -294,3 +294,13 @@ def test_embeddings_are_unit_length_cached_and_independent_of_their_batch(monkey
     monkeypatch.setattr(drift, "_EMBEDDINGS_MAX", 40)
     again = drift.embed(a + b)
     assert np.allclose(again[:20], alone, atol=1e-5) and len(drift._EMBEDDINGS) == len(set(a + b))
+
+
+def test_a_logged_prompt_reads_as_its_training_record_does():
+    from tuneloop.data.records import Record
+    from tuneloop.drift import _prompt_text
+
+    turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Opening hours?"}]
+    trained = Record(messages=turns + [{"role": "assistant", "content": "9 to 5."}])
+    assert _prompt_text(turns) == trained.input_text()  # the answer is the output, never the input
+    assert _prompt_text("plain completion prompt") == "plain completion prompt"
