@@ -61,3 +61,66 @@ def test_forgetting_scores_only_the_needed_positions_with_the_old_results(lm, bf
     a, b = general_scores(reader, tok, dev, **kw), general_scores(full, tok, dev, **kw)
     assert a["nll"] == pytest.approx(b["nll"], rel=1e-5) and a["correct"] == b["correct"]
     assert a["margin"] == pytest.approx(b["margin"], abs=1e-5)
+
+
+def test_a_bf16_classifier_loads_its_head_unrounded_and_computes_it_in_fp32(tmp_path, tiny_llama_dir):
+    import json
+
+    from safetensors.torch import load_file
+
+    from tuneloop.config import recipe_from_dict
+    from tuneloop.infer.predict import predict_classifier
+    from tuneloop.runs import load_for_inference
+    from tuneloop.train import train_run
+
+    rows = [{"t": f"the tea was {w}", "y": y} for w, y in (("great", "good"), ("awful", "bad"))] * 12
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = recipe_from_dict({
+        "name": "tiny-bf16", "model": str(tiny_llama_dir),
+        "data": {"train": str(tmp_path / "d.jsonl"), "test": str(tmp_path / "d.jsonl"), "text_field": "t",
+                 "label_field": "y", "val_ratio": 0.0},
+        "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+        "train": {"epochs": 1, "max_steps": 2, "batch_size": 8, "max_length": 16, "precision": "bf16", "threads": 1}})
+    run_dir, _ = train_run(recipe, tmp_path / "ws", show_progress=False)
+    saved = {k: v for k, v in load_file(run_dir / "model" / "adapter_model.safetensors").items() if "score" in k}
+    assert saved and all(v.dtype == torch.float32 for v in saved.values())
+    loaded = load_for_inference(run_dir)
+    heads = {n: p for n, p in loaded.model.named_parameters() if "score" in n and "modules_to_save" in n}
+    assert heads and all(p.dtype == torch.float32 for p in heads.values())
+    # the trained values as saved, not rounded to bf16
+    assert torch.equal(next(iter(heads.values())).cpu(), next(iter(saved.values())))
+    ids = loaded.tokenizer(["the tea was great"], return_tensors="pt")
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = loaded.model(**ids).logits
+    assert logits.dtype == torch.float32
+    probs = predict_classifier(loaded.model, loaded.tokenizer, ["the tea was great", "awful"], 2, 16, loaded.dtype,
+                               show_progress=False)
+    assert torch.allclose(probs.sum(-1), torch.ones(2))
+
+
+def test_progress_lines_every_few_seconds_with_rate_and_eta():
+    from tuneloop.data.progress import ProgressLines
+
+    now = [0.0]
+    out: list[str] = []
+    lines = ProgressLines("eval base_fewshot", 100, every=5.0, print_fn=out.append, clock=lambda: now[0])
+    for _ in range(10):  # 10 records every 2 s
+        now[0] += 2.0
+        lines.advance(10)
+    assert len(out) == 4  # at 6, 12 and 18 s (5 s or more apart), and a closing line
+    assert out[0] == "eval base_fewshot: 30/100 records · 5.0/s · elapsed 6 s · ETA 14 s"
+    assert out[-1].endswith("done") and "100/100" in out[-1]
+    quick = ProgressLines("fast", 10, every=5.0, print_fn=out.append, clock=lambda: now[0])
+    quick.advance(10)
+    assert len(out) == 4  # a stage shorter than the interval prints nothing
+
+
+def test_predictions_print_progress_lines_where_no_bar_is_drawn(lm, capsys, monkeypatch):
+    import tuneloop.data.progress as progress
+
+    monkeypatch.setattr(progress, "LINE_EVERY", 0.0)
+    model, tok = lm
+    predict_zero_shot(model, tok, TEXTS, ["good", "bad"], ["yes", "no"], PROMPT, 2, 64, torch.float32,
+                      show_progress=False, desc="eval base")
+    err = capsys.readouterr().err
+    assert "eval base: 2/5 records" in err and "eval base: 5/5 records" in err and "ETA" in err

@@ -12,7 +12,7 @@ from rich.console import Console
 
 from ..data.validate import load_classification, stratified_sample
 from ..errors import ConfigError
-from ..infer.attention import attention_for
+from ..infer.attention import attention_for, bf16_matmuls
 from ..infer.device import device, set_threads
 from ..infer.encode import load_tokenizer
 from ..infer.predict import predict_classifier
@@ -79,9 +79,13 @@ def _load_base(run: Run, recipe, notes: list[str]):
 
     dev = device()
     dtype = getattr(torch, run.info.dtype or "float32")
+    # bf16: the layout the tuned classifier is read with (infer/attention.py `bf16_matmuls`)
     model = AutoModelForCausalLM.from_pretrained(
-        model_path, dtype=dtype, attn_implementation=attention_for(dev, dtype)).to(dev).eval()
-    return model, load_tokenizer(model_path), dtype
+        model_path, dtype=torch.float32 if dtype == torch.bfloat16 else dtype,
+        attn_implementation=attention_for(dev, dtype))
+    if dtype == torch.bfloat16:
+        bf16_matmuls(model)
+    return model.to(dev).eval(), load_tokenizer(model_path), dtype
 
 
 def evaluate_classify(
@@ -149,7 +153,7 @@ def evaluate_classify(
             tp = time.time()
             probes = run_probes(
                 "classify", texts, lambda xs: [labels[i] for i in predict_classifier(
-                    tuned.model, tuned.tokenizer, xs, ec.batch_size, read_up_to, tuned.dtype, False,
+                    tuned.model, tuned.tokenizer, xs, ec.batch_size, read_up_to, tuned.dtype, False, "probes",
                     template=spec.template or "{text}", as_chat=spec.as_chat, system=spec.system_prompt,
                     truncate=spec.truncate).argmax(-1).tolist()],
                 ids=[e.id for e in examples], lexicon=lexicon, sample=ec.probe_sample,

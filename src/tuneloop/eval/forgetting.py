@@ -228,7 +228,7 @@ def forgetting_for_head(run, loaded, threshold: float, seed: int = 0) -> dict:
     causal LM against the adapted backbone read through that LM's own head."""
     from transformers import AutoModelForCausalLM
 
-    from ..infer.attention import attention_for
+    from ..infer.attention import attention_for, bf16_matmuls
 
     method = run.recipe.method.name
     if method in ("prompt_tuning", "prefix_tuning"):
@@ -237,9 +237,13 @@ def forgetting_for_head(run, loaded, threshold: float, seed: int = 0) -> dict:
     if not _causal_base(model_path):
         return not_applicable(f"{run.recipe.model} is not a causal LM: it has no LM head to read text with")
     dev, dtype = loaded.device, loaded.dtype
-    lm = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype,
-                                              attn_implementation=attention_for(dev, dtype)).to(dev).eval()
     bf16 = dtype == torch.bfloat16
+    # the layout the tuned backbone is read with (infer/loaders.py), so base and tuned differ only by tuning
+    lm = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32 if bf16 else dtype,
+                                              attn_implementation=attention_for(dev, dtype))
+    if bf16:
+        bf16_matmuls(lm)
+    lm = lm.to(dev).eval()
     loaded.model.eval()  # predict_z leaves it in train mode: adapter dropout would make scores random
     base = general_scores(causal_logits(lm), loaded.tokenizer, dev, bf16=bf16)
     tuned = general_scores(backbone_logits(loaded.model, lm.get_output_embeddings()), loaded.tokenizer, dev, bf16=bf16)

@@ -16,7 +16,7 @@ import torch
 from rich.console import Console
 from rich.progress import Progress
 
-from ..infer.batching import pad_batch, progress_columns, sorted_batches
+from ..infer.batching import pad_batch, progress_columns, progress_lines, sorted_batches
 
 console = Console(stderr=True)
 
@@ -159,6 +159,7 @@ def predict_zero_shot(model, tok, texts: list[str], labels: list[str], words: li
         prompts = [p[n_shared:] for p in prompts]
     else:
         n_shared = 0
+    lines = progress_lines(console, show_progress, desc, len(texts))
     with Progress(*progress_columns(), console=console, disable=not show_progress) as progress:
         task = progress.add_task(desc, total=len(texts), info=f"{len(shots)}-shot" if shots else "zero-shot")
         for idx in sorted_batches([len(p) for p in prompts], batch_size):
@@ -166,6 +167,8 @@ def predict_zero_shot(model, tok, texts: list[str], labels: list[str], words: li
                 _score_batch(model, tok, prompts, idx, word_ids, single, scores, dtype, dev, decoder, head,
                              prefix, n_shared)
             progress.update(task, advance=len(idx))
+            if lines is not None:
+                lines.advance(len(idx))
     return scores.softmax(-1)
 
 

@@ -147,3 +147,18 @@ def keep_adapter_inputs_bf16(model) -> int:
             m.cast_input_dtype_enabled = False
             n += 1
     return n
+
+
+def bf16_matmuls(model, keep: tuple[str, ...] = ("score", "classifier", "lm_head")) -> int:
+    """Inference layout for bf16 autocast on CPU: every Linear's weights in bf16 (autocast would cast them
+    to bf16 for each product anyway: the same values, without the per-call cast), everything else (the
+    embeddings, the norms, hence the residual stream between blocks) in fp32, and the layers named in
+    `keep` (the head; `lm_head`, tied to the fp32 embeddings) left as they are. The block's elementwise work
+    (norms, residual adds) then runs in fp32, which CPUs without native bf16 arithmetic do faster than
+    bf16, and closer to an fp32 reference (bench/eval_throughput.py). Returns how many Linear layers."""
+    n = 0
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and not any(part in keep for part in name.split(".")):
+            m.to(torch.bfloat16)
+            n += 1
+    return n
