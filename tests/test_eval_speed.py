@@ -124,3 +124,28 @@ def test_predictions_print_progress_lines_where_no_bar_is_drawn(lm, capsys, monk
                       show_progress=False, desc="eval base")
     err = capsys.readouterr().err
     assert "eval base: 2/5 records" in err and "eval base: 5/5 records" in err and "ETA" in err
+
+
+def test_the_bf16_inference_layout_casts_norm_outputs_once_with_the_same_logits(tiny_llama_dir):
+    from transformers import AutoModelForSequenceClassification
+
+    from tuneloop.infer.attention import bf16_matmuls
+
+    def build():
+        torch.manual_seed(0)
+        m = AutoModelForSequenceClassification.from_pretrained(tiny_llama_dir, num_labels=2, dtype=torch.float32)
+        m.config.pad_token_id = 0
+        return m.eval()
+
+    ids = torch.randint(1, 1000, (3, 12))
+    hooked, plain = build(), build()
+    assert bf16_matmuls(hooked) == 2 * 7  # the blocks' Linears; the head stays fp32
+    for m in plain.modules():  # the same weights, autocast left to cast each Linear's input itself
+        if isinstance(m, torch.nn.Linear) and m is not plain.score:
+            m.to(torch.bfloat16)
+    assert hooked.score.weight.dtype == torch.float32 and hooked.model.norm.weight.dtype == torch.float32
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b = hooked(input_ids=ids).logits, plain(input_ids=ids).logits
+    assert torch.equal(a, b)
+    with torch.no_grad():  # without autocast the hooks stay out of the way (fp32 products of fp32 inputs)
+        assert hooked.model.layers[0].input_layernorm(torch.ones(1, 2, 32)).dtype == torch.float32

@@ -78,6 +78,8 @@ def _load_head(model_dir: Path, adapter: bool, model_path: str, tokenizer_path: 
         if bf16:
             head_in_fp32(model)
             bf16_matmuls(model)
+    # a head reads each input once: no key/value cache (filling one copies every layer's keys and values)
+    model.config.use_cache = False
     return model.to(dev).eval(), tok
 
 
