@@ -151,11 +151,20 @@ def evaluate_classify(
                                        show_progress, template=spec.template or "{text}", as_chat=spec.as_chat,
                                        system=spec.system_prompt, truncate=spec.truncate, timer=timer).numpy()
             tp = time.time()
+            # the probes' unswapped inputs were just scored: their labels are the report's, not read again
+            known = {t: labels[j] for t, j in zip(texts, probs.argmax(-1).tolist())}
+
+            def probe_labels(xs: list[str]) -> list[str]:
+                todo = [x for x in dict.fromkeys(xs) if x not in known]
+                if todo:
+                    known.update(zip(todo, [labels[i] for i in predict_classifier(
+                        tuned.model, tuned.tokenizer, todo, ec.batch_size, read_up_to, tuned.dtype, False, "probes",
+                        template=spec.template or "{text}", as_chat=spec.as_chat, system=spec.system_prompt,
+                        truncate=spec.truncate).argmax(-1).tolist()]))
+                return [known[x] for x in xs]
+
             probes = run_probes(
-                "classify", texts, lambda xs: [labels[i] for i in predict_classifier(
-                    tuned.model, tuned.tokenizer, xs, ec.batch_size, read_up_to, tuned.dtype, False, "probes",
-                    template=spec.template or "{text}", as_chat=spec.as_chat, system=spec.system_prompt,
-                    truncate=spec.truncate).argmax(-1).tolist()],
+                "classify", texts, probe_labels,
                 ids=[e.id for e in examples], lexicon=lexicon, sample=ec.probe_sample,
                 threshold=ec.probe_threshold, seed=seed)
             probes["seconds"] = round(time.time() - tp, 2)
