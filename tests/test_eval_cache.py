@@ -141,3 +141,10 @@ def test_a_damaged_or_foreign_entry_is_a_miss_and_outside_a_workspace_nothing_is
     assert store.get("base", parts) is None
     assert workspace_cache_dir(tmp_path / "somewhere" / "run") is None
     assert EvalCache(None).fetch("base", parts, lambda: {"x": 1}) == ({"x": 1}, False)
+
+
+def test_a_cache_that_cannot_be_written_costs_a_recomputation_not_the_report(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    store = EvalCache(blocker / "eval")  # its parent is a file: every write fails
+    assert store.fetch("base", {"a": 1}, lambda: {"x": 1}) == ({"x": 1}, False)

@@ -125,7 +125,14 @@ class EvalCache:
                 return hit, True
         value = compute()
         if parts is not None:
-            self.put(system, parts, value)
+            try:
+                self.put(system, parts, value)
+            except OSError as e:
+                # a read-only or full disk costs the next run a recomputation, not this run its report
+                from rich.console import Console
+
+                Console(stderr=True).print(f"eval cache: could not store {system} in {self.root} ({e})",
+                                           highlight=False)
         return value, False
 
 
