@@ -148,3 +148,16 @@ def test_a_cache_that_cannot_be_written_costs_a_recomputation_not_the_report(tmp
     blocker.write_text("not a folder")
     store = EvalCache(blocker / "eval")  # its parent is a file: every write fails
     assert store.fetch("base", {"a": 1}, lambda: {"x": 1}) == ({"x": 1}, False)
+
+
+def test_the_cli_reads_the_cache_and_no_cache_recomputes(run_dir):
+    from typer.testing import CliRunner
+
+    from tuneloop.cli import app
+
+    runner = CliRunner()
+    for args, hit in ((["--no-cache"], False), ([], True)):
+        res = runner.invoke(app, ["eval", str(run_dir), "--systems", "base,tfidf_logreg", "--no-progress", *args])
+        assert res.exit_code == 0, res.output
+        rep = json.loads((run_dir / "report.json").read_text())
+        assert rep["systems"]["base"]["cached"] is hit and rep["cache"]["systems"]["tfidf_logreg"]["cached"] is hit
