@@ -91,6 +91,7 @@ def generate_answers(model, tok, prompts: list[list[dict]], max_new_tokens: int,
     enc = [list(e["input_ids"]) if isinstance(e, dict) or hasattr(e, "keys") else list(e) for e in enc]
     out = [""] * len(enc)
     task = progress.add_task(label, total=len(enc), info="") if progress is not None else None
+    lines = progress_lines(console, progress is not None and not progress.disable, label, len(enc))
     for b in sorted_batches([len(e) for e in enc], batch_size):
         ids, mask = pad_batch([enc[i] for i in b], tok.pad_token_id, left=True)
         with timer.batch(len(b)) if timer is not None else nullcontext():
@@ -100,4 +101,6 @@ def generate_answers(model, tok, prompts: list[list[dict]], max_new_tokens: int,
             out[i] = tok.decode(row, skip_special_tokens=True).strip()
         if task is not None:
             progress.update(task, advance=len(b))
+        if lines is not None:
+            lines.advance(len(b))
     return out
