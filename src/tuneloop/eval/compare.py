@@ -12,11 +12,12 @@ from rich.console import Console
 
 from ..data.validate import load_classification, stratified_sample
 from ..errors import ConfigError
-from ..infer.attention import attention_for
+from ..infer.attention import attention_for, bf16_matmuls
 from ..infer.device import device, set_threads
 from ..infer.encode import load_tokenizer
 from ..infer.predict import predict_classifier
 from ..runs import Run, load_for_inference, open_run
+from .cache import EvalCache, cache_summary, library_versions, model_identity, texts_fingerprint, workspace_cache_dir
 from .calibration import CONTENT_FREE, calibration_summary, contextual_calibration
 from .cost import BatchTimer, error_cost_matrix, system_cost
 from .forgetting import forgetting_for_head, not_applicable
@@ -30,6 +31,7 @@ from .stats import default_pairs, report_statistics
 
 SYSTEMS = ("base", "base_fewshot", "tuned", "tfidf_logreg")
 PROMPTED = ("base", "base_fewshot")  # the untuned model prompted: run on a stratified sample of a large test set
+CACHED = ("base", "base_fewshot", "tfidf_logreg")  # what does not change when the tuned model does (eval/cache.py)
 
 console = Console(stderr=True)
 
@@ -77,9 +79,13 @@ def _load_base(run: Run, recipe, notes: list[str]):
 
     dev = device()
     dtype = getattr(torch, run.info.dtype or "float32")
+    # bf16: the layout the tuned classifier is read with (infer/attention.py `bf16_matmuls`)
     model = AutoModelForCausalLM.from_pretrained(
-        model_path, dtype=dtype, attn_implementation=attention_for(dev, dtype)).to(dev).eval()
-    return model, load_tokenizer(model_path), dtype
+        model_path, dtype=torch.float32 if dtype == torch.bfloat16 else dtype,
+        attn_implementation=attention_for(dev, dtype))
+    if dtype == torch.bfloat16:
+        bf16_matmuls(model)
+    return model.to(dev).eval(), load_tokenizer(model_path), dtype
 
 
 def evaluate_classify(
@@ -91,7 +97,11 @@ def evaluate_classify(
     label_field: str | None = None,
     show_progress: bool = True,
     print_results: bool = True,
+    cache: bool = True,
 ) -> dict:
+    """The report of a classify run on its test set (or `test_path`). `cache`: read the base model's and the
+    baseline's predictions from the workspace's eval cache when nothing that determines them changed
+    (eval/cache.py); False recomputes them (and stores the fresh ones)."""
     t0 = time.time()
     run = open_run(run_dir)
     recipe, run_dir = run.recipe, run.dir
@@ -126,6 +136,9 @@ def evaluate_classify(
     lexicon = load_lexicon(recipe.resolve_path(ec.probe_terms) if ec.probe_terms else None)
     probes: dict = {}
     forgetting: dict = {} if ec.forgetting else not_applicable("eval.forgetting is off")
+    store = EvalCache(workspace_cache_dir(run_dir), enabled=cache)
+    used: dict[str, bool] = {}
+    generative: bool | None = None
 
     for name in systems:
         ts = time.time()
@@ -138,11 +151,20 @@ def evaluate_classify(
                                        show_progress, template=spec.template or "{text}", as_chat=spec.as_chat,
                                        system=spec.system_prompt, truncate=spec.truncate, timer=timer).numpy()
             tp = time.time()
+            # the probes' unswapped inputs were just scored: their labels are the report's, not read again
+            known = {t: labels[j] for t, j in zip(texts, probs.argmax(-1).tolist())}
+
+            def probe_labels(xs: list[str]) -> list[str]:
+                todo = [x for x in dict.fromkeys(xs) if x not in known]
+                if todo:
+                    known.update(zip(todo, [labels[i] for i in predict_classifier(
+                        tuned.model, tuned.tokenizer, todo, ec.batch_size, read_up_to, tuned.dtype, False, "probes",
+                        template=spec.template or "{text}", as_chat=spec.as_chat, system=spec.system_prompt,
+                        truncate=spec.truncate).argmax(-1).tolist()]))
+                return [known[x] for x in xs]
+
             probes = run_probes(
-                "classify", texts, lambda xs: [labels[i] for i in predict_classifier(
-                    tuned.model, tuned.tokenizer, xs, ec.batch_size, read_up_to, tuned.dtype, False,
-                    template=spec.template or "{text}", as_chat=spec.as_chat, system=spec.system_prompt,
-                    truncate=spec.truncate).argmax(-1).tolist()],
+                "classify", texts, probe_labels,
                 ids=[e.id for e in examples], lexicon=lexicon, sample=ec.probe_sample,
                 threshold=ec.probe_threshold, seed=seed)
             probes["seconds"] = round(time.time() - tp, 2)
@@ -153,37 +175,69 @@ def evaluate_classify(
             ts += time.time() - tp  # the system's own speed excludes its probes and forgetting check
             del tuned
         elif name in PROMPTED:
-            if base_lm is False:
-                base_lm = _load_base(run, recipe, notes)
-            if base_lm is None:
+            if generative is None:
+                generative = _base_is_generative(run.base_model_path())
+                if not generative:
+                    notes.append(f"base, base_fewshot: {recipe.model} is not a generative model; prompted "
+                                 f"scoring skipped")
+            if not generative:
                 continue
             idx = sample
-            probs, extra, settings[name] = _prompted(name, base_lm, recipe, labels, [texts[i] for i in idx],
-                                                     [gold[i] for i in idx], read_up_to, timer, show_progress,
-                                                     seed)
+            sub, sub_gold = [texts[i] for i in idx], [gold[i] for i in idx]
+
+            def compute_prompted(name=name, sub=sub, sub_gold=sub_gold, timer=timer):
+                nonlocal base_lm
+                t = time.time()
+                if base_lm is False:
+                    base_lm = _load_base(run, recipe, notes)
+                p, ex, st = _prompted(name, base_lm, recipe, labels, sub, sub_gold, read_up_to, timer,
+                                      show_progress, seed)
+                return {"probs": None if p is None else np.asarray(p, dtype=np.float64).tolist(), "extra": ex,
+                        "settings": st, "batches": timer.batches, "seconds": round(time.time() - t, 2)}
+
+            value, hit = store.fetch(name, _prompted_key(name, run, recipe, labels, sub, sub_gold, read_up_to,
+                                                         test.fingerprint), compute_prompted)
+            probs, extra, settings[name] = value["probs"], value["extra"], value["settings"]
             if probs is None:
                 notes.append(f"{name}: {settings.pop(name)['skipped']}")
                 continue
         elif name == "tfidf_logreg":
-            recs = _train_records(recipe, labels)
-            clf = tfidf_logreg([r.text for r in recs], [r.label for r in recs], seed)
-            order = {str(c): j for j, c in enumerate(clf.classes_)}
-            probs = np.zeros((len(texts), len(labels)))
-            for i in range(0, len(texts), ec.batch_size):
-                with timer.batch(len(texts[i:i + ec.batch_size])):
-                    p = clf.predict_proba(texts[i:i + ec.batch_size])
-                for l, j in order.items():
-                    probs[i:i + ec.batch_size, labels.index(l)] = p[:, j]
+            def compute_tfidf(timer=timer):
+                t = time.time()
+                recs = _train_records(recipe, labels)
+                clf = tfidf_logreg([r.text for r in recs], [r.label for r in recs], seed)
+                order = {str(c): j for j, c in enumerate(clf.classes_)}
+                p_all = np.zeros((len(texts), len(labels)))
+                for i in range(0, len(texts), ec.batch_size):
+                    with timer.batch(len(texts[i:i + ec.batch_size])):
+                        p = clf.predict_proba(texts[i:i + ec.batch_size])
+                    for l, j in order.items():
+                        p_all[i:i + ec.batch_size, labels.index(l)] = p[:, j]
+                return {"probs": p_all.tolist(), "extra": {}, "batches": timer.batches,
+                        "seconds": round(time.time() - t, 2)}
+
+            value, hit = store.fetch(name, _tfidf_key(recipe, labels, texts, test.fingerprint, seed), compute_tfidf)
+            probs = value["probs"]
+        if name in CACHED:
+            used[name] = hit
+            if hit:
+                # the speed and cost shown are those measured when the result was computed
+                timer.batches = [tuple(b) for b in value["batches"]]
+                console.print(f"{name}: cached result reused (nothing that determines it changed; "
+                              f"--no-cache recomputes)", highlight=False)
         probs = np.asarray(probs, dtype=np.float64)
         pred = [labels[j] for j in probs.argmax(-1)]
         conf = probs.max(-1)
         g = [gold[i] for i in idx]
         m = classification_metrics(g, pred, labels)
         m.update(extra)
-        m["wall_seconds"] = round(time.time() - ts, 2)
+        # a cached system's time is its computation's, whether it ran now or was read back
+        m["wall_seconds"] = value["seconds"] if name in CACHED else round(time.time() - ts, 2)
         m["records_per_second"] = round(len(idx) / max(1e-9, m["wall_seconds"]), 1)
         if len(idx) < len(texts):
             m["sampled"] = True
+        if name in CACHED:
+            m["cached"] = used[name]
         results[name] = m
         rows: list[dict | None] = [None] * len(texts)
         for i, l, c in zip(idx, pred, conf):
@@ -196,6 +250,10 @@ def evaluate_classify(
         notes.append(f"{', '.join(s for s in PROMPTED if s in results)}: a stratified sample of {len(sample)} of "
                      f"{len(texts)} test records (seed {seed}, eval.prompted_sample); their metrics, intervals "
                      f"and paired tests are on that sample")
+    if any(used.values()):
+        notes.append(f"{', '.join(n for n, hit in used.items() if hit)}: predictions read from the eval cache "
+                     f"{store.root} (the same model, test records, prompt, reading length, dtype and settings "
+                     f"as when computed; their speed is as measured then; `tuneloop eval --no-cache` recomputes)")
     predictions = {n: keyed(examples, ps) for n, ps in per_example.items()}
     report = Report(
         task="classify",
@@ -219,12 +277,42 @@ def evaluate_classify(
         settings=settings,
         calibration=calibration,
         cost=cost,
+        cache=cache_summary(used, store.root, cache),
     ).model_dump(mode="json")
     report.update(report_statistics(report, default_pairs(list(results)), seed=seed))
     write_report(report, out_dir or run_dir)
     if print_results:
         print_table(report)
     return report
+
+
+def _prompted_key(name: str, run: Run, recipe, labels: list[str], texts: list[str], gold: list[str],
+                  read_up_to: int, test_fingerprint: str) -> dict | None:
+    """Everything that determines `_prompted`'s result (eval/cache.py), or None when the base model has
+    no identity to key on (a hub id)."""
+    model_path = run.base_model_path()
+    identity = model_identity(model_path)
+    if identity is None:
+        return None
+    dc, ec = recipe.data, recipe.eval
+    parts = {"model": identity, "test": test_fingerprint, "scored": texts_fingerprint(texts, gold),
+             "labels": labels, "words": [(ec.verbalizer or {}).get(l, l) for l in labels],
+             "prompt": ec.zero_shot_prompt, "system": dc.system_prompt if dc.as_chat else None,
+             "max_length": read_up_to, "dtype": run.info.dtype or "float32", "device": device().type,
+             "batch_size": ec.batch_size, "calibrate": ec.calibrate_base,
+             "libraries": library_versions("torch", "transformers")}
+    if name == "base_fewshot":
+        recs = _train_records(recipe, labels)
+        parts["shots"] = {"train": texts_fingerprint([r.text for r in recs], [r.label for r in recs]),
+                          "k": ec.fewshot_k, "tokens": ec.fewshot_tokens, "seed": recipe.train.seed}
+    return parts
+
+
+def _tfidf_key(recipe, labels: list[str], texts: list[str], test_fingerprint: str, seed: int) -> dict:
+    recs = _train_records(recipe, labels)
+    return {"train": texts_fingerprint([r.text for r in recs], [r.label for r in recs]), "labels": labels,
+            "test": test_fingerprint, "scored": texts_fingerprint(texts), "seed": seed,
+            "libraries": library_versions("scikit-learn", "numpy")}
 
 
 def _prompted(name: str, base_lm, recipe, labels: list[str], texts: list[str], gold: list[str],

@@ -42,6 +42,8 @@ MAX_TOKENS = 160  # per passage
 WRONG_ANSWERS = 2  # per question, of the three in the file
 
 LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (ids, mask) -> logits (B, T, V)
+# Rows of the vocabulary projection at a time: 256 x 49k fp32 logits of SmolLM2 are 50 MB.
+HEAD_CHUNK = 256
 
 
 def general_passages(n: int = PASSAGES, chars: int = PASSAGE_CHARS) -> list[str]:
@@ -79,31 +81,84 @@ def general_questions() -> list[dict]:
     return [json.loads(line) for line in QUESTIONS_FILE.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def causal_logits(model) -> LogitsFn:
-    return lambda ids, mask: model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+class Reader:
+    """A model read for its log-probabilities: `hidden(ids, mask)` gives the final hidden states (B, T, d)
+    of the text's positions and `head` the output layer. Called, it gives the full logits (a `LogitsFn`);
+    `span_logprobs` instead projects only the positions it scores, in chunks."""
+
+    def __init__(self, hidden: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], head):
+        self.hidden, self.head = hidden, head
+
+    def __call__(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.head(self.hidden(ids, mask))
 
 
-def backbone_logits(head_model, lm_head) -> LogitsFn:
-    """Logits of a sequence-classification model's (adapted) backbone read through a causal LM's head."""
+def causal_logits(model) -> Reader:
+    """A causal LM (PEFT-wrapped or not) read through its own forward, the final hidden state caught by a
+    hook and no logits asked for (`logits_to_keep` an empty index, as infer/logprobs.py does)."""
+    from ..infer.logprobs import NO_LOGITS
+
+    decoder = model.get_decoder()
+    caught: list[torch.Tensor] = []
+
+    def catch(module, args, output):
+        caught.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
+
+    def hidden(ids, mask):
+        handle = decoder.register_forward_hook(catch)
+        try:
+            model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=NO_LOGITS.to(ids.device))
+        finally:
+            handle.remove()
+        # prompt tuning puts virtual tokens in front: the text's positions are the last ones
+        return caught.pop()[:, -ids.shape[1]:]
+
+    return Reader(hidden, model.get_output_embeddings())
+
+
+def backbone_logits(head_model, lm_head) -> Reader:
+    """A sequence-classification model's (adapted) backbone read through a causal LM's head."""
     inner = head_model.get_base_model() if hasattr(head_model, "get_base_model") else head_model
     backbone = getattr(inner, inner.base_model_prefix)
-    return lambda ids, mask: lm_head(backbone(input_ids=ids, attention_mask=mask).last_hidden_state)
+    return Reader(lambda ids, mask: backbone(input_ids=ids, attention_mask=mask).last_hidden_state, lm_head)
 
 
 @torch.no_grad()
-def span_logprobs(logits_fn: LogitsFn, seqs: list[list[int]], starts: list[int], pad_id: int, batch_size: int,
-                  dev, bf16: bool = False) -> list[tuple[float, int]]:
-    """(sum of log p, tokens) of each sequence's tokens from `starts[i]` on, each given those before it."""
+def span_logprobs(logits_fn: "LogitsFn | Reader", seqs: list[list[int]], starts: list[int], pad_id: int,
+                  batch_size: int, dev, bf16: bool = False) -> list[tuple[float, int]]:
+    """(sum of log p, tokens) of each sequence's tokens from `starts[i]` on, each given those before it.
+    A `Reader` projects only those positions (neither the padding nor a question's prompt goes through
+    the vocabulary), `HEAD_CHUNK` rows at a time, each row's log-softmax taken in fp32 as before; a plain
+    `LogitsFn` is read whole."""
     out: list[tuple[float, int]] = [(0.0, 0)] * len(seqs)
     for b in sorted_batches([len(s) for s in seqs], batch_size):
         ids, mask = pad_batch([seqs[i] for i in b], pad_id)
+        spans = [(max(1, starts[i]), len(seqs[i])) for i in b]
+        if not isinstance(logits_fn, Reader):
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+                logits = logits_fn(ids.to(dev), mask.to(dev))
+            logp = logits[:, :-1].float().log_softmax(-1).cpu()
+            tok = logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+            for r, i in enumerate(b):
+                s, n = spans[r]
+                out[i] = (float(tok[r, s - 1:n - 1].sum()), n - s)
+            continue
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = logits_fn(ids.to(dev), mask.to(dev))
-        logp = logits[:, :-1].float().log_softmax(-1).cpu()
-        tok = logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+            h = logits_fn.hidden(ids.to(dev), mask.to(dev))
+            # position t predicts token t + 1: the scored tokens s .. n-1 are read at s-1 .. n-2
+            rows = torch.cat([torch.arange(s - 1, n - 1) + r * ids.shape[1] for r, (s, n) in enumerate(spans)])
+            targets = ids.reshape(-1)[rows + 1].to(dev)
+            h = h.reshape(-1, h.shape[-1])[rows.to(dev)]
+            lp = torch.empty(len(rows), dtype=torch.float32)
+            for c in range(0, len(rows), HEAD_CHUNK):
+                logits = logits_fn.head(h[c:c + HEAD_CHUNK]).float()
+                picked = logits.gather(1, targets[c:c + HEAD_CHUNK, None]).squeeze(1)
+                lp[c:c + HEAD_CHUNK] = (picked - torch.logsumexp(logits, -1)).cpu()
+        at = 0
         for r, i in enumerate(b):
-            s, n = max(1, starts[i]), len(seqs[i])
-            out[i] = (float(tok[r, s - 1:n - 1].sum()), n - s)
+            s, n = spans[r]
+            out[i] = (float(lp[at:at + n - s].sum()), n - s)
+            at += n - s
     return out
 
 
@@ -173,7 +228,7 @@ def forgetting_for_head(run, loaded, threshold: float, seed: int = 0) -> dict:
     causal LM against the adapted backbone read through that LM's own head."""
     from transformers import AutoModelForCausalLM
 
-    from ..infer.attention import attention_for
+    from ..infer.attention import attention_for, bf16_matmuls
 
     method = run.recipe.method.name
     if method in ("prompt_tuning", "prefix_tuning"):
@@ -182,9 +237,13 @@ def forgetting_for_head(run, loaded, threshold: float, seed: int = 0) -> dict:
     if not _causal_base(model_path):
         return not_applicable(f"{run.recipe.model} is not a causal LM: it has no LM head to read text with")
     dev, dtype = loaded.device, loaded.dtype
-    lm = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype,
-                                              attn_implementation=attention_for(dev, dtype)).to(dev).eval()
     bf16 = dtype == torch.bfloat16
+    # the layout the tuned backbone is read with (infer/loaders.py), so base and tuned differ only by tuning
+    lm = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32 if bf16 else dtype,
+                                              attn_implementation=attention_for(dev, dtype))
+    if bf16:
+        bf16_matmuls(lm)
+    lm = lm.to(dev).eval()
     loaded.model.eval()  # predict_z leaves it in train mode: adapter dropout would make scores random
     base = general_scores(causal_logits(lm), loaded.tokenizer, dev, bf16=bf16)
     tuned = general_scores(backbone_logits(loaded.model, lm.get_output_embeddings()), loaded.tokenizer, dev, bf16=bf16)

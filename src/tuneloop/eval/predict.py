@@ -16,7 +16,7 @@ import torch
 from rich.console import Console
 from rich.progress import Progress
 
-from ..infer.batching import pad_batch, progress_columns, sorted_batches
+from ..infer.batching import pad_batch, progress_columns, progress_lines, sorted_batches
 
 console = Console(stderr=True)
 
@@ -113,38 +113,96 @@ def fewshot_examples(tok, texts: list[str], labels_of: list[str], labels: list[s
     return out
 
 
+# Below this many shared tokens a separate prefix forward costs more than it saves.
+MIN_SHARED_PREFIX = 8
+
+
+def shared_prefix(prompts: list[list[int]]) -> int:
+    """How many leading tokens every prompt shares (the system turn, the few-shot examples, the
+    instruction up to the text), leaving each at least one token of its own."""
+    if not prompts:
+        return 0
+    first = prompts[0]
+    n = min(len(p) for p in prompts) - 1
+    for p in prompts[1:]:
+        k = 0
+        while k < n and p[k] == first[k]:
+            k += 1
+        n = k
+    return max(0, n)
+
+
 @torch.no_grad()
 def predict_zero_shot(model, tok, texts: list[str], labels: list[str], words: list[str], prompt: str,
                       batch_size: int, max_length: int, dtype: torch.dtype,
                       show_progress: bool = True, system: str | None = None,
-                      shots: list[tuple[str, str]] = (), timer=None, desc: str = "eval base") -> torch.Tensor:
+                      shots: list[tuple[str, str]] = (), timer=None, desc: str = "eval base",
+                      reuse_prefix: bool = True) -> torch.Tensor:
     """Softmax over the labels' answer log-likelihoods, shape (len(texts), len(labels)); `shots` as in
-    `zero_shot_prompts`, `timer` as in infer/predict.py `predict_classifier`."""
+    `zero_shot_prompts`, `timer` as in infer/predict.py `predict_classifier`.
+
+    `reuse_prefix`: the tokens every prompt shares (with few-shot examples, most of each prompt) are read
+    once and their keys and values reused for every input, instead of being re-read per input; the scores
+    equal those of reading each prompt whole (tests/test_eval_speed.py), up to float rounding."""
     dev = next(model.parameters()).device
     prompts = zero_shot_prompts(tok, texts, prompt, words, max_length, system, shots)
     word_ids = [tok(w, add_special_tokens=False)["input_ids"] for w in words]
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     scores = torch.zeros(len(texts), len(labels))
     single = all(len(w) == 1 for w in word_ids)
+    n_shared = shared_prefix(prompts) if reuse_prefix else 0
+    prefix = None
+    if n_shared >= MIN_SHARED_PREFIX:
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            prefix = decoder(input_ids=torch.tensor([prompts[0][:n_shared]], device=dev),
+                             use_cache=True).past_key_values
+        prompts = [p[n_shared:] for p in prompts]
+    else:
+        n_shared = 0
+    lines = progress_lines(console, show_progress, desc, len(texts))
     with Progress(*progress_columns(), console=console, disable=not show_progress) as progress:
         task = progress.add_task(desc, total=len(texts), info=f"{len(shots)}-shot" if shots else "zero-shot")
         for idx in sorted_batches([len(p) for p in prompts], batch_size):
             with timer.batch(len(idx)) if timer is not None else nullcontext():
-                _score_batch(model, tok, prompts, idx, word_ids, single, scores, dtype, dev, decoder, head)
+                _score_batch(model, tok, prompts, idx, word_ids, single, scores, dtype, dev, decoder, head,
+                             prefix, n_shared)
             progress.update(task, advance=len(idx))
+            if lines is not None:
+                lines.advance(len(idx))
     return scores.softmax(-1)
 
 
-def _score_batch(model, tok, prompts, idx, word_ids, single, scores, dtype, dev, decoder, head) -> None:
-    """Each label's answer log-likelihood for the prompts `idx`, into `scores`."""
+def _hidden(decoder, seqs: list[list[int]], pad_id: int, dev, prefix, n_shared: int, left: bool) -> torch.Tensor:
+    """The decoder's last hidden states (B, T, d) of `seqs`, padded (left or right); with `prefix` (the
+    shared prefix's key/value cache, `n_shared` tokens) they continue it: right-padded after it, their
+    positions counted from its end."""
+    import copy
+
+    if prefix is None:
+        ids, mask = pad_batch(seqs, pad_id, left=left)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0) if left else None
+        return decoder(input_ids=ids.to(dev), attention_mask=mask.to(dev),
+                       position_ids=None if pos is None else pos.to(dev)).last_hidden_state
+    ids, mask = pad_batch(seqs, pad_id)
+    cache = copy.deepcopy(prefix)
+    cache.batch_repeat_interleave(len(seqs))
+    full = torch.cat([torch.ones(len(seqs), n_shared, dtype=mask.dtype), mask], 1)
+    pos = torch.arange(n_shared, n_shared + ids.shape[1])[None].expand(len(seqs), -1)
+    return decoder(input_ids=ids.to(dev), attention_mask=full.to(dev), position_ids=pos.to(dev),
+                   past_key_values=cache, use_cache=True).last_hidden_state
+
+
+def _score_batch(model, tok, prompts, idx, word_ids, single, scores, dtype, dev, decoder, head,
+                 prefix=None, n_shared: int = 0) -> None:
+    """Each label's answer log-likelihood for the prompts `idx`, into `scores` (`prefix`: see `_hidden`)."""
     if single:
         # One forward per prompt: the next-token distribution scores every one-token label.
         seqs = [prompts[i] for i in idx]
-        ids, mask = pad_batch(seqs, tok.pad_token_id, left=True)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            h = decoder(input_ids=ids.to(dev), attention_mask=mask.to(dev),
-                        position_ids=pos.to(dev)).last_hidden_state[:, -1]
+            h = _hidden(decoder, seqs, tok.pad_token_id, dev, prefix, n_shared, left=True)
+            # left-padded: every prompt ends at the last position; after a prefix: right-padded
+            last = torch.tensor([len(s) - 1 for s in seqs], device=h.device) if prefix is not None else None
+            h = h[:, -1] if last is None else h[torch.arange(len(seqs), device=h.device), last]
             logp = head(h).float().log_softmax(-1).cpu()
         scores[idx] = logp[:, [w[0] for w in word_ids]]
         return
@@ -152,9 +210,8 @@ def _score_batch(model, tok, prompts, idx, word_ids, single, scores, dtype, dev,
     # go through the vocabulary projection.
     for li, w in enumerate(word_ids):
         seqs = [prompts[i] + w for i in idx]
-        ids, mask = pad_batch(seqs, tok.pad_token_id)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            h = decoder(input_ids=ids.to(dev), attention_mask=mask.to(dev)).last_hidden_state
+            h = _hidden(decoder, seqs, tok.pad_token_id, dev, prefix, n_shared, left=False)
             for r, i in enumerate(idx):
                 start = len(prompts[i]) - 1
                 lp = head(h[r, start:start + len(w)]).float().log_softmax(-1).cpu()

@@ -10,7 +10,8 @@ What one prediction holds, per task:
     sft       {"text", "rougeL", "loss" (mean NLL per answer token, where computed), "tokens" (answer tokens)}
 
 Fields added since format 1 all have defaults, so older reports still load: `intervals`, `tests`,
-`statistics` (eval/stats.py), `calibration` (classifiers), `cost` (speed and money per system).
+`statistics` (eval/stats.py), `calibration` (classifiers), `cost` (speed and money per system), `cache`
+(which systems were read from the eval cache).
 """
 
 from __future__ import annotations
@@ -99,6 +100,10 @@ class Report(BaseModel):
     forgetting: dict[str, Any] = Field(
         default_factory=dict, description="General ability, base vs tuned: perplexity on general text, general "
         "questions, the deltas and a flag (eval/forgetting.py).")
+    cache: dict[str, Any] = Field(
+        default_factory=dict, description="The eval cache (eval/cache.py): {dir, enabled, systems: {system: "
+        "{cached}}}: which systems' predictions were read back instead of recomputed (their speed and cost are "
+        "those measured when they were computed); each such system's metrics also say `cached: true`.")
 
 
 def example_key(text: str) -> str:

@@ -32,6 +32,7 @@ class Evaluator:
     print_table: Callable[[dict, Console], None]
     options: tuple[str, ...] = ()
     report_file: str = REPORT_JSON  # the one to show a person
+    caches: bool = False  # keeps base / baseline predictions in the workspace's eval cache (eval/cache.py)
 
 
 def _classify(run, test_path, systems, out_dir, show_progress, **options) -> dict:
@@ -41,7 +42,7 @@ def _classify(run, test_path, systems, out_dir, show_progress, **options) -> dic
 
 EVALUATORS: dict[str, Evaluator] = {
     "classify": Evaluator(_classify, CLASSIFY_SYSTEMS, print_table, options=("text_field", "label_field"),
-                          report_file=REPORT_HTML),
+                          report_file=REPORT_HTML, caches=True),
     "regress": Evaluator(evaluate_regress, REGRESS_SYSTEMS, print_regress_table, report_file=REPORT_HTML),
     "sft": Evaluator(evaluate_sft, SFT_SYSTEMS, print_sft_table, report_file=REPORT_HTML),
     "dpo": Evaluator(evaluate_preference, PREFERENCE_SYSTEMS, print_preference_table, options=("judge",),
@@ -60,8 +61,9 @@ def evaluator_for(task: str) -> Evaluator:
 
 def evaluate_run(run: "Run | str | Path", test_path: str | None = None, systems: list[str] | None = None,
                  out_dir: Path | None = None, show_progress: bool = True, workspace: Path | None = None,
-                 **options) -> dict:
-    """Evaluate any run with its task's evaluator; unknown systems and options fail naming the known ones."""
+                 cache: bool = True, **options) -> dict:
+    """Evaluate any run with its task's evaluator; unknown systems and options fail naming the known ones.
+    `cache` False: recompute what the eval cache holds (eval/cache.py)."""
     run = open_run(run, workspace)
     ev = evaluator_for(run.task)
     for name in systems or []:
@@ -72,4 +74,6 @@ def evaluate_run(run: "Run | str | Path", test_path: str | None = None, systems:
         if k not in ev.options:
             raise ConfigError(f"--{k.replace('_', '-')}: not used by task {run.task} "
                               f"(its options: {', '.join(ev.options) or 'none'})")
+    if ev.caches:
+        given["cache"] = cache
     return ev.evaluate(run, test_path, systems, out_dir, show_progress, **given)

@@ -147,3 +147,30 @@ def keep_adapter_inputs_bf16(model) -> int:
             m.cast_input_dtype_enabled = False
             n += 1
     return n
+
+
+def bf16_matmuls(model, keep: tuple[str, ...] = ("score", "classifier", "lm_head")) -> int:
+    """Inference layout for bf16 autocast on CPU: every Linear's weights in bf16 (autocast would cast them
+    to bf16 for each product anyway: the same values, without the per-call cast), everything else (the
+    embeddings, the norms, hence the residual stream between blocks) in fp32, and the layers named in
+    `keep` (the head; `lm_head`, tied to the fp32 embeddings) left as they are. The block's elementwise work
+    (norms, residual adds) then runs in fp32, which CPUs without native bf16 arithmetic do faster than
+    bf16, and closer to an fp32 reference (bench/eval_throughput.py). The norms inside the blocks hand
+    their output on in bf16, cast once where autocast would cast it again for each Linear that reads it (q,
+    k, v, gate, up and their adapters): the same values, a fifth of the copies; the final norm's output stays
+    fp32 for the head. Returns how many Linear layers."""
+    n = 0
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and not any(part in keep for part in name.split(".")):
+            m.to(torch.bfloat16)
+            n += 1
+        elif type(m).__name__.endswith("RMSNorm") and ".layers." in f".{name}.":
+            m.register_forward_hook(_bf16_output)
+    return n
+
+
+def _bf16_output(module, args, output):
+    # only where the products run in bf16 (autocast on): outside it, a bf16 input would meet fp32 weights
+    if torch.is_autocast_enabled(output.device.type) and output.dtype == torch.float32:
+        return output.to(torch.bfloat16)
+    return output

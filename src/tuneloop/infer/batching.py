@@ -40,3 +40,14 @@ def progress_columns():
         TextColumn("ETA"),
         TimeRemainingColumn(),
     )
+
+
+def progress_lines(console, show_progress: bool, description: str, total: int):
+    """Where no live bar is drawn (`show_progress` off, or the console is not a terminal: a log file, CI),
+    a `ProgressLines` that prints a line every few seconds; None where the bar is drawn."""
+    from ..data.progress import ProgressLines
+
+    if show_progress and console.is_terminal:
+        return None
+    return ProgressLines(description, total, print_fn=lambda line: console.print(line, highlight=False,
+                                                                                 soft_wrap=True))

@@ -9,7 +9,7 @@ import torch
 from rich.console import Console
 from rich.progress import Progress
 
-from .batching import pad_batch, progress_columns, sorted_batches
+from .batching import pad_batch, progress_columns, progress_lines, sorted_batches
 from .encode import IGNORE, collate, encode_chat, encode_texts
 
 console = Console(stderr=True)
@@ -26,6 +26,7 @@ def predict_classifier(model, tok, texts: list[str], batch_size: int, max_length
     dev = next(model.parameters()).device
     enc = encode_texts(tok, texts, max_length, template, as_chat, system, truncate)
     probs = torch.zeros(len(texts), model.config.num_labels)
+    lines = progress_lines(console, show_progress, desc, len(texts))
     with Progress(*progress_columns(), console=console, disable=not show_progress) as progress:
         task = progress.add_task(desc, total=len(texts), info="")
         for idx in sorted_batches([len(e) for e in enc], batch_size):
@@ -35,6 +36,8 @@ def predict_classifier(model, tok, texts: list[str], batch_size: int, max_length
                     logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits
                 probs[idx] = logits.float().softmax(-1).cpu()
             progress.update(task, advance=len(idx))
+            if lines is not None:
+                lines.advance(len(idx))
     return probs
 
 
@@ -88,6 +91,7 @@ def generate_answers(model, tok, prompts: list[list[dict]], max_new_tokens: int,
     enc = [list(e["input_ids"]) if isinstance(e, dict) or hasattr(e, "keys") else list(e) for e in enc]
     out = [""] * len(enc)
     task = progress.add_task(label, total=len(enc), info="") if progress is not None else None
+    lines = progress_lines(console, progress is not None and not progress.disable, label, len(enc))
     for b in sorted_batches([len(e) for e in enc], batch_size):
         ids, mask = pad_batch([enc[i] for i in b], tok.pad_token_id, left=True)
         with timer.batch(len(b)) if timer is not None else nullcontext():
@@ -97,4 +101,6 @@ def generate_answers(model, tok, prompts: list[list[dict]], max_new_tokens: int,
             out[i] = tok.decode(row, skip_special_tokens=True).strip()
         if task is not None:
             progress.update(task, advance=len(b))
+        if lines is not None:
+            lines.advance(len(b))
     return out

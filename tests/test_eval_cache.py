@@ -1,0 +1,163 @@
+"""The eval cache (eval/cache.py): the base model's and the baseline's predictions are read back on a rerun,
+identical, and recomputed when anything that determines them changes."""
+
+import json
+import random
+import shutil
+
+import pytest
+
+from tuneloop.config import recipe_from_dict
+from tuneloop.eval.cache import EvalCache, model_identity, workspace_cache_dir
+from tuneloop.eval.compare import _prompted_key, _tfidf_key, evaluate_classify
+from tuneloop.runs import open_run
+from tuneloop.train import train_run
+
+WORDS = {"good": ["great", "tasty", "lovely", "perfect"], "bad": ["awful", "stale", "rotten", "bland"]}
+SYSTEMS = ["base", "base_fewshot", "tfidf_logreg"]
+
+
+def _reviews(path, n, seed):
+    rng = random.Random(seed)
+    rows = [{"review": f"the {rng.choice(['tea', 'jam', 'soup'])} was {rng.choice(WORDS[l])}", "score": l}
+            for l in (("good" if i % 2 else "bad") for i in range(n))]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture
+def run_dir(tmp_path, tiny_llama_dir):
+    recipe = recipe_from_dict({
+        "name": "tiny-cache", "model": str(tiny_llama_dir),
+        "data": {"train": _reviews(tmp_path / "train.jsonl", 48, 0), "test": _reviews(tmp_path / "test.jsonl", 24, 1),
+                 "text_field": "review", "label_field": "score", "val_ratio": 0.0},
+        "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+        "train": {"epochs": 1, "max_steps": 1, "batch_size": 8, "max_length": 32, "precision": "fp32", "threads": 1},
+        "eval": {"batch_size": 8, "fewshot_k": 2, "forgetting": False, "probe_sample": 0},
+    })
+    out, _ = train_run(recipe, tmp_path / "ws", show_progress=False)
+    return out
+
+
+def _eval(run, **kw):
+    return evaluate_classify(run, systems=SYSTEMS, show_progress=False, print_results=False, **kw)
+
+
+def test_a_rerun_reads_every_cached_system_back_with_identical_predictions(run_dir, tmp_path):
+    first = _eval(run_dir)
+    assert all(first["systems"][s]["cached"] is False for s in SYSTEMS)
+    store = workspace_cache_dir(run_dir)
+    assert store == (tmp_path / "ws" / "cache" / "eval").resolve()
+    assert len(list(store.glob("*.json"))) == 3 and not list(store.glob(".*tmp"))
+    second = _eval(run_dir)
+    assert second["cache"]["systems"] == {s: {"cached": True} for s in SYSTEMS}
+    assert all(second["systems"][s]["cached"] for s in SYSTEMS)
+    assert second["predictions"] == first["predictions"]
+    assert second["settings"] == first["settings"]
+    for s in SYSTEMS:  # metrics, and the speed as measured when computed
+        for k in ("accuracy", "macro_f1", "uncalibrated_accuracy", "records_per_second"):
+            assert second["systems"][s].get(k) == first["systems"][s].get(k), (s, k)
+        assert second["cost"][s]["p50_ms"] == first["cost"][s]["p50_ms"]
+    assert any("read from the eval cache" in n for n in second["notes"])
+    # --no-cache recomputes: the same numbers, not read back
+    fresh = _eval(run_dir, cache=False)
+    assert not any(fresh["systems"][s]["cached"] for s in SYSTEMS)
+    for s in SYSTEMS:
+        for eid, p in first["predictions"][s].items():
+            q = fresh["predictions"][s][eid]
+            assert (p is None) == (q is None)
+            if p is not None:
+                assert q["label"] == p["label"] and q["probability"] == pytest.approx(p["probability"], abs=1e-5)
+
+
+def test_a_changed_prompt_or_test_set_is_recomputed(run_dir, tmp_path):
+    _eval(run_dir)
+    run = open_run(run_dir)
+    run.recipe.eval.zero_shot_prompt = "Is this review good or bad?\n\n{text}\n\nAnswer: {choices}."
+    rep = _eval(run)
+    assert rep["systems"]["base"]["cached"] is False and rep["systems"]["base_fewshot"]["cached"] is False
+    assert rep["systems"]["tfidf_logreg"]["cached"] is True  # the prompt does not touch it
+    other = _reviews(tmp_path / "other.jsonl", 24, 7)
+    rep = evaluate_classify(run_dir, test_path=other, systems=SYSTEMS, show_progress=False, print_results=False)
+    assert not any(rep["systems"][s]["cached"] for s in SYSTEMS)
+
+
+def test_every_part_of_the_key_changes_it(run_dir, tmp_path, tiny_llama_dir):
+    run = open_run(run_dir)
+    labels = run.info.labels
+    texts, gold = ["the tea was great", "the jam was awful"], ["good", "bad"]
+
+    def key(name="base", r=run, t=texts, fp="fp", n=32):
+        return _prompted_key(name, r, r.recipe, labels, t, gold, n, fp)
+
+    base = key()
+    assert base == key() and base is not None
+    assert key(t=["the tea was lovely", "the jam was awful"]) != base  # the records scored
+    assert key(fp="other") != base  # the test set
+    assert key(n=16) != base  # reading length
+    assert key(name="base_fewshot") != key(name="base")
+    run.info.dtype = "bfloat16"
+    assert key() != base  # dtype
+    run.info.dtype = None
+    run.recipe.eval.verbalizer = {"good": "yes", "bad": "no"}
+    assert key() != base  # label words
+    run.recipe.eval.verbalizer = None
+    few = key(name="base_fewshot")
+    run.recipe.eval.fewshot_k = 4
+    assert key(name="base_fewshot") != few  # the system's own settings
+    # the weights: a copy is the same model; a changed tensor is another
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_llama_dir, copy)
+    run.recipe.eval.fewshot_k = 2
+    run.info.model_path = str(copy)
+    assert key() == base
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    f = next(copy.glob("*.safetensors"))
+    w = load_file(f)
+    name = next(iter(w))
+    w[name] = w[name] + 1e-3 * torch.ones_like(w[name])
+    save_file(w, f, metadata={"format": "pt"})
+    assert model_identity(str(copy))["weights_sha256"] != model_identity(str(tiny_llama_dir))["weights_sha256"]
+    assert key() != base
+    # the baseline's key: its training data and the test records
+    t = _tfidf_key(run.recipe, labels, texts, "fp", 0)
+    assert t == _tfidf_key(run.recipe, labels, texts, "fp", 0) != _tfidf_key(run.recipe, labels, texts[:1], "fp", 0)
+
+
+def test_a_damaged_or_foreign_entry_is_a_miss_and_outside_a_workspace_nothing_is_kept(tmp_path):
+    store = EvalCache(tmp_path / "c")
+    parts = {"a": 1}
+    value, hit = store.fetch("base", parts, lambda: {"probs": [[0.5, 0.5]]})
+    assert not hit and store.fetch("base", parts, lambda: pytest.fail("recomputed"))[1]
+    f = next((tmp_path / "c").glob("base-*.json"))
+    f.write_text("{not json")
+    assert store.get("base", parts) is None
+    assert store.fetch("base", parts, lambda: {"probs": [[1.0, 0.0]]}) == ({"probs": [[1.0, 0.0]]}, False)
+    doc = json.loads(f.read_text())
+    doc["parts"] = {"a": 2}  # a stored entry whose parts are not the asked ones is never an answer
+    f.write_text(json.dumps(doc))
+    assert store.get("base", parts) is None
+    assert workspace_cache_dir(tmp_path / "somewhere" / "run") is None
+    assert EvalCache(None).fetch("base", parts, lambda: {"x": 1}) == ({"x": 1}, False)
+
+
+def test_a_cache_that_cannot_be_written_costs_a_recomputation_not_the_report(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    store = EvalCache(blocker / "eval")  # its parent is a file: every write fails
+    assert store.fetch("base", {"a": 1}, lambda: {"x": 1}) == ({"x": 1}, False)
+
+
+def test_the_cli_reads_the_cache_and_no_cache_recomputes(run_dir):
+    from typer.testing import CliRunner
+
+    from tuneloop.cli import app
+
+    runner = CliRunner()
+    for args, hit in ((["--no-cache"], False), ([], True)):
+        res = runner.invoke(app, ["eval", str(run_dir), "--systems", "base,tfidf_logreg", "--no-progress", *args])
+        assert res.exit_code == 0, res.output
+        rep = json.loads((run_dir / "report.json").read_text())
+        assert rep["systems"]["base"]["cached"] is hit and rep["cache"]["systems"]["tfidf_logreg"]["cached"] is hit
