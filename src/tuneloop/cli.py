@@ -647,6 +647,38 @@ def ci_init(
     console.print(f"wrote {out}", highlight=False)
 
 
+@app.command("drift")
+def drift_(
+    ref: Annotated[str, typer.Argument(help="The served version: NAME@ALIAS, NAME:VERSION or a run folder.")],
+    since: Annotated[Optional[str], typer.Option("--since", help="Live inputs logged since: an age (7d, 12h) or "
+                                                 "an ISO date (default: all).")] = "7d",
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for drift.json and drift.html "
+                                                "(default: <workspace>/drift/<ref>/).")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the samples and permutations.")] = 0,
+    workspace: Workspace = None,
+) -> None:
+    """Have the live inputs drifted from the training data? Embeddings (domain classifier AUC, MMD test),
+    length and vocabulary PSI, predicted label mix, rating trend. Exits 0 (no drift) or 4 (drift)."""
+    from .drift import EXIT_DRIFTED, drift_report
+    from .feedback.export import parse_since
+    from .runs import workspace_path
+
+    result = drift_report(workspace_path(workspace), ref, since=parse_since(since), out_dir=out, seed=seed)
+    t = Table(title=f"drift of {result['ref']} · {result['n_live']} live inputs vs {result['n_reference']} "
+                    f"training texts")
+    for col in ("check", "value", "p-value", "threshold", "drifted"):
+        t.add_column(col, justify="left" if col == "check" else "right")
+    for name, c in result["checks"].items():
+        t.add_row(name, "-" if c["value"] is None else f"{c['value']:.4f}",
+                  "-" if c.get("p_value") is None else f"{c['p_value']:.4f}", str(c["threshold"]),
+                  "[red]yes[/]" if c["drifted"] else "no")
+    console.print(t)
+    verdict = f"[red]drift[/] ({', '.join(result['drifted_checks'])})" if result["drifted"] else "[green]no drift[/]"
+    console.print(f"{verdict} · score {result['score']:.3f} · {result['html']}", highlight=False)
+    # the verdict is the exit code (the loop and CI branch on it), as the gate's is
+    sys.exit(EXIT_DRIFTED if result["drifted"] else 0)
+
+
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -81,6 +81,9 @@ def _judgements(store, since: float | None) -> tuple[list[dict], list[dict]]:
     """(answer judgements, pair verdicts) from /v1/feedback and from reviews, newer than `since`."""
     answers, pairs = [], []
     for f in store.feedback():
+        # feedback on a predicted label (/v1/classify) is not a chat answer: it makes no sft / kto / dpo record
+        if f["endpoint"] == "classify":
+            continue
         if since is None or f["created"] >= since:
             answers.append({"prompt": f["prompt"], "answer": f["output"], "rating": f["rating"], "thumb": None,
                             "correction": f["correction"], "endpoint": f.get("endpoint")})

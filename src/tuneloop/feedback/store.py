@@ -96,6 +96,26 @@ class FeedbackStore:
             s.add(Response(id=id, created=time.time(), model=model, endpoint=endpoint, prompt=prompt,
                            output=output, finish_reason=finish_reason, model_version=model_version))
 
+    def log_responses(self, rows: list[dict]) -> None:
+        """Many responses in one transaction (a classify batch): each row has `log_response`'s fields and
+        `created`."""
+        with Session(self.engine) as s, s.begin():
+            s.add_all(Response(**row) for row in rows)
+
+    def responses(self, since: float | None = None, model_version: str | None = None,
+                  endpoint: str | None = None) -> list[dict]:
+        """Logged responses, oldest first: newer than `since` (a time.time()), of one version, of one
+        endpoint (`chat`, `completion`, `classify`) when given."""
+        with Session(self.engine) as s:
+            q = select(Response).order_by(Response.created, Response.id)
+            if since is not None:
+                q = q.where(Response.created >= since)
+            if model_version is not None:
+                q = q.where(Response.model_version == model_version)
+            if endpoint is not None:
+                q = q.where(Response.endpoint == endpoint)
+            return [_response_dict(r) for r in s.scalars(q)]
+
     def add_feedback(self, response_id: str, rating: int | None = None, correction: str | None = None,
                      comment: str | None = None, user: str | None = None) -> int:
         with Session(self.engine) as s, s.begin():
@@ -124,10 +144,7 @@ class FeedbackStore:
     def get_response(self, response_id: str) -> dict | None:
         with Session(self.engine) as s:
             r = s.get(Response, response_id)
-            if r is None:
-                return None
-            return {"id": r.id, "model": r.model, "model_version": r.model_version, "endpoint": r.endpoint,
-                    "prompt": r.prompt, "output": r.output, "finish_reason": r.finish_reason, "created": r.created}
+            return None if r is None else _response_dict(r)
 
     # ------------------------------------------------------------------------------------------ reviewers
 
@@ -195,9 +212,10 @@ class FeedbackStore:
 
     def enqueue_served(self, queue: str = "served", since: float | None = None, model_version: str | None = None,
                        reviews_wanted: int = 1) -> int:
-        """Queue the answers this store logged while serving (newer than `since`, of one version if given)."""
+        """Queue the answers this store logged while serving (newer than `since`, of one version if given).
+        Generated answers only: a predicted label (endpoint `classify`) is not text for a reviewer to rate."""
         with Session(self.engine) as s:
-            q = select(Response).order_by(Response.created)
+            q = select(Response).where(Response.endpoint != "classify").order_by(Response.created)
             if since is not None:
                 q = q.where(Response.created >= since)
             if model_version is not None:
@@ -446,6 +464,11 @@ def _taken(s: Session, item_id: int, now: float) -> int:
     reviews = s.scalar(select(func.count(Review.id)).where(Review.item_id == item_id))
     held = s.scalar(select(func.count(Reservation.id)).where(Reservation.item_id == item_id, Reservation.until > now))
     return reviews + held
+
+
+def _response_dict(r: Response) -> dict:
+    return {"id": r.id, "model": r.model, "model_version": r.model_version, "endpoint": r.endpoint,
+            "prompt": r.prompt, "output": r.output, "finish_reason": r.finish_reason, "created": r.created}
 
 
 def _item_dict(item: ReviewItem, reserved_until: float | None) -> dict:
