@@ -245,7 +245,7 @@ def test_classify_feedback_becomes_labelled_text(tmp_path):
     test.write_text(json.dumps({"text": "soup was lovely", "label": "good"}) + "\n")
     rows, notes = export_feedback(st, "classify")
     assert rows == [{"text": "soup was cold", "label": "bad"}, {"text": "soup was lovely", "label": "good"}]
-    assert "1 judged without the right label" in notes[-1] and "1 not a /v1/classify answer" in notes[-1]
+    assert "1 judged without the right label" in notes[-1] and notes[0].startswith("2 classify records from 5 ")
     assert "1 judged with different labels" in notes[-1]
     rows, notes = export_feedback(st, "classify", exclude=[str(test)])
     assert rows == [{"text": "soup was cold", "label": "bad"}] and "1 prompt in a frozen test set" in notes[-1]

@@ -77,17 +77,19 @@ def _pref_prompt(user: str, system: str | None):
     return user if system is None else [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
 
-def _judgements(store, since: float | None) -> tuple[list[dict], list[dict]]:
-    """(answer judgements, pair verdicts) from /v1/feedback and from reviews, newer than `since`."""
+def _judgements(store, since: float | None, labels: bool = False) -> tuple[list[dict], list[dict]]:
+    """(answer judgements, pair verdicts) from /v1/feedback and from reviews, newer than `since`. `labels`:
+    the judgements of predicted labels (/v1/classify) alone, else those of generated answers alone."""
     answers, pairs = [], []
     for f in store.feedback():
-        # feedback on a predicted label (/v1/classify) is not a chat answer: it makes no sft / kto / dpo record
-        if f["endpoint"] == "classify":
+        # feedback on a predicted label is not a chat answer: it makes no sft / kto / dpo record, and only it
+        # makes classify records
+        if (f["endpoint"] == "classify") != labels:
             continue
         if since is None or f["created"] >= since:
             answers.append({"prompt": f["prompt"], "answer": f["output"], "rating": f["rating"], "thumb": None,
-                            "correction": f["correction"], "endpoint": f.get("endpoint")})
-    for r in store.reviews(since=since):
+                            "correction": f["correction"]})
+    for r in [] if labels else store.reviews(since=since):
         if r["kind"] == "pair":
             pairs.append(r)
         else:
@@ -150,9 +152,6 @@ def _classify(answers: list[dict], left: Counter) -> list[tuple[dict, Record]]:
     said: dict[str, set[str]] = defaultdict(set)
     order: list[str] = []
     for a in answers:
-        if a.get("endpoint") != "classify":
-            left["not a /v1/classify answer"] += 1
-            continue
         single = _single_turn(a["prompt"])
         if single is None:
             left["a conversation, not one text"] += 1
@@ -309,7 +308,7 @@ def export_feedback(store, kind: str, since: float | None = None, exclude: list[
     """(records as JSON objects, notes): the store's feedback and reviews as training data of `kind`."""
     if kind not in KINDS:
         raise ConfigError(f"--as {kind!r}: known: {', '.join(KINDS)}")
-    answers, pairs = _judgements(store, since)
+    answers, pairs = _judgements(store, since, labels=kind == "classify")
     left: Counter = Counter()
     made = {"sft": lambda: _sft(answers, left), "kto": lambda: _kto(answers, left),
             "dpo": lambda: _dpo(answers, pairs, left), "classify": lambda: _classify(answers, left)}[kind]()
