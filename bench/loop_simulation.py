@@ -148,6 +148,8 @@ def main() -> None:
     ap.add_argument("--min-new", type=int, default=300, help="triggers.min_new_examples")
     ap.add_argument("--margin", type=float, default=0.03, help="gate.margin (accuracy)")
     ap.add_argument("--class-margin", type=float, default=0.10, help="gate.class_margin (per-class recall)")
+    ap.add_argument("--stop-by", type=float, default=None, help="epoch seconds: start no new day after this "
+                    "(the table and RESULT then cover the days run, and say so)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--report-from", type=Path, default=None, help="print the table and RESULT of a finished "
                     "(or interrupted) run's workspace without running anything")
@@ -210,6 +212,10 @@ def main() -> None:
         rng = random.Random(args.seed)
         before, after = list(world["stream_before"]), list(world["stream_after"])
         for day in range(1, args.days_before + args.days_after + 1):
+            if args.stop_by is not None and time.time() > args.stop_by:
+                meta["stopped_early"] = f"stopped before day {day}: --stop-by reached"
+                console.print(meta["stopped_early"], highlight=False)
+                break
             shifted = day > args.days_before
             src = after if shifted else before
             today, src[:] = src[:args.per_day], src[args.per_day:]
@@ -292,6 +298,8 @@ def report(meta: dict, rows: list[dict], console) -> None:
         "wall_s": round((rows[-1]["end"] if rows else time.time()) - meta["t_start"], 1),
         "workspace": meta["workspace"],
     }
+    if meta.get("stopped_early"):
+        result["stopped_early"] = meta["stopped_early"]
     print("RESULT " + json.dumps(result))
 
 
