@@ -16,7 +16,7 @@ import pytest
 
 from tuneloop.errors import ConfigError
 from tuneloop.loop import (CYCLES, KILL_ENV, NEW, STATE, STEPS, LoopConfig, carried_rows, claim_inbox, decide,
-                           gather, load_loop, loop_dir, read_state, save_step)
+                           gather, load_loop, loop_dir, read_state)
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -315,7 +315,7 @@ def test_a_cycle_killed_after_every_step_finishes_once_on_rerun(tmp_path, tiny_l
 
     import yaml
 
-    rp = _recipe(tmp_path, model=str(tiny_llama_dir))
+    _recipe(tmp_path, model=str(tiny_llama_dir))
     project = _loop_file(tmp_path)
     ws = tmp_path / "ws"
     first = run_cycle(load_loop(project), ws, say=lambda _: None)  # the first version, in-process
@@ -332,7 +332,8 @@ def test_a_cycle_killed_after_every_step_finishes_once_on_rerun(tmp_path, tiny_l
         st = read_state(loop_dir(ws, "soup") / CYCLES / "0002")
         assert step in st["steps"] and not st.get("done"), step
         # the inbox file is in the inbox or in the cycle's folder at every moment, whole
-        places = list((ws / "inbox").glob("week2*")) + list((loop_dir(ws, "soup") / CYCLES / "0002" / "inbox").glob("*"))
+        claimed = loop_dir(ws, "soup") / CYCLES / "0002" / "inbox"
+        places = list((ws / "inbox").glob("week2*")) + list(claimed.glob("*"))
         assert len(places) == 1 and places[0].read_text() == content, step
     p = _cli(ws, project, None)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
@@ -371,3 +372,21 @@ def test_a_cycle_killed_after_every_step_finishes_once_on_rerun(tmp_path, tiny_l
     # a third cycle with nothing new ends with its reason and trains nothing
     p = _cli(ws, project, None)
     assert p.returncode == 0 and "no retrain:" in p.stdout and len(list((ws / "runs").iterdir())) == 2
+
+
+def test_the_history_page_has_a_row_per_cycle_and_the_plot_across_versions():
+    from tuneloop.loop import render_history
+
+    gate = {"passed": True, "frozen": {"metric": "accuracy", "candidate": 0.81, "production": 0.8, "lower": -0.01,
+                                       "upper": 0.03}, "recent": {"candidate": 0.9, "production": 0.7}}
+    cycles = [{"cycle": 1, "data": {"kept": 0}, "reason": "no version holds soup@production yet", "candidate": "soup:1",
+               "gate": {"passed": True, "frozen": {"metric": "accuracy", "candidate": 0.8}}, "promoted": True,
+               "production_after": "soup:1"},
+              {"cycle": 2, "data": {"kept": 5, "new_train": 4, "recent": 1}, "reason": "no retrain: 4 new examples (< 50)",
+               "production_after": "soup:1"},
+              {"cycle": 3, "data": {"kept": 60}, "drift": 0.9, "reason": "retrain: drift 0.900 flagged <b>",
+               "candidate": "soup:2", "gate": gate, "promoted": True, "production_after": "soup:2"}]
+    page = render_history("soup", cycles)
+    assert page.count("<tr><td>") == 3 and "data:image/png;base64," in page
+    assert "0.8100 vs 0.8000 [-0.0100, 0.0300]" in page and "0.9000 vs 0.7000" in page
+    assert "flagged &lt;b&gt;" in page  # reasons are escaped

@@ -382,14 +382,11 @@ def gather(cfg: LoopConfig, recipe, workspace: Path, cycle_dir: Path, production
         if frozen_recs and probes else set()
     rows = []
     for i, (r, t) in enumerate(zip(kept, times)):
-        if i in leaked:
-            dropped["in the frozen test set"] = dropped.get("in the frozen test set", 0) + 1
-            log["clean"].append({"source": r.source, "action": "dropped", "reason": "in the frozen test set"})
-            continue
-        if r.input_text().strip().lower() in old_inputs:
-            dropped["already in production's training data"] = dropped.get("already in production's training data", 0) + 1
-            log["clean"].append({"source": r.source, "action": "dropped",
-                                 "reason": "already in production's training data"})
+        why = "in the frozen test set" if i in leaked else \
+            "already in production's training data" if r.input_text().strip().lower() in old_inputs else None
+        if why is not None:
+            dropped[why] = dropped.get(why, 0) + 1
+            log["clean"].append({"source": r.source, "action": "dropped", "reason": why})
             continue
         rows.append({**_canonical(task, r), "source": r.source, "arrived": t, "key": record_key(r)})
     rows.sort(key=lambda x: x["arrived"])
@@ -506,9 +503,9 @@ def decide(cfg: LoopConfig, gathered: dict, production, last_trained: float | No
         r = ratings
         if r["now"] is not None and r["before"] is not None and r["n_now"] >= t.min_ratings:
             drop = r["before"] - r["now"]
+            cmp = "≥" if drop >= t.rating_drop else "<"
             (fired if drop >= t.rating_drop else quiet).append(
-                f"ratings {r['before']:.2f} → {r['now']:.2f} (drop {drop:.2f} {'≥' if drop >= t.rating_drop else '<'} "
-                f"{t.rating_drop})")
+                f"ratings {r['before']:.2f} → {r['now']:.2f} (drop {drop:.2f} {cmp} {t.rating_drop})")
         else:
             quiet.append(f"ratings: {r['n_now']} of production (need {t.min_ratings} and earlier ones)")
     if t.every is not None:
@@ -754,15 +751,18 @@ def render_history(name: str, cycles: list[dict]) -> str:
         gate = c.get("gate") or {}
         fz, rc = gate.get("frozen") or {}, gate.get("recent") or {}
         data = c.get("data") or {}
-        rows.append(
-            f"<tr><td>{c['cycle']}</td><td>{num(data.get('kept'))} ({num(data.get('new_train'))} train, "
-            f"{num(data.get('recent'))} recent)</td><td>{num(c.get('drift'))}</td><td class=l>{e(c.get('reason') or '')}"
-            f"</td><td>{e(c.get('candidate') or '—')}</td><td>{num(fz.get('candidate'))} vs {num(fz.get('production'))}"
-            f" [{num(fz.get('lower'))}, {num(fz.get('upper'))}]</td><td>{num(rc.get('candidate'))} vs "
-            f"{num(rc.get('production'))}</td><td>{'—' if not gate else 'pass' if gate.get('passed') else 'fail'}"
-            f"</td><td>{'yes' if c.get('promoted') else 'no'}</td><td>{e(c.get('production_after') or '—')}</td></tr>")
+        cells = [str(c["cycle"]), f"{num(data.get('kept'))} ({num(data.get('new_train'))} train, "
+                                       f"{num(data.get('recent'))} recent)", num(c.get("drift")),
+                 e(c.get("reason") or ""), e(c.get("candidate") or "—"),
+                 f"{num(fz.get('candidate'))} vs {num(fz.get('production'))} [{num(fz.get('lower'))}, "
+                 f"{num(fz.get('upper'))}]", f"{num(rc.get('candidate'))} vs {num(rc.get('production'))}",
+                 "—" if not gate else "pass" if gate.get("passed") else "fail",
+                 "yes" if c.get("promoted") else "no", e(c.get("production_after") or "—")]
+        rows.append("<tr>" + "".join(f"<td class=l>{x}</td>" if i == 3 else f"<td>{x}</td>"
+                                     for i, x in enumerate(cells)) + "</tr>")
     png = base64.b64encode(history_png(cycles)).decode() if any(c.get("candidate") for c in cycles) else None
-    fig = f'<figure><img alt="headline metric across versions" src="data:image/png;base64,{png}"></figure>' if png else ""
+    fig = (f'<figure><img alt="headline metric across versions" src="data:image/png;base64,{png}"></figure>'
+           if png else "")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>loop: {e(name)}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2rem;color:#222}} table{{border-collapse:collapse}}
