@@ -90,6 +90,8 @@ def test_too_few_texts_is_a_clear_error():
         text_drift(REFERENCE, ["one", "two"])
     with pytest.raises(DataError, match="thresholds.nope"):
         text_drift(REFERENCE, REFERENCE[:10], thresholds={"nope": 1})
+    with pytest.raises(DataError, match="permutations"):
+        text_drift(REFERENCE, REFERENCE[:10], permutations=50)  # the smallest p-value would be 1/51 > alpha
 
 
 def test_psi_invariants():
@@ -221,6 +223,8 @@ def test_drift_cli_end_to_end(tmp_path, monkeypatch, capsys):
     report = json.loads((out_dir / "drift.json").read_text())
     assert code == 4 and report["checks"]["rating"]["drifted"] and report["checks"]["rating"]["value"] < 0
     assert report["n_live"] == 120 and report["checks"]["rating"]["n"] == 26
+    code, out, err = run_cli(monkeypatch, capsys, "drift", "reviews:1", "--since", "all", "-o", str(out_dir), *w)
+    assert code == 4 and json.loads((out_dir / "drift.json").read_text())["n_live"] == 160  # the month-old 40 too
     # the run folder itself is a ref too (the server logs a plain run folder by its name: none here)
     code, out, err = run_cli(monkeypatch, capsys, "drift", str(run_dir), *w)
     assert code == 1 and "0 live inputs" in err and run_dir.name in err
@@ -274,3 +278,29 @@ def test_classify_requests_are_logged_for_drift(tmp_path, tiny_llama_dir):
         store.close()
     finally:
         engine.close()
+
+
+def test_embeddings_are_unit_length_cached_and_independent_of_their_batch(monkeypatch):
+    from tuneloop import drift
+
+    a, b = REFERENCE[:20], texts(gadget, 30, 21)
+    drift._EMBEDDINGS.clear()
+    alone = drift.embed(a)
+    assert alone.shape == (20, 384) and np.allclose(np.linalg.norm(alone, axis=1), 1, atol=1e-5)
+    drift._EMBEDDINGS.clear()
+    mixed = drift.embed(b + a, batch_size=7)  # other batches, other padding: the same vectors
+    assert np.allclose(mixed[30:], alone, atol=1e-5)
+    # a cache over its bound starts over without losing what this call needs
+    monkeypatch.setattr(drift, "_EMBEDDINGS_MAX", 40)
+    again = drift.embed(a + b)
+    assert np.allclose(again[:20], alone, atol=1e-5) and len(drift._EMBEDDINGS) == len(set(a + b))
+
+
+def test_a_logged_prompt_reads_as_its_training_record_does():
+    from tuneloop.data.records import Record
+    from tuneloop.drift import _prompt_text
+
+    turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Opening hours?"}]
+    trained = Record(messages=turns + [{"role": "assistant", "content": "9 to 5."}])
+    assert _prompt_text(turns) == trained.input_text()  # the answer is the output, never the input
+    assert _prompt_text("plain completion prompt") == "plain completion prompt"

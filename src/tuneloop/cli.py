@@ -650,8 +650,8 @@ def ci_init(
 @app.command("drift")
 def drift_(
     ref: Annotated[str, typer.Argument(help="The served version: NAME@ALIAS, NAME:VERSION or a run folder.")],
-    since: Annotated[Optional[str], typer.Option("--since", help="Live inputs logged since: an age (7d, 12h) or "
-                                                 "an ISO date (default: all).")] = "7d",
+    since: Annotated[str, typer.Option("--since", help="Live inputs logged since: an age (7d, 12h), an ISO date, "
+                                       "or `all`.")] = "7d",
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for drift.json and drift.html "
                                                 "(default: <workspace>/drift/<ref>/).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the samples and permutations.")] = 0,
@@ -663,7 +663,8 @@ def drift_(
     from .feedback.export import parse_since
     from .runs import workspace_path
 
-    result = drift_report(workspace_path(workspace), ref, since=parse_since(since), out_dir=out, seed=seed)
+    when = None if since.strip().lower() == "all" else parse_since(since)
+    result = drift_report(workspace_path(workspace), ref, since=when, out_dir=out, seed=seed)
     t = Table(title=f"drift of {result['ref']} · {result['n_live']} live inputs vs {result['n_reference']} "
                     f"training texts")
     for col in ("check", "value", "p-value", "threshold", "drifted"):

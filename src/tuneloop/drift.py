@@ -54,7 +54,7 @@ DEFAULT_THRESHOLDS: dict = {
     "label_psi": 0.1,
     "rating_tau": -0.1,
 }
-MAX_TEXTS = 1000  # per side: a seeded sample beyond this (encoding is the cost: ~1000 short texts in ~10 s)
+MAX_TEXTS = 1000  # per side: a seeded sample beyond this (encoding is the cost, linear in the texts)
 MIN_TEXTS = 5  # per side, below which no test says anything
 MIN_RATINGS = 10
 ENCODER = "minilm-l6"
@@ -88,16 +88,18 @@ def _encoder(encoder_dir: str | None):
 
 def embed(texts: list[str], encoder_dir: str | None = None, batch_size: int = 64) -> np.ndarray:
     """Unit-length sentence embeddings (n, 384): mean of the last hidden states over real tokens, as
-    sentence-transformers pools all-MiniLM-L6-v2. fp32: on this CPU bf16 was no faster (measured in
-    /work/notes/readme_drift.md) and fp32 keeps the numbers the same on every machine."""
+    sentence-transformers pools all-MiniLM-L6-v2. fp32, so that a verdict does not depend on whether the
+    machine has bf16 kernels; texts are batched by length (less padding) and each is encoded once per
+    process (a loop reads the same training texts every cycle)."""
     import torch
 
     path, tok, model = _encoder(encoder_dir)
     keys = [hashlib.sha256(t.encode()).hexdigest() for t in texts]
-    todo = sorted({k: t for k, t in zip(keys, texts) if (path, k) not in _EMBEDDINGS}.items(),
-                  key=lambda kv: len(kv[1]))  # similar lengths together: less padding
-    if len(_EMBEDDINGS) + len(todo) > _EMBEDDINGS_MAX:
+    unique = dict(zip(keys, texts))
+    if len(_EMBEDDINGS) + len(unique) > _EMBEDDINGS_MAX:
         _EMBEDDINGS.clear()
+    # similar lengths together: less padding
+    todo = sorted(((k, t) for k, t in unique.items() if (path, k) not in _EMBEDDINGS), key=lambda kv: len(kv[1]))
     with torch.inference_mode():
         for i in range(0, len(todo), batch_size):
             chunk = todo[i:i + batch_size]
@@ -254,6 +256,9 @@ def text_drift(reference: list[str], live: list[str], *, encoder_dir: str | None
 def _text_drift(reference, live, *, encoder_dir, seed, permutations, thresholds, max_texts) -> tuple[dict, dict]:
     """text_drift, and what the HTML report plots (embeddings, lengths, out-of-fold scores)."""
     th = _thresholds(thresholds)
+    if 1 / (1 + permutations) >= th["alpha"]:
+        raise DataError(f"permutations: {permutations} cannot give a p-value under alpha {th['alpha']}; "
+                        f"use at least {int(np.ceil(1 / th['alpha']))}")
     ref = [t for t in reference if isinstance(t, str) and t.strip()]
     liv = [t for t in live if isinstance(t, str) and t.strip()]
     if len(ref) < MIN_TEXTS or len(liv) < MIN_TEXTS:
@@ -414,9 +419,11 @@ def drift_report(workspace: Path, ref: str, since: float | None = None, out_dir:
             for r in store.responses(since=since, model_version=name):
                 if (r["endpoint"] == "classify") == (run.task == "classify"):
                     rows[r["id"]] = r
-        ratings = [(f["created"], f["rating"]) for f in store.feedback()
+        # a rating is placed at the time of the answer it rates: the trend is of the model on that day's
+        # traffic, however late the rating came (from /v1/feedback or a reviewer)
+        ratings = [(rows[f["response_id"]]["created"], f["rating"]) for f in store.feedback()
                    if f["response_id"] in rows and f["rating"] is not None]
-        ratings += [(rv["created"], rv["rating"]) for rv in store.reviews(since=since)
+        ratings += [(rows[rv["response_id"]]["created"], rv["rating"]) for rv in store.reviews()
                     if rv.get("response_id") in rows and rv["rating"] is not None]
     finally:
         store.close()
@@ -491,8 +498,9 @@ def _plots(extras: dict, prior: dict | None, predicted: list[str], ratings: list
 
     lens = extras["lengths"]
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    top = max(np.percentile(lens, 99), 1)
-    bins = np.linspace(0, top, 31)
+    lo, top = float(lens.min()), max(float(np.percentile(lens, 99)), 1.0)
+    # whole words: one bar per length while they fit, else 30 bars (the longest 1% in the last)
+    bins = np.arange(lo - 0.5, top + 1.5) if top - lo <= 30 else np.linspace(lo, top, 31)
     ax.hist(np.minimum(lens[:n_ref], top), bins=bins, alpha=0.6, density=True, label="training")
     ax.hist(np.minimum(lens[n_ref:], top), bins=bins, alpha=0.6, density=True, label="live")
     ax.set_xlabel("words per text")

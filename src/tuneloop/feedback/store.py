@@ -3,7 +3,8 @@
 SQLite through SQLAlchemy by default; any SQLAlchemy URL (PostgreSQL for teams) works the same way.
 Every served completion is logged with its prompt and the model version that produced it, so a rating
 or a corrected answer tied to its response id can later become an SFT correction or a preference pair,
-and feedback is tied to a version.
+and feedback is tied to a version. Every classified text is logged too (endpoint `classify`, the predicted
+label as its output): the live inputs `tuneloop drift` compares with the training data.
 
 Reviews: reviewers sign in with a key (only its hash is stored); review items are answers or blind pairs in
 named queues; an item is reserved by one reviewer at a time (or by as many as it wants reviews), and every
