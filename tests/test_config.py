@@ -113,6 +113,7 @@ TASK_KEYS = {  # key: (a valid value to set it to, the tasks that read it)
     "train.undesirable_weight": (0.8, ("kto",)),
     "train.use_margin": (False, ("reward",)),
     "train.cache_frozen": (False, ("classify",)),
+    "train.init_from": ("runs/prod", ("classify", "regress", "sft")),
     "train.packing": (True, ("sft",)),
     "eval.zero_shot_prompt": ("Say {choices} about {text}", ("classify",)),
     "eval.verbalizer": ({"a": "yes"}, ("classify",)),

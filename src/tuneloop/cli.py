@@ -544,6 +544,29 @@ def gate_(
     sys.exit(result.code)
 
 
+@app.command("loop")
+def loop_(
+    project: Annotated[Path, typer.Argument(help="The loop file: recipe, registered name, inbox, triggers, budgets "
+                                            "(see src/tuneloop/loop.py LoopConfig).")],
+    once: Annotated[bool, typer.Option("--once", help="Run one cycle (or finish an interrupted one) and stop "
+                                       "(the default).")] = False,
+    every: Annotated[Optional[str], typer.Option("--every", help="Run a cycle every DURATION (1d, 12h, 30m) "
+                                                 "until stopped.")] = None,
+    workspace: Workspace = None,
+    no_progress: NoProgress = False,
+) -> None:
+    """The continuous loop: gather new data and feedback, decide, train on old + new, register, gate against
+    production on the frozen test set and the recent slice, promote on a pass, report the history."""
+    from .loop import load_loop, run_loop
+    from .runs import workspace_path
+
+    if once and every:
+        raise TuneloopError("loop: give --once or --every DURATION, not both")
+    cfg = load_loop(project)
+    run_loop(cfg, workspace_path(workspace), every, show_progress=not no_progress,
+             say=lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True))
+
+
 def print_gate(details: dict, out: Console) -> None:
     verdict = {0: "[green]passes[/]", 1: "[red]regression[/]", 2: "[yellow]cannot compare[/]"}[details["code"]]
     title = f"{details['candidate']['name']} vs {details['production']['name']}"

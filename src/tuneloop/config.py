@@ -275,6 +275,13 @@ class TrainConfig(Section):
         None, ge=1, description="Write a resumable checkpoint (weights, optimizer, scheduler, RNG, "
         "data position) every N optimizer steps; `tuneloop train --resume RUN_DIR` continues from it exactly.",
     )
+    init_from: str | None = Field(
+        None, description="Warm start: a finished run folder whose trained weights (the adapter, or the full "
+        "weights, and the head) the new run starts from instead of a fresh adapter; it must share the base model "
+        "and method (shapes are checked). Classify head rows follow the labels by name: a label the old run did "
+        "not have starts fresh. `tuneloop loop` sets it to production with `warm_start: true`.",
+        json_schema_extra=SCORED,
+    )
 
 
     @field_validator("time_budget")

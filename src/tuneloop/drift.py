@@ -54,7 +54,7 @@ DEFAULT_THRESHOLDS: dict = {
     "label_psi": 0.1,
     "rating_tau": -0.1,
 }
-MAX_TEXTS = 1000  # per side: a seeded sample beyond this (encoding is the cost: ~1000 short texts in ~10 s)
+MAX_TEXTS = 1000  # per side: a seeded sample beyond this (encoding is the cost, linear in the texts)
 MIN_TEXTS = 5  # per side, below which no test says anything
 MIN_RATINGS = 10
 ENCODER = "minilm-l6"
@@ -88,8 +88,9 @@ def _encoder(encoder_dir: str | None):
 
 def embed(texts: list[str], encoder_dir: str | None = None, batch_size: int = 64) -> np.ndarray:
     """Unit-length sentence embeddings (n, 384): mean of the last hidden states over real tokens, as
-    sentence-transformers pools all-MiniLM-L6-v2. fp32: on this CPU bf16 was no faster (measured in
-    /work/notes/readme_drift.md) and fp32 keeps the numbers the same on every machine."""
+    sentence-transformers pools all-MiniLM-L6-v2. fp32, so that a verdict does not depend on whether the
+    machine has bf16 kernels; texts are batched by length (less padding) and each is encoded once per
+    process (a loop reads the same training texts every cycle)."""
     import torch
 
     path, tok, model = _encoder(encoder_dir)

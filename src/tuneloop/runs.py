@@ -68,6 +68,7 @@ GENERATIONS = "generations.jsonl"
 FAILED = "FAILED"
 # PEFT's and transformers' own names inside model/, which tell an adapter from full weights
 ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 MODEL_CONFIG = "config.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 

@@ -35,7 +35,8 @@ def _open(workspace: Path | None, store: str | None):
 
 @feedback_app.command("export")
 def export(
-    as_: Annotated[str, typer.Option("--as", help="sft (corrections), kto (ratings / thumbs) or dpo (pairs).")],
+    as_: Annotated[str, typer.Option("--as", help="sft (corrections), kto (ratings / thumbs), dpo (pairs) or "
+                                     "classify (labels from /v1/classify feedback).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="JSONL file to write.")],
     since: Annotated[Optional[str], typer.Option(help="Only feedback newer than an age (7d, 12h) or an ISO date.")] = None,
     exclude: Annotated[Optional[list[str]], typer.Option(

@@ -10,6 +10,9 @@ recipe trains on it:
 - dpo: the correction is preferred over the answer it corrects (margin: the rating's distance below 5,
   at least 1); two answers to one prompt with different mean ratings make a pair (margin: the gap); a blind
   pair review picks one (margin 1; `equal` and split verdicts are left out). Shape `preference`.
+- classify: feedback on `/v1/classify` answers becomes text + label: a correction is the right label; a
+  rating of 4-5 (or a thumb up) confirms the predicted one; a low rating without a correction says only that
+  the label was wrong and is left out. Several judgements of one text must agree on its label.
 
 Records are deduplicated by the data studio's content key (`record_key`), and a record whose prompt is
 in a frozen test set (a data file, or a run's held-out test records) is left out, matched the way the split
@@ -30,7 +33,7 @@ from pathlib import Path
 from ..data.records import Record, record_key
 from ..errors import ConfigError, DataError, NotFoundError
 
-KINDS = ("sft", "kto", "dpo")
+KINDS = ("sft", "kto", "dpo", "classify")
 LEAK_THRESHOLD = 0.8  # the split leakage check's default (data/split.py)
 
 
@@ -74,17 +77,19 @@ def _pref_prompt(user: str, system: str | None):
     return user if system is None else [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
 
-def _judgements(store, since: float | None) -> tuple[list[dict], list[dict]]:
-    """(answer judgements, pair verdicts) from /v1/feedback and from reviews, newer than `since`."""
+def _judgements(store, since: float | None, labels: bool = False) -> tuple[list[dict], list[dict]]:
+    """(answer judgements, pair verdicts) from /v1/feedback and from reviews, newer than `since`. `labels`:
+    the judgements of predicted labels (/v1/classify) alone, else those of generated answers alone."""
     answers, pairs = [], []
     for f in store.feedback():
-        # feedback on a predicted label (/v1/classify) is not a chat answer: it makes no sft / kto / dpo record
-        if f["endpoint"] == "classify":
+        # feedback on a predicted label is not a chat answer: it makes no sft / kto / dpo record, and only it
+        # makes classify records
+        if (f["endpoint"] == "classify") != labels:
             continue
         if since is None or f["created"] >= since:
             answers.append({"prompt": f["prompt"], "answer": f["output"], "rating": f["rating"], "thumb": None,
                             "correction": f["correction"]})
-    for r in store.reviews(since=since):
+    for r in [] if labels else store.reviews(since=since):
         if r["kind"] == "pair":
             pairs.append(r)
         else:
@@ -140,6 +145,35 @@ def _kto(answers: list[dict], left: Counter) -> list[tuple[dict, Record]]:
         rec = {"prompt": _pref_prompt(user, system), "completion": a["answer"], "label": labels[0]}
         out.append((rec, Record(prompt=user, completion=a["answer"], label=label,
                                 meta={"system": system} if system else {})))
+    return out
+
+
+def _classify(answers: list[dict], left: Counter) -> list[tuple[dict, Record]]:
+    said: dict[str, set[str]] = defaultdict(set)
+    order: list[str] = []
+    for a in answers:
+        single = _single_turn(a["prompt"])
+        if single is None:
+            left["a conversation, not one text"] += 1
+            continue
+        if a["correction"] is not None and a["correction"].strip():
+            label = a["correction"].strip()
+        elif (a["rating"] is not None and a["rating"] >= 4) or (a["thumb"] is not None and a["thumb"] > 0):
+            label = a["answer"].strip()
+        else:
+            left["judged without the right label"] += 1
+            continue
+        text = single[0]
+        if text not in said:
+            order.append(text)
+        said[text].add(label)
+    out = []
+    for text in order:
+        if len(said[text]) > 1:
+            left["judged with different labels"] += 1
+            continue
+        label = next(iter(said[text]))
+        out.append(({"text": text, "label": label}, Record(text=text, label=label)))
     return out
 
 
@@ -263,7 +297,7 @@ def _probe_turns(r: Record) -> list[dict[str, str]]:
     """The prompt side of an exported record as turns, so its input text is what a test record's is."""
     if r.messages is not None:
         return [m for m in r.messages if m["role"] != "assistant"]
-    return [{"role": "user", "content": r.prompt or ""}]
+    return [{"role": "user", "content": (r.prompt if r.prompt is not None else r.text) or ""}]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -274,9 +308,10 @@ def export_feedback(store, kind: str, since: float | None = None, exclude: list[
     """(records as JSON objects, notes): the store's feedback and reviews as training data of `kind`."""
     if kind not in KINDS:
         raise ConfigError(f"--as {kind!r}: known: {', '.join(KINDS)}")
-    answers, pairs = _judgements(store, since)
+    answers, pairs = _judgements(store, since, labels=kind == "classify")
     left: Counter = Counter()
-    made = _sft(answers, left) if kind == "sft" else _kto(answers, left) if kind == "kto" else _dpo(answers, pairs, left)
+    made = {"sft": lambda: _sft(answers, left), "kto": lambda: _kto(answers, left),
+            "dpo": lambda: _dpo(answers, pairs, left), "classify": lambda: _classify(answers, left)}[kind]()
     seen, unique = set(), []
     for rec, r in made:
         k = record_key(r)

@@ -113,11 +113,13 @@ def _run(recipe: Recipe, run_dir: Path, workspace: Path, show_progress: bool, re
     return metrics
 
 
-def train_run(recipe: Recipe, workspace: Path, show_progress: bool = True) -> tuple[Path, dict]:
-    """Create a run folder under the workspace, train into it, log to MLflow; return (run_dir, metrics)."""
+def train_run(recipe: Recipe, workspace: Path, show_progress: bool = True,
+              run_dir: Path | None = None) -> tuple[Path, dict]:
+    """Create a run folder under the workspace (or train into the empty `run_dir` a caller made with
+    `runs.new_run_dir` and recorded, as the loop does), train into it, log to MLflow; return (run_dir, metrics)."""
     if recipe.task not in RECIPES:
         raise ConfigError(f"task {recipe.task!r}: no recipe (known: {', '.join(sorted(RECIPES))})")
-    run_dir = _shared_run_dir(workspace, recipe.name)
+    run_dir = Path(run_dir) if run_dir is not None else _shared_run_dir(workspace, recipe.name)
     return run_dir, _run(recipe, run_dir, workspace, show_progress, resume=False)
 
 

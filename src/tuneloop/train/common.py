@@ -176,6 +176,69 @@ def load_trainable_state(model, state: dict[str, torch.Tensor]) -> None:
             params[n].copy_(t)
 
 
+def warm_start(model, source, say=None) -> dict:
+    """Copy the trained weights of the finished run `source` (its adapter, or its full weights, with the head)
+    into `model` before training starts (`train.init_from`). A key the two do not share, or a shape that
+    differs, is a ConfigError: the runs must share the base model and method. The one exception is a classify
+    head whose labels changed: its rows are copied by label name and a new label's row keeps its fresh start.
+    Returns what was copied: {"from", "tensors", "new_labels"}."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from ..errors import ConfigError
+    from ..runs import ADAPTER_WEIGHTS, open_run
+
+    run = open_run(source)
+    if run.is_adapter:
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+        if not hasattr(model, "peft_config"):
+            raise ConfigError(f"train.init_from: {run.dir} holds an adapter; this run trains full weights")
+        saved = load_file(str(Path(run.model_dir) / ADAPTER_WEIGHTS))
+        current = get_peft_model_state_dict(model)
+    else:
+        if hasattr(model, "peft_config"):
+            raise ConfigError(f"train.init_from: {run.dir} holds full weights; this run trains an adapter")
+        saved = {}
+        for f in sorted(Path(run.model_dir).glob("*.safetensors")):
+            saved.update(load_file(str(f)))
+        current = {n: p for n, p in model.named_parameters()}
+    old_labels = list(run.info.labels or [])
+    id2label = getattr(getattr(model, "config", None), "id2label", None) or {}
+    new_labels = [id2label[i] for i in sorted(id2label)] if old_labels else []
+    missing = sorted(set(current) - set(saved))
+    if missing:
+        raise ConfigError(f"train.init_from: {run.dir} has no {missing[0]} ({len(missing)} tensors missing): it "
+                          f"was trained with another base model or method")
+    merged, grown = {}, []
+    for k, cur in current.items():
+        t = saved[k]
+        if tuple(t.shape) == tuple(cur.shape):
+            merged[k] = t
+        elif (old_labels and t.ndim >= 1 and t.shape[0] == len(old_labels) and cur.shape[0] == len(new_labels)
+              and tuple(t.shape[1:]) == tuple(cur.shape[1:])):
+            rows = cur.detach().clone().to(t.dtype)
+            for i, label in enumerate(new_labels):
+                if label in old_labels:
+                    rows[i] = t[old_labels.index(label)]
+            merged[k] = rows
+            grown = [x for x in new_labels if x not in old_labels]
+        else:
+            raise ConfigError(f"train.init_from: {k} is {tuple(t.shape)} in {run.dir} and {tuple(cur.shape)} here: "
+                              f"the runs must share the base model and method")
+    if run.is_adapter:
+        set_peft_model_state_dict(model, merged)
+    else:
+        with torch.no_grad():
+            for k, t in merged.items():
+                current[k].copy_(t.to(current[k].dtype))
+    if say is not None:
+        say(f"warm start from {run.dir} ({len(merged)} tensors"
+            + (f"; new labels start fresh: {', '.join(grown)})" if grown else ")"))
+    return {"from": str(run.dir), "tensors": len(merged), "new_labels": grown}
+
+
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -336,6 +399,8 @@ class LoopState:
     def __init__(self, acc, model, groups: list[dict], tc, total_steps: int, run_dir, resume: bool, say):
         from ..runs import checkpoint_dir
 
+        if getattr(tc, "init_from", None) and not resume:
+            warm_start(model, tc.init_from, say if acc.is_main_process else None)
         self.params = [p for g in groups for p in g["params"]]
         optimizer = torch.optim.AdamW(groups, lr=tc.lr, weight_decay=tc.weight_decay)
         self.scheduler = make_scheduler(optimizer, tc.scheduler, int(tc.warmup_ratio * total_steps), total_steps)
