@@ -226,3 +226,11 @@ def test_train_backtest_and_forecast_cli(tmp_path, tiny_llama_dir):
     assert by[("a", 2)] - by[("a", 1)] > 15, by
     code, out = run_cli("forecast", run_dir, "--horizon", "9", "--features", f)
     assert code == 2 and "up to 7" in out
+
+
+def test_forecast_section_is_regress_only_and_recipes_validate(tmp_path):
+    doc = _recipe(tmp_path / "x.csv", "m")
+    with pytest.raises(ConfigError, match="forecast.horizon: not used by task classify"):
+        recipe_from_dict({**doc, "task": "classify", "data": {"train": "x.csv"}})
+    with pytest.raises(ConfigError, match="forecast.horizon"):
+        recipe_from_dict({**doc, "forecast": {"horizon": 0}})

@@ -434,6 +434,9 @@ class ForecastConfig(Section):
     time_parts: dict[str, str] | None = Field(
         None, description="Instead of `data.time_field`: the columns holding the time's parts, e.g. "
         "`{year: yr, month: mo, day: dy, hour: hr}` (year required; month and day default to 1).")
+    start: str | None = Field(
+        None, description="For a table without a time column: the time of its first row; rows (of each series) "
+        "are consecutive steps of `frequency`, in file order.")
     series_field: str | list[str] | None = Field(
         None, description="Column(s) naming the series (item, store, item+store); none: one series.")
     features: list[str] = Field(
@@ -444,7 +447,7 @@ class ForecastConfig(Section):
         "the holiday's name for the template (`{{ holiday }}`).")
     frequency: str | None = Field(
         None, description="The step (pandas alias: 30min, h, D, W, MS, QS); default: inferred from the "
-        "times. Needed with `aggregate`.")
+        "times. Needed with `aggregate` and `start`.")
     aggregate: Literal["count", "sum", "mean"] | None = Field(
         None, description="The table is a log of events (orders): one row per series and `frequency` "
         "bucket, the target being the count of rows or the sum / mean of `data.value_field`; an empty bucket "
@@ -548,6 +551,10 @@ def task_key_errors(recipe: Recipe, where: str = "recipe") -> list[str]:
         if recipe.task not in tasks:
             lines.append(f"{where}: {key}: not used by task {recipe.task} (used by: {', '.join(tasks)})")
 
+    if recipe.forecast is not None:  # an optional section: its keys are read by the tasks of its field
+        given = [f"forecast.{k}" for k in ForecastConfig.model_fields if k in recipe.forecast.model_fields_set]
+        for key in given or ["forecast"]:
+            used_by(key, Recipe.model_fields["forecast"])
     for name in ("name", "task", "model", *_SECTIONS):
         if name not in recipe.model_fields_set:
             continue
@@ -671,9 +678,16 @@ class KeyDoc(NamedTuple):
     tasks: tuple[str, ...]
 
 
-def explain(model: type[BaseModel] = Recipe, prefix: str = "", task: str | None = None) -> list[KeyDoc]:
+def _optional_section(ann) -> type[BaseModel] | None:
+    """`ForecastConfig | None` → ForecastConfig (an optional section, whose keys its field's tasks read)."""
+    return next((a for a in get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+
+
+def explain(model: type[BaseModel] = Recipe, prefix: str = "", task: str | None = None,
+            tasks: tuple[str, ...] | None = None) -> list[KeyDoc]:
     """Every key with its type, default, doc and the tasks that read it (only those `task` reads, when
-    given): the CLI's `recipe keys` help comes from the schema."""
+    given): the CLI's `recipe keys` help comes from the schema. `tasks`: those of an optional section's
+    field, for its keys."""
     if task is not None and task not in TASKS:
         raise ConfigError(f"--task {task!r}: unknown task (known: {', '.join(TASKS)})")
     rows = []
@@ -682,10 +696,14 @@ def explain(model: type[BaseModel] = Recipe, prefix: str = "", task: str | None 
             continue
         ann = field.annotation
         key = f"{prefix}{name}"
-        if task is not None and task not in field_tasks(field):
+        ftasks = tasks or field_tasks(field)
+        if task is not None and task not in ftasks:
             continue
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             rows.extend(explain(ann, key + ".", task))
+            continue
+        if _optional_section(ann) is not None:
+            rows.extend(explain(_optional_section(ann), key + ".", task, ftasks))
             continue
         if field.is_required():
             default = "(required)"
@@ -694,5 +712,5 @@ def explain(model: type[BaseModel] = Recipe, prefix: str = "", task: str | None 
         else:
             default = repr(field.default)
         type_name = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
-        rows.append(KeyDoc(key, type_name, default, field.description or "", field_tasks(field)))
+        rows.append(KeyDoc(key, type_name, default, field.description or "", ftasks))
     return rows

@@ -157,15 +157,19 @@ def _step_index(times, freq: str, t0) -> np.ndarray:
 def read_time_table(spec: str, target: str, *, time_field: str | None = None,
                     time_parts: dict[str, str] | None = None, series_field: str | list[str] | None = None,
                     features: list[str] = (), frequency: str | None = None, aggregate: str | None = None,
-                    holidays: str | None = None, fmt: str = "auto", require_target: bool = True,
+                    holidays: str | None = None, start: str | None = None, fmt: str = "auto",
+                    require_target: bool = True,
                     like: "TimeTable | None" = None) -> "TimeTable | dict":
     """Read and check a time table. With `require_target=False` (future features for `tuneloop forecast`)
     the target may be absent and a dict {(series, step): {feature: value}} is returned on `like`'s axis."""
     import pandas as pd
 
-    if (time_field is None) == (not time_parts):
-        raise ConfigError("forecast: give the time as data.time_field (one column) or forecast.time_parts "
-                          "(columns for year / month / day / hour), exactly one of them")
+    if (time_field is not None) + bool(time_parts) + (start is not None) != 1:
+        raise ConfigError("forecast: give the time as data.time_field (one column), forecast.time_parts "
+                          "(columns for year / month / day / hour) or forecast.start (no time column: rows are "
+                          "consecutive steps), exactly one of them")
+    if start is not None and frequency is None:
+        raise ConfigError("forecast.start: needs forecast.frequency (the step between consecutive rows)")
     if time_parts:
         unknown = sorted(set(time_parts) - set(TIME_PARTS))
         if unknown or "year" not in time_parts:
@@ -174,7 +178,8 @@ def read_time_table(spec: str, target: str, *, time_field: str | None = None,
     if aggregate is not None and frequency is None:
         raise ConfigError("forecast.aggregate: needs forecast.frequency (the bucket size, e.g. D or h)")
     sfields = [series_field] if isinstance(series_field, str) else list(series_field or [])
-    time_label = time_field or "+".join(time_parts.values())
+    time_label = time_field or ("+".join(time_parts.values()) if time_parts else "(row order)")
+    counts: dict[str, int] = {}
     problems: list[str] = []
     lines, raw_times, sids, ys, feats = [], [], [], [], {f: [] for f in features}
     for row in iter_rows(spec, fmt):
@@ -182,7 +187,11 @@ def read_time_table(spec: str, target: str, *, time_field: str | None = None,
             problems.append(f"{spec}:{row.line}: {row.problem}")
             continue
         d = row.data
-        if time_field is not None:
+        if start is not None:
+            sid = "/".join(str(d.get(c)) for c in sfields) if sfields else target
+            raw_times.append(counts.get(sid, 0))
+            counts[sid] = counts.get(sid, 0) + 1
+        elif time_field is not None:
             if d.get(time_field) in (None, ""):
                 problems.append(f"{spec}:{row.line}: {time_field}: missing time")
                 continue
@@ -222,7 +231,15 @@ def read_time_table(spec: str, target: str, *, time_field: str | None = None,
     if not lines and not problems:
         raise DataError(f"{spec}: no rows")
     # times: one vectorised parse, then name every row that did not parse
-    if time_field is not None:
+    if start is not None:
+        try:
+            t_first = pd.Timestamp(start)
+            off = pd.tseries.frequencies.to_offset(frequency)
+        except ValueError:
+            raise ConfigError(f"forecast.start / frequency: {start!r} / {frequency!r}: not a time and a pandas "
+                              f"frequency") from None
+        times = pd.Series([t_first + i * off for i in raw_times])
+    elif time_field is not None:
         times = pd.to_datetime(pd.Series(raw_times), errors="coerce", format="mixed")
     else:
         cols = {p: [t.get(p, 1 if p in ("month", "day") else 0) for t in raw_times] for p in TIME_PARTS}

@@ -50,7 +50,7 @@ def read_recipe_table(recipe, spec: str | None = None) -> TimeTable:
     dc, fc = recipe.data, recipe.forecast
     return read_time_table(spec or dc.train, dc.value_field, time_field=dc.time_field, time_parts=fc.time_parts,
                            series_field=fc.series_field, features=fc.features, frequency=fc.frequency,
-                           aggregate=fc.aggregate, holidays=fc.holidays, fmt=dc.format)
+                           aggregate=fc.aggregate, holidays=fc.holidays, start=fc.start, fmt=dc.format)
 
 
 def save_forecaster(run_dir: Path, fc: Forecaster, table: TimeTable) -> None:
@@ -69,7 +69,12 @@ def load_forecaster(run: "Run | str | Path") -> tuple[Forecaster, TimeTable]:
 
 
 def gbm_predict(model, d: Design) -> np.ndarray:
-    return model.predict(d.X) * d.scale if len(d.X) else np.zeros(0)
+    from threadpoolctl import threadpool_limits
+
+    if not len(d.X):
+        return np.zeros(0)
+    with threadpool_limits(1):  # as in fitting (train/forecast.py: OpenMP threads spin on a shared CPU)
+        return model.predict(d.X) * d.scale
 
 
 def render_texts(template: str, d: Design, gbm: np.ndarray) -> list[str]:
@@ -113,6 +118,8 @@ def future_forecast(run: "Run | str | Path", horizon: int, features: str | None 
         future = read_time_table(features, dc.value_field, time_field=dc.time_field, time_parts=rfc.time_parts,
                                  series_field=rfc.series_field, features=table.feature_names,
                                  frequency=table.freq, holidays=rfc.holidays, fmt="auto", require_target=False,
+                                 # no time column: the file's rows are the steps right after the data ends
+                                 start=str(table.time_of(min(table.end.values()) + 1)) if rfc.start else None,
                                  like=table)
         missing = [f"{features}: series {s!r}: no row for {table.time_of(k)} (step {h} of the forecast)"
                    for s, k, h in rows if (s, k) not in future]
