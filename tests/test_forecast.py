@@ -234,3 +234,11 @@ def test_forecast_section_is_regress_only_and_recipes_validate(tmp_path):
         recipe_from_dict({**doc, "task": "classify", "data": {"train": "x.csv"}})
     with pytest.raises(ConfigError, match="forecast.horizon"):
         recipe_from_dict({**doc, "forecast": {"horizon": 0}})
+
+
+def test_a_table_without_a_time_column_is_dated_by_start(tmp_path):
+    p = write_csv(tmp_path / "n.csv", ["demand", "temp"], [[100 + i, 20] for i in range(10)])
+    t = read_time_table(str(p), "demand", start="2014-01-01", frequency="D", features=["temp"])
+    assert t.freq == "D" and t.time_of(9) == datetime(2014, 1, 10) and t.values["demand"][9] == 109
+    with pytest.raises(ConfigError, match="needs forecast.frequency"):
+        read_time_table(str(p), "demand", start="2014-01-01")
