@@ -38,7 +38,7 @@ def test_unknown_key_names_path_and_allowed_keys():
 
 
 def test_unknown_top_level_key():
-    with pytest.raises(ConfigError, match=r"modle: unknown key \(allowed: data, eval, gate, method, model, name"):
+    with pytest.raises(ConfigError, match=r"modle: unknown key \(allowed: data, eval, forecast, gate, method, model, name"):
         recipe_from_dict({**MINIMAL, "modle": "x"})
 
 
@@ -140,6 +140,12 @@ TASK_KEYS = {  # key: (a valid value to set it to, the tasks that read it)
     "eval.price_per_hour": (0.5, ("classify", "regress", "sft")),
     "gate.exact_below": (10, ("classify",)),
 }
+# the optional `forecast:` section (regress): every key of it
+TASK_KEYS.update({f"forecast.{k}": (v, ("regress",)) for k, v in {
+    "horizon": 3, "origins": 4, "step": 2, "time_parts": {"year": "y"}, "start": "2020-01-01",
+    "series_field": "store", "features": ["temp"], "holidays": "US", "frequency": "D", "aggregate": "count",
+    "lags": [1, 7], "gbm_iterations": 50, "gbm_learning_rate": 0.1, "gbm_max_depth": 3, "gbm_min_leaf": 5,
+    "gbm_loss": "poisson", "residual_rows": 100, "residual_folds": 2, "residual_weights": [0.0, 1.0]}.items()})
 # Read by every task since classify trains on the shared loop: a row each, so none of them regresses.
 SHARED_KEYS = {"data.val_ratio": 0.2, "train.eval_every": 5, "train.patience": 2, "train.overfit_window": 4,
                "train.checkpoint_every": 5, "data.max_train_examples": 10, "eval.systems": ["tuned"],
@@ -195,7 +201,7 @@ def test_defaults_of_other_tasks_are_never_errors_and_never_dumped(task):
     dumped = r.model_dump(mode="json")
     kept = {f"{s}.{k}" for s in ("data", "method", "train", "eval", "gate") for k in dumped[s]}
     assert kept == {row.key for row in explain(task=task) if row.key.count(".") == 1 and
-                    not row.key.startswith("sweep.")}
+                    not row.key.startswith(("sweep.", "forecast."))}
     # a dump (the run folder's recipe.yaml, a sweep trial) reads back as the same recipe
     again = recipe_from_dict(yaml.safe_load(recipe_to_yaml(r)))
     assert again.model_dump(mode="json") == dumped

@@ -124,7 +124,46 @@ def eval_(
                           label_field=label_field, judge=judge_dir, cache=not no_cache)
     ev = evaluator_for(opened.task)
     ev.print_table(report, console)
-    console.print(f"report: {(out or opened.dir) / ev.report_file}")
+    console.print(f"report: {report.get('report_path') or (out or opened.dir) / ev.report_file}")
+
+
+@app.command()
+def forecast(
+    run: Annotated[str, typer.Argument(help="A forecast run (folder or name under <workspace>/runs/).")],
+    horizon: Annotated[int, typer.Option("--horizon", min=1, help="Steps ahead (at most the run's forecast.horizon).")],
+    features: Annotated[Optional[str], typer.Option(
+        "--features", help="Table of the known features for the future steps (the recipe's time and series "
+        "columns and its forecast.features); needed when the run reads any.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Write the forecasts here too (.csv or .jsonl).")] = None,
+    workspace: Workspace = None,
+) -> None:
+    """Forecast the next H steps of every series of a forecast run (boosting on all the data + the tuned correction)."""
+    import json as _json
+
+    from .fileio import write_text_atomic
+    from .infer.forecast import future_forecast
+    from .runs import open_run, workspace_path
+
+    rows = future_forecast(open_run(run, workspace_path(workspace)), horizon, features)
+    t = Table(title=f"forecast, {horizon} step(s) ahead")
+    for c in ("series", "time", "h", "forecast", "gbm"):
+        t.add_column(c)
+    for r in rows:
+        t.add_row(str(r["series"]), r["time"], str(r["horizon"]), f"{r['forecast']:,.4g}", f"{r['gbm']:,.4g}")
+    console.print(t)
+    if out is not None:
+        if out.suffix == ".csv":
+            import csv
+            import io
+
+            buf = io.StringIO()
+            w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+            write_text_atomic(out, buf.getvalue())
+        else:
+            write_text_atomic(out, "".join(_json.dumps(r) + "\n" for r in rows))
+        console.print(f"forecasts: {out}")
 
 
 @data_app.command("pairs")

@@ -482,6 +482,58 @@ class GateConfig(Section):
     )
 
 
+class ForecastConfig(Section):
+    """Demand forecasting over a time table (task `regress`): `tuneloop train` fits gradient boosting on lags,
+    the calendar, holidays and the known features, and tunes the model on what boosting misses (its
+    residual, read from the rendered row); `tuneloop eval` runs the rolling-origin backtest beside seasonal
+    naive and boosting alone; `tuneloop forecast RUN --horizon H` forecasts the future."""
+
+    horizon: int = Field(7, ge=1, description="Steps ahead to forecast (one model serves every horizon 1..H; "
+                         "the lags it reads never pass the forecast origin).")
+    origins: int = Field(8, ge=2, description="Rolling-origin backtest: this many forecast origins, `step` "
+                         "apart, ending H steps before the data ends. Every model is fitted on the data up to "
+                         "the first origin; each origin forecasts from the values up to it.")
+    step: int | None = Field(None, ge=1, description="Steps between backtest origins (default: the horizon).")
+    time_parts: dict[str, str] | None = Field(
+        None, description="Instead of `data.time_field`: the columns holding the time's parts, e.g. "
+        "`{year: yr, month: mo, day: dy, hour: hr}` (year required; month and day default to 1).")
+    start: str | None = Field(
+        None, description="For a table without a time column: the time of its first row; rows (of each series) "
+        "are consecutive steps of `frequency`, in file order.")
+    series_field: str | list[str] | None = Field(
+        None, description="Column(s) naming the series (item, store, item+store); none: one series.")
+    features: list[str] = Field(
+        default_factory=list, description="Known-in-advance columns (weather, prices, promotions, events): "
+        "numbers, or text read as categories. `tuneloop forecast` needs them for the future (--features).")
+    holidays: str | None = Field(
+        None, description="Country code for the `holidays` package (offline): a holiday flag feature and "
+        "the holiday's name for the template (`{{ holiday }}`).")
+    frequency: str | None = Field(
+        None, description="The step (pandas alias: 30min, h, D, W, MS, QS); default: inferred from the "
+        "times. Needed with `aggregate` and `start`.")
+    aggregate: Literal["count", "sum", "mean"] | None = Field(
+        None, description="The table is a log of events (orders): one row per series and `frequency` "
+        "bucket, the target being the count of rows or the sum / mean of `data.value_field`; an empty bucket "
+        "inside a series' span is 0 for count and sum.")
+    lags: list[int] | None = Field(
+        None, description="Lags (steps) the models read; default every step to one season, two seasons and "
+        "the longer seasons (daily: 1-7, 14, 364).")
+    gbm_iterations: int = Field(300, ge=10, description="Boosting iterations of HistGradientBoosting.")
+    gbm_learning_rate: float = Field(0.05, gt=0, le=1, description="Boosting learning rate.")
+    gbm_max_depth: int | None = Field(None, ge=1, description="Depth limit of each tree (none: leaves limit it).")
+    gbm_min_leaf: int = Field(20, ge=1, description="Fewest training rows in a leaf (more: smoother, for noisy counts).")
+    gbm_loss: Literal["squared_error", "absolute_error", "poisson"] = Field(
+        "squared_error", description="Boosting loss (`poisson` suits counts; `absolute_error` the median).")
+    residual_rows: int = Field(
+        1500, ge=10, description="Latest training targets the tuned model learns the residual on (out-of-fold "
+        "boosting forecasts: each fold is forecast by boosting fitted on the folds before it).")
+    residual_folds: int = Field(3, ge=1, description="Expanding folds for those out-of-fold forecasts.")
+    residual_weights: list[float] = Field(
+        default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0],
+        description="The tuned forecast is boosting + w x the learned residual; w is the one of these with "
+        "the lowest validation MAE (0 when the residual does not help: the report says so).")
+
+
 class Recipe(Section):
     name: str = Field(description="Short name; runs are stored as `<workspace>/runs/<name>-<time>`.")
     task: Task = Field(
@@ -502,6 +554,9 @@ class Recipe(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig)
     gate: GateConfig = Field(default_factory=GateConfig)
+    forecast: ForecastConfig | None = Field(
+        None, description="Demand forecasting on a time table (regress): rolling-origin backtest against "
+        "seasonal naive and gradient boosting, `tuneloop forecast`.", json_schema_extra=only("regress"))
 
     # Where the YAML came from, so relative data paths resolve against it (not part of the schema).
     source_dir: str | None = Field(None, exclude=True, description="(internal) folder of the recipe file")
@@ -559,6 +614,10 @@ def task_key_errors(recipe: Recipe, where: str = "recipe") -> list[str]:
         if recipe.task not in tasks:
             lines.append(f"{where}: {key}: not used by task {recipe.task} (used by: {', '.join(tasks)})")
 
+    if recipe.forecast is not None:  # an optional section: its keys are read by the tasks of its field
+        given = [f"forecast.{k}" for k in ForecastConfig.model_fields if k in recipe.forecast.model_fields_set]
+        for key in given or ["forecast"]:
+            used_by(key, Recipe.model_fields["forecast"])
     for name in ("name", "task", "model", *_SECTIONS):
         if name not in recipe.model_fields_set:
             continue
@@ -682,9 +741,16 @@ class KeyDoc(NamedTuple):
     tasks: tuple[str, ...]
 
 
-def explain(model: type[BaseModel] = Recipe, prefix: str = "", task: str | None = None) -> list[KeyDoc]:
+def _optional_section(ann) -> type[BaseModel] | None:
+    """`ForecastConfig | None` → ForecastConfig (an optional section, whose keys its field's tasks read)."""
+    return next((a for a in get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+
+
+def explain(model: type[BaseModel] = Recipe, prefix: str = "", task: str | None = None,
+            tasks: tuple[str, ...] | None = None) -> list[KeyDoc]:
     """Every key with its type, default, doc and the tasks that read it (only those `task` reads, when
-    given): the CLI's `recipe keys` help comes from the schema."""
+    given): the CLI's `recipe keys` help comes from the schema. `tasks`: those of an optional section's
+    field, for its keys."""
     if task is not None and task not in TASKS:
         raise ConfigError(f"--task {task!r}: unknown task (known: {', '.join(TASKS)})")
     rows = []
@@ -693,10 +759,14 @@ def explain(model: type[BaseModel] = Recipe, prefix: str = "", task: str | None 
             continue
         ann = field.annotation
         key = f"{prefix}{name}"
-        if task is not None and task not in field_tasks(field):
+        ftasks = tasks or field_tasks(field)
+        if task is not None and task not in ftasks:
             continue
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             rows.extend(explain(ann, key + ".", task))
+            continue
+        if _optional_section(ann) is not None:
+            rows.extend(explain(_optional_section(ann), key + ".", task, ftasks))
             continue
         if field.is_required():
             default = "(required)"
@@ -705,5 +775,5 @@ def explain(model: type[BaseModel] = Recipe, prefix: str = "", task: str | None 
         else:
             default = repr(field.default)
         type_name = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
-        rows.append(KeyDoc(key, type_name, default, field.description or "", field_tasks(field)))
+        rows.append(KeyDoc(key, type_name, default, field.description or "", ftasks))
     return rows

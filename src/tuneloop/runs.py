@@ -66,6 +66,10 @@ REPORT_JSON = "report.json"
 REPORT_HTML = "report.html"
 GENERATIONS = "generations.jsonl"
 FAILED = "FAILED"
+FORECASTER = "forecaster.pkl"  # forecast: the boosting models (backtest, all data), lags, scales, residual weight
+SERIES = "series.pkl"  # forecast: the time table it was trained on (the history `tuneloop forecast` extends)
+BACKTEST_JSON = "backtest.json"  # forecast: the rolling-origin backtest report (and backtest.html)
+BACKTEST_HTML = "backtest.html"
 # PEFT's and transformers' own names inside model/, which tell an adapter from full weights
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

@@ -35,6 +35,24 @@ class Evaluator:
     caches: bool = False  # keeps base / baseline predictions in the workspace's eval cache (eval/cache.py)
 
 
+def _regress(run, test_path, systems, out_dir, show_progress, **options) -> dict:
+    if run.recipe.forecast is None:
+        return evaluate_regress(run, test_path, systems, out_dir, show_progress, **options)
+    from .forecast import backtest
+
+    if test_path:
+        raise ConfigError("--data: a forecast run is evaluated by its rolling-origin backtest over its own data")
+    return backtest(run, systems, out_dir, show_progress)
+
+
+def _print_regress(report: dict, out: Console) -> None:
+    if report.get("kind") == "backtest":
+        from .forecast import print_backtest_table
+
+        return print_backtest_table(report, out)
+    return print_regress_table(report, out)
+
+
 def _classify(run, test_path, systems, out_dir, show_progress, **options) -> dict:
     return evaluate_classify(run, test_path, systems, out_dir, show_progress=show_progress, print_results=False,
                              **options)
@@ -43,7 +61,8 @@ def _classify(run, test_path, systems, out_dir, show_progress, **options) -> dic
 EVALUATORS: dict[str, Evaluator] = {
     "classify": Evaluator(_classify, CLASSIFY_SYSTEMS, print_table, options=("text_field", "label_field"),
                           report_file=REPORT_HTML, caches=True),
-    "regress": Evaluator(evaluate_regress, REGRESS_SYSTEMS, print_regress_table, report_file=REPORT_HTML),
+    # forecast runs (a `forecast:` section) add gbm; `seasonal_naive` is every season of their data
+    "regress": Evaluator(_regress, (*REGRESS_SYSTEMS, "gbm"), _print_regress, report_file=REPORT_HTML),
     "sft": Evaluator(evaluate_sft, SFT_SYSTEMS, print_sft_table, report_file=REPORT_HTML),
     "dpo": Evaluator(evaluate_preference, PREFERENCE_SYSTEMS, print_preference_table, options=("judge",),
                      report_file=REPORT_HTML),

@@ -24,6 +24,10 @@ def _classify(recipe: Recipe, run_dir: Path, show_progress: bool, resume: bool =
 
 
 def _regress(recipe: Recipe, run_dir: Path, show_progress: bool, resume: bool = False) -> dict:
+    if recipe.forecast is not None:  # demand forecasting on a time table: boosting + the tuned residual
+        from .forecast import train_forecaster
+
+        return train_forecaster(recipe, run_dir, show_progress, resume)
     from .regress import train_regressor
 
     return train_regressor(recipe, run_dir, show_progress, resume)
