@@ -228,6 +228,11 @@ def test_eval_and_serve_apply_decision_json_identically(imbalanced_run, tiny_lla
     rep = evaluate_classify(run_dir, systems=["tuned"], show_progress=False, print_results=False)
     eval_labels = [p["label"] for p in rep["predictions"]["tuned"].values()]
     assert any("decision rule" in n for n in rep["notes"])
+    # per-class recall beside its support, in the HTML a person opens
+    html = (run_dir / "report.html").read_text()
+    assert html.count("<th>R</th><th>F1</th><th>n</th>") == 3
+    gold = Counter(json.loads(l)["label"] for l in (run_dir.parent.parent.parent / "test.jsonl").read_text().splitlines())
+    assert {l: c["support"] for l, c in rep["systems"]["tuned"]["per_class"].items()} == {l: gold[l] for l in WORDS}
     engine = Engine(str(tiny_llama_dir), base_name="tiny", max_batch=8, max_queue=16, max_new_tokens=8)
     try:
         engine.load_adapter("clf", run_dir).result()
