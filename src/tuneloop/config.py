@@ -211,6 +211,32 @@ class TrainConfig(Section):
         "cache is skipped when that exceeds half the free memory.",
         json_schema_extra=only("classify"),
     )
+    class_weights: Literal["auto", "balanced", "none"] | dict[str, float] = Field(
+        "auto", description="Cross-entropy weight per class: `balanced` (n / (classes x n_class), so every class "
+        "weighs as much in the loss as if the data were balanced), `none`, or {label: weight} (labels not named "
+        "weigh 1). `auto`: `balanced` when the training labels are strongly imbalanced by the data report's rule "
+        "(largest class >= 3 x the smallest) unless `train.sampler` is `balanced` (one correction, not two), else "
+        "`none`. What was used is said in the log and kept in train_metrics.json (`imbalance`).",
+        json_schema_extra=only("classify"),
+    )
+    sampler: Literal["auto", "shuffle", "balanced"] = Field(
+        "auto", description="Which training rows an epoch is made of: `shuffle` (each record once), or `balanced`: "
+        "a seeded draw with replacement (seed `train.seed`) of as many rows as there are records, each class "
+        "equally likely, so small classes are seen as often as large ones (their records repeat, large classes' "
+        "are left out). `auto`: `balanced` only when the labels are strongly imbalanced and `train.class_weights` "
+        "is `none`; else `shuffle`.",
+        json_schema_extra=only("classify"),
+    )
+    decision_rule: Literal["auto", "macro_f1", "accuracy", "none"] = Field(
+        "auto", description="After training, fit one logit offset per class on the validation split so that "
+        "argmax(logits + offsets) maximises this metric (coordinate ascent over a grid, see train/balance.py "
+        "`fit_offsets`; kept only where it raises the validation metric); stored as `decision.json` in the run "
+        "and applied wherever the run predicts (`tuneloop eval`, the gate, `/v1/classify`). `none`: plain argmax. "
+        "`auto`: `gate.metric` when that is `macro_f1` or `accuracy`, else `macro_f1` when the training labels "
+        "are strongly imbalanced, else `none`. Needs validation (`data.val_ratio` > 0); without it nothing is "
+        "fitted and the log says so.",
+        json_schema_extra=only("classify"),
+    )
     packing: bool = Field(
         False, description="Pack short examples into rows of `max_length` tokens; position ids restart "
         "per example, so attention never crosses from one example into another.", json_schema_extra=only("sft"),
@@ -567,6 +593,15 @@ class Recipe(Section):
             raise ValueError("data.input_template: must contain {text} exactly once")
         if self.data.labels is not None and len(set(self.data.labels)) < 2:
             raise ValueError("data.labels: need at least two distinct labels")
+        weights = self.train.class_weights
+        if isinstance(weights, dict):
+            bad = sorted(l for l, w in weights.items() if not w > 0)
+            if bad:
+                raise ValueError(f"train.class_weights: weights must be > 0 (got {', '.join(f'{l}: {weights[l]}' for l in bad)})")
+            unknown = sorted(set(weights) - set(self.data.labels)) if self.data.labels is not None else []
+            if unknown:
+                raise ValueError(f"train.class_weights: unknown label {', '.join(map(repr, unknown))} "
+                                 f"(data.labels: {', '.join(self.data.labels)})")
         return self
 
     @model_serializer(mode="wrap")

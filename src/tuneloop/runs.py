@@ -9,6 +9,7 @@ A run folder holds:
     recipe.yaml         the recipe it was trained with (data paths absolute; users read and may edit it)
     data.json           what the recipe's data loader found (counts, truncation)
     labels.json         classify: the label order of the head
+    decision.json       classify, when fitted: per-class logit offsets tuned on validation (infer/decision.py)
     target.json         regress: the target's field, mean and std (predictions come back in real units)
     train_metrics.json  the training metrics
     history.json        {"train": [{step, loss, lr, ...}], "validation": [[step, train_loss, val_loss], ...]}
@@ -65,6 +66,7 @@ CHECKPOINT_STATE = "state.pt"
 REPORT_JSON = "report.json"
 REPORT_HTML = "report.html"
 GENERATIONS = "generations.jsonl"
+DECISION = "decision.json"  # classify: the decision rule fitted on validation (per-class logit offsets)
 FAILED = "FAILED"
 FORECASTER = "forecaster.pkl"  # forecast: the boosting models (backtest, all data), lags, scales, residual weight
 SERIES = "series.pkl"  # forecast: the time table it was trained on (the history `tuneloop forecast` extends)
@@ -297,6 +299,16 @@ def write_history(run_dir: Path, train: list[dict], validation: list) -> None:
     write_json_atomic(Path(run_dir) / HISTORY, {"train": train, "validation": [list(v) for v in validation]})
 
 
+def write_decision(run_dir: Path, decision: dict) -> None:
+    write_json_atomic(Path(run_dir) / DECISION, decision)
+
+
+def read_decision(run_dir: Path) -> dict | None:
+    """The run's decision rule, or None (plain argmax)."""
+    f = Path(run_dir) / DECISION
+    return read_json(f) if f.exists() else None
+
+
 def read_history(run_dir: Path) -> dict:
     f = Path(run_dir) / HISTORY
     return json.loads(f.read_text()) if f.exists() else {"train": [], "validation": []}
@@ -468,6 +480,8 @@ class Loaded:
     input: InputSpec
     labels: list[str] | None = None
     target: TargetScale | None = None
+    # classify: the decision rule's offsets in label order (decision.json), None for plain argmax
+    decision: list[float] | None = None
 
     @property
     def autocast(self) -> bool:
@@ -494,5 +508,10 @@ def load_for_inference(run: "Run | str | os.PathLike", device=None, base=None) -
     merged = {"merged": run.info.merged_adapters} if run.info.merged_adapters else {}
     model, tok = LOADERS[run.task](run.model_dir, run.is_adapter, run.base_model_path(), run.tokenizer_path(),
                                    dtype, dev, labels=run.info.labels, base=base, **merged)
+    decision = None
+    if run.task == "classify":
+        from .infer.decision import offsets_for
+
+        decision = offsets_for(read_decision(run.dir), run.info.labels or [])
     return Loaded(run=run, task=run.task, model=model, tokenizer=tok, dtype=dtype, device=dev,
-                  input=run.info.input, labels=run.info.labels, target=run.info.target)
+                  input=run.info.input, labels=run.info.labels, target=run.info.target, decision=decision)

@@ -22,6 +22,12 @@ MIN_GENERATION = 1000  # generation (chat, prompt/completion, preference, text):
 BIAS_RATIO = 2.0  # a category mentioned this many times more often under one label than another
 BIAS_MIN_MENTIONS = 5  # ... with at least this many mentions, to keep noise out
 EXAMPLES = 10  # examples kept per finding in the report
+IMBALANCE_RATIO = 3  # strong imbalance: the largest class has at least this many times the smallest's examples
+
+
+def strongly_imbalanced(counts: dict[str, int]) -> bool:
+    """The data report's rule for strong class imbalance (training reads it too, to turn its corrections on)."""
+    return bool(counts) and max(counts.values()) >= IMBALANCE_RATIO * min(counts.values())
 
 
 def build_report(res: ReadResult, tokenizer: Any = None, model: str | None = None,
@@ -44,7 +50,7 @@ def build_report(res: ReadResult, tokenizer: Any = None, model: str | None = Non
         small = {lab: n for lab, n in labels.items() if n < MIN_PER_CLASS}
         for lab, n in sorted(small.items(), key=lambda x: x[1]):
             warnings.append(f"class {lab!r} has {n} examples; aim for at least {MIN_PER_CLASS} per class")
-        if labels and max(labels.values()) >= 3 * min(labels.values()):
+        if strongly_imbalanced(labels):
             warnings.append(f"classes are imbalanced ({max(labels.values())} vs {min(labels.values())}); "
                             "report per-class F1, consider re-sampling or class weights")
     else:

@@ -88,6 +88,24 @@ def _load_base(run: Run, recipe, notes: list[str]):
     return model.to(dev).eval(), load_tokenizer(model_path), dtype
 
 
+def decision_note(run: Run, notes: list[str]) -> None:
+    """Say in the report how the run handled its label balance and which decision rule `tuned` used."""
+    from ..runs import read_decision
+
+    plan = run.train_metrics.get("imbalance")
+    if plan:
+        w = plan.get("class_weights")
+        notes.append(f"tuned: trained with labels {plan['reason']}; class weights "
+                     f"{', '.join(f'{l} {v:.3g}' for l, v in w.items()) if w else 'none'}, sampler {plan['sampler']}")
+    d = read_decision(run.dir)
+    if d:
+        v = d["validation"]
+        notes.append(f"tuned: decision rule from {d['metric']} on {v['n']} validation records ({v['before']:.3f} → "
+                     f"{v['after']:.3f}): logit offsets " + ", ".join(f"{l} {o:+.1f}" for l, o in d["offsets"].items()))
+    elif plan and plan.get("decision_note"):
+        notes.append(f"tuned: {plan['decision_note']}")
+
+
 def evaluate_classify(
     run_dir: "Path | Run",
     test_path: str | None = None,
@@ -149,7 +167,8 @@ def evaluate_classify(
             tuned = load_for_inference(run)
             probs = predict_classifier(tuned.model, tuned.tokenizer, texts, ec.batch_size, read_up_to, tuned.dtype,
                                        show_progress, template=spec.template or "{text}", as_chat=spec.as_chat,
-                                       system=spec.system_prompt, truncate=spec.truncate, timer=timer).numpy()
+                                       system=spec.system_prompt, truncate=spec.truncate, timer=timer,
+                                       offsets=tuned.decision).numpy()
             tp = time.time()
             # the probes' unswapped inputs were just scored: their labels are the report's, not read again
             known = {t: labels[j] for t, j in zip(texts, probs.argmax(-1).tolist())}
@@ -160,7 +179,7 @@ def evaluate_classify(
                     known.update(zip(todo, [labels[i] for i in predict_classifier(
                         tuned.model, tuned.tokenizer, todo, ec.batch_size, read_up_to, tuned.dtype, False, "probes",
                         template=spec.template or "{text}", as_chat=spec.as_chat, system=spec.system_prompt,
-                        truncate=spec.truncate).argmax(-1).tolist()]))
+                        truncate=spec.truncate, offsets=tuned.decision).argmax(-1).tolist()]))
                 return [known[x] for x in xs]
 
             probes = run_probes(
@@ -168,6 +187,7 @@ def evaluate_classify(
                 ids=[e.id for e in examples], lexicon=lexicon, sample=ec.probe_sample,
                 threshold=ec.probe_threshold, seed=seed)
             probes["seconds"] = round(time.time() - tp, 2)
+            decision_note(run, notes)
             if ec.forgetting:
                 tf = time.time()
                 forgetting = forgetting_for_head(run, tuned, ec.forgetting_threshold, seed)

@@ -125,7 +125,7 @@ def _num(v) -> str:
 
 
 def _systems_html(report: dict) -> str:
-    """The systems' metrics: classify with per-class P/R/F1, other tasks every scalar metric; each with
+    """The systems' metrics: classify with per-class P/R/F1 and support, other tasks every scalar metric; each with
     its 95% interval where the report has one."""
     e = html.escape
     iv = report.get("intervals") or {}
@@ -141,14 +141,15 @@ def _systems_html(report: dict) -> str:
         for name, s in report["systems"].items():
             per = "".join(
                 f"<td>{s['per_class'][l]['precision']:.3f}</td><td>{s['per_class'][l]['recall']:.3f}</td>"
-                f"<td>{s['per_class'][l]['f1']:.3f}</td>" for l in labels
+                f"<td>{s['per_class'][l]['f1']:.3f}</td><td>{s['per_class'][l]['support']}</td>" for l in labels
             )
             unc = (f'<br><small>uncalibrated {s["uncalibrated_accuracy"]:.4f}</small>'
                    if "uncalibrated_accuracy" in s else "")
             rows.append(f"<tr><th>{e(name)}</th><td>{s['n']}</td>{cell(name, 'accuracy', s['accuracy'], unc)}"
                         f"{cell(name, 'macro_f1', s['macro_f1'])}{per}<td>{s['wall_seconds']:.1f}</td></tr>")
-        head2 = "".join(f"<th colspan=3>{e(l)}</th>" for l in labels)
-        head3 = "<th>P</th><th>R</th><th>F1</th>" * len(labels)
+        # support beside recall: a class's recall on 6 examples moves in steps of 0.17
+        head2 = "".join(f"<th colspan=4>{e(l)}</th>" for l in labels)
+        head3 = "<th>P</th><th>R</th><th>F1</th><th>n</th>" * len(labels)
         return (f"<table><tr><th rowspan=2>system</th><th rowspan=2>n</th><th rowspan=2>accuracy</th>"
                 f"<th rowspan=2>macro-F1</th>{head2}<th rowspan=2>wall s</th></tr><tr>{head3}</tr>"
                 f"{''.join(rows)}</table>")

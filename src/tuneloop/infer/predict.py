@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from .batching import pad_batch, progress_columns, progress_lines, sorted_batches
+from .decision import apply_offsets
 from .encode import IGNORE, collate, encode_chat, encode_texts
 
 console = Console(stderr=True)
@@ -19,10 +20,11 @@ console = Console(stderr=True)
 def predict_classifier(model, tok, texts: list[str], batch_size: int, max_length: int, dtype: torch.dtype,
                        show_progress: bool = True, desc: str = "eval tuned", template: str = "{text}",
                        as_chat: bool = False, system: str | None = None, truncate: str = "end",
-                       timer=None) -> torch.Tensor:
+                       timer=None, offsets: list[float] | None = None) -> torch.Tensor:
     """Class probabilities, shape (len(texts), num_labels); inputs built by `encode_texts` from the run's
     input spec (template, chat wrapping, system turn, truncation). `timer`: anything with a `batch(n)`
-    context manager (eval/cost.py `BatchTimer`), to time each batch."""
+    context manager (eval/cost.py `BatchTimer`), to time each batch. `offsets`: the run's decision rule
+    (`Loaded.decision`, infer/decision.py), applied to the probabilities returned."""
     dev = next(model.parameters()).device
     enc = encode_texts(tok, texts, max_length, template, as_chat, system, truncate)
     probs = torch.zeros(len(texts), model.config.num_labels)
@@ -38,7 +40,7 @@ def predict_classifier(model, tok, texts: list[str], batch_size: int, max_length
             progress.update(task, advance=len(idx))
             if lines is not None:
                 lines.advance(len(idx))
-    return probs
+    return apply_offsets(probs, offsets)
 
 
 @torch.no_grad()

@@ -22,12 +22,14 @@ from ..data.validate import load_classification, stratified_sample
 from ..fileio import atomic_dir
 from ..infer.encode import encode_texts
 from ..runs import LOSS_PLOT, MODEL, Fingerprints, finish_run, write_data_info, write_history, write_recipe
+from ..runs import input_spec, write_decision
 from ..zoo import resolve_model
 from ..infer.attention import keep_adapter_inputs_bf16
 from ..infer.batching import pad_batch, sorted_batches
 from ..infer.device import pick_dtype, set_threads
 from ..infer.encode import load_tokenizer
 from .fastpath import FrozenPrefixCache, compile_blocks, find_blocks, first_trained_block
+from .balance import balanced_rows, describe, fit_decision, label_counts, plan_balance, weighted_share
 from .common import plan_steps, plot_losses, recipe_for_run, seed_everything
 from .loop import fit
 
@@ -141,6 +143,24 @@ def validation_scores(model, enc: list[list[int]], ys: list[int], pad_id: int, b
     return loss / len(enc), right / len(enc)
 
 
+def imbalance_setup(recipe: Recipe, labels: list[str], enc: list[list[int]], ys: list[int], has_validation: bool,
+                    main: bool):
+    """(training rows, their labels, the loss's class weights or None, the plan): `train.class_weights`,
+    `train.sampler` and `train.decision_rule` resolved against the training labels (train/balance.py), said
+    in the log; with the balanced sampler the rows are its seeded draw."""
+    tc = recipe.train
+    plan = plan_balance(label_counts(ys, labels), tc.class_weights, tc.sampler, tc.decision_rule, recipe.gate.metric,
+                        has_validation)
+    if main:
+        for line in describe(plan):
+            console.print(line)
+    if plan["sampler"] == "balanced":
+        rows = balanced_rows(ys, tc.seed)
+        enc, ys = [enc[i] for i in rows], [ys[i] for i in rows]
+    w = plan["class_weights"]
+    return enc, ys, (torch.tensor([w[l] for l in labels]) if w else None), plan
+
+
 def train_classifier(recipe: Recipe, run_dir: Path, show_progress: bool = True, resume: bool = False) -> dict:
     from accelerate import Accelerator
 
@@ -178,6 +198,7 @@ def train_classifier(recipe: Recipe, run_dir: Path, show_progress: bool = True, 
 
     enc, enc_val = encode(train_recs), encode(val_recs)
     ys, ys_val = [label_id[r.label] for r in train_recs], [label_id[r.label] for r in val_recs]
+    enc, ys, weights, balance = imbalance_setup(recipe, labels, enc, ys, bool(val_recs), main)
     lengths = [len(e) for e in enc]
     total_steps = plan_steps(len(enc), tc)[2]
 
@@ -207,6 +228,8 @@ def train_classifier(recipe: Recipe, run_dir: Path, show_progress: bool = True, 
         mode = nullcontext() if cache is None else cache.around(
             net, mine, mask, lambda: forward(net, ids, mask).logits, console.print)
         with mode:
+            if weights is not None:
+                return weighted_share(forward(model, ids, mask).logits, y.to(dev), weights, len(batch))
             loss = forward(model, ids, mask, y).loss
         return loss * (len(mine) / len(batch))
 
@@ -225,10 +248,15 @@ def train_classifier(recipe: Recipe, run_dir: Path, show_progress: bool = True, 
 
     # ---- save: the best validation checkpoint when there was validation, else the last weights (each
     # piece atomically; the folder is complete only once run.json says finished)
-    val_loss = val_accuracy = None
+    val_loss = val_accuracy = decision = None
     if enc_val:
         val_loss, val_accuracy = validation_scores(inner, enc_val, ys_val, tok.pad_token_id, recipe.eval.batch_size,
                                                    dev, use_autocast)
+    if balance["decision_rule"] != "none":
+        decision, line = fit_decision(inner, tok, [r.text for r in val_recs], ys_val, labels, balance["decision_rule"],
+                                      input_spec(recipe), recipe.eval.batch_size, dtype)
+        if main:
+            console.print(line)
     if main:
         with atomic_dir(run_dir / MODEL) as tmp:
             inner.save_pretrained(tmp)
@@ -236,6 +264,8 @@ def train_classifier(recipe: Recipe, run_dir: Path, show_progress: bool = True, 
                                   "records": len(loaded.records), "used": len(train_recs),
                                   "val_records": len(val_recs), "labels": labels})
         write_history(run_dir, history, fitted.validations)
+        if decision is not None:
+            write_decision(run_dir, decision)
         plot_losses(history, fitted.validations, run_dir / LOSS_PLOT)
     metrics = {
         "task": "classify",
@@ -248,6 +278,9 @@ def train_classifier(recipe: Recipe, run_dir: Path, show_progress: bool = True, 
         "val_loss": val_loss,
         "val_accuracy": val_accuracy,
         "frozen_cache_bytes": cache_bytes,
+        "imbalance": balance,
+        "decision_rule": balance["decision_rule"] if decision is not None else "none",
+        "decision": decision and {"metric": decision["metric"], **decision["validation"]},
         "trainable_params": trainable,
         "total_params": total_params,
         "wall_seconds": round(time.time() - t0, 2),
