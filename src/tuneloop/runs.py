@@ -21,6 +21,7 @@ A run folder holds:
     checkpoints/last/   while training: the state `--resume` continues from
     report.json/.html   after `tuneloop eval`; generations.jsonl for sft
     FAILED              a marker that training stopped with an error
+    exports/            `tuneloop export`'s folders (merged, adapter, gguf, int8), each with its card
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ REPORT_JSON = "report.json"
 REPORT_HTML = "report.html"
 GENERATIONS = "generations.jsonl"
 FAILED = "FAILED"
+EXPORTS = "exports"  # `tuneloop export` writes here by default, one folder per format
 # PEFT's and transformers' own names inside model/, which tell an adapter from full weights
 ADAPTER_CONFIG = "adapter_config.json"
 MODEL_CONFIG = "config.json"
