@@ -19,7 +19,7 @@ import pytest
 
 from data_helpers import run_cli_split as run_cli  # noqa: E402  (one way to call the real CLI)
 from tuneloop.config import recipe_from_dict
-from tuneloop.errors import ConfigError
+from tuneloop.errors import ConfigError, NotFoundError
 from tuneloop.export import FORMATS, Format, export_run, load_export, parse_format
 from tuneloop.export.formats import MANIFEST
 from tuneloop.runs import EXPORTS, RUN_INFO, open_run
@@ -348,6 +348,19 @@ def test_a_failed_export_leaves_nothing_that_looks_finished(runs, monkeypatch, t
     with pytest.raises(ConfigError, match="disk full"):
         export_run(str(runs["sft"]), "broken", out)
     assert not out.exists() and list((tmp_path / "exports").iterdir()) == []
+
+
+def test_a_registered_version_exports_by_its_ref(runs, tmp_path):
+    from tuneloop import registry
+
+    ws = runs["sft"].parent.parent
+    v = registry.register(ws, runs["sft"], name="faq")
+    m = export_run(v.ref, "merged", tmp_path / "by-ref", workspace=ws, verify=False)
+    assert m["ref"] == "faq:1" and m["run"] == str(runs["sft"])
+    assert "`faq:1`" in (tmp_path / "by-ref" / "README.md").read_text()
+    with pytest.raises(NotFoundError, match="faq:7"):
+        export_run("faq:7", "merged", tmp_path / "nope", workspace=ws)
+    assert not (tmp_path / "nope").exists()
 
 
 def test_cli_prints_where_and_how_to_serve(runs, monkeypatch, capsys, tmp_path):

@@ -23,7 +23,7 @@ import torch
 from ..errors import ConfigError, NotFoundError
 from ..fileio import atomic_dir, write_json_atomic, write_text_atomic
 from ..runs import (CHECKPOINTS, EXPORTS, FAILED, GENERATIONS, MODEL, REPORT_HTML, REPORT_JSON, RUN_INFO, Run,
-                    is_run_dir, open_run, workspace_path)
+                    open_run, workspace_path)
 from . import measure
 from .merge import DTYPES, cast, dtype_name, load_run, merged_fp32
 
@@ -271,8 +271,6 @@ def export_run(target: str, to: str, out: Path | None = None, workspace: Path | 
     out = Path(out).expanduser().resolve() if out is not None else default_out(run, fmt, variant)
     if out.exists() and not (out / MANIFEST).exists():
         raise ConfigError(f"-o {out}: exists and is not a tuneloop export; give a new folder")
-    if out.exists() and is_run_dir(out) and not (out / MANIFEST).exists():
-        raise ConfigError(f"-o {out}: a run folder; give a new folder")
     t0 = time.time()
     with atomic_dir(out) as tmp:
         facts = fmt.write(run, tmp, variant, out)
