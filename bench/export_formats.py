@@ -75,7 +75,10 @@ def llama_cpp_speed(gguf_path: Path, tok, p) -> tuple[float, float] | None:
     except ImportError:
         return None
     t = time.perf_counter()
-    llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=1024, verbose=False, n_threads=None)
+    import torch
+
+    # its default is half the cores; torch uses all of them
+    llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=1024, verbose=False, n_threads=torch.get_num_threads())
     load = time.perf_counter() - t
     n, t = 0, time.perf_counter()
     for conv in p.conversations[:GEN_PROMPTS]:
