@@ -270,6 +270,20 @@ def test_int8_export_is_served_and_evaluated(runs, tmp_path):
             assert r.json()["data"][0]["label"] in {"good", "bad"}
     finally:
         engine.close()
+    # a generation run's int8 folder is served as the base model, and evaluated like the run
+    gen = tmp_path / "int8-sft"
+    export_run(str(runs["sft"]), "int8", gen, verify=False)
+    report = evaluate_run(str(gen), systems=["tuned"], show_progress=False)
+    assert report["systems"]["tuned"]["perplexity"] > 1
+    engine = build_engine([str(gen)], tmp_path, max_new_tokens=4)
+    try:
+        assert type(engine.model.model.layers[0].self_attn.q_proj.weight).__name__ == "Int8Tensor"
+        with TestClient(create_app(engine, ServeSettings(max_new_tokens=4), None)) as tc:
+            r = tc.post("/v1/chat/completions", json={"model": engine.base_name, "max_tokens": 4, "temperature": 0,
+                                                      "messages": [{"role": "user", "content": "What is 2 plus 2?"}]})
+            assert r.status_code == 200, r.text
+    finally:
+        engine.close()
 
 
 def test_adapter_config_names_the_base_and_vllm_rules(runs, tmp_path):
