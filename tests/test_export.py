@@ -246,7 +246,19 @@ def test_gguf_metadata_and_modelfile(runs, tmp_path):
     assert types["blk.0.attn_norm.weight"] == "F32" and "output.weight" not in types  # tied: token_embd is output
     mf = (out / "Modelfile").read_text()
     assert mf.startswith("FROM ./model-q4_0.gguf") and 'PARAMETER stop "<|im_end|>"' in mf
-    assert "<|im_start|>user\n{{ .Content }}<|im_end|>" in mf and "SYSTEM" in mf
+    assert "<|im_start|>user\n{{ .Content }}<|im_end|>\n{{ else if" in mf and "SYSTEM" in mf
+    # the template, filled in the way Ollama's Go template would be, gives the chat template's own text
+    import re
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(runs["sft"] / "model")
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}]
+    body = re.search(r'TEMPLATE """(.*?)"""', mf, re.S).group(1)
+    filled = (body.replace("{{ if .System }}", "").replace("{{ .System }}", "Be brief.")
+              .replace('{{ range .Messages }}{{ if eq .Role "user" }}', "").replace("{{ .Content }}", "Hi?"))
+    filled = re.sub(r"\{\{ else if .*?\{\{ end \}\}\{\{ end \}\}", "", filled, flags=re.S).replace("{{ end }}", "")
+    assert filled == tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
 
 
 def test_int8_export_is_served_and_evaluated(runs, tmp_path):

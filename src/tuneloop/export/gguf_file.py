@@ -213,12 +213,13 @@ def modelfile(tok, gguf_file: str) -> tuple[str, list[str]]:
         r_u = render([{"role": "user", "content": U}])
         head = r_u[: r_u.index(up + U)] if (up + U) in r_u else ""
         default_system = head[len(sp):-len(ss)] if head and head.startswith(sp) and head.endswith(ss) else ""
+        # no `{{-` trimming: the turns' own newlines are part of what the model was trained to read
         template = (
-            f"{{{{- if .System }}}}{_go(sp)}{{{{ .System }}}}{_go(ss)}{{{{ end }}}}"
-            f"{{{{- range .Messages }}}}"
-            f"{{{{- if eq .Role \"user\" }}}}{_go(up)}{{{{ .Content }}}}{_go(us)}"
-            f"{{{{- else if eq .Role \"assistant\" }}}}{_go(ap)}{{{{ .Content }}}}{_go(as_)}"
-            f"{{{{- end }}}}{{{{- end }}}}{_go(gen)}")
+            f"{{{{ if .System }}}}{_go(sp)}{{{{ .System }}}}{_go(ss)}{{{{ end }}}}"
+            f"{{{{ range .Messages }}}}"
+            f"{{{{ if eq .Role \"user\" }}}}{_go(up)}{{{{ .Content }}}}{_go(us)}"
+            f"{{{{ else if eq .Role \"assistant\" }}}}{_go(ap)}{{{{ .Content }}}}{_go(as_)}"
+            f"{{{{ end }}}}{{{{ end }}}}{_go(gen)}")
         lines.append(f'TEMPLATE """{template}"""')
         if default_system:
             lines.append(f'SYSTEM """{default_system}"""')
