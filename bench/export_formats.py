@@ -98,7 +98,7 @@ def unexported_bytes(run) -> int:
 def measure_run(run_dir: str, formats: list[str] | None, limit: int, work: Path) -> dict[str, dict]:
     import torch
 
-    from tuneloop.export import FORMATS, export_run, parse_format
+    from tuneloop.export import parse_format
     from tuneloop.export.measure import compare, probes, quality, score
     from tuneloop.export.merge import load_run
     from tuneloop.runs import open_run
@@ -137,31 +137,43 @@ def measure_run(run_dir: str, formats: list[str] | None, limit: int, work: Path)
         fmt, variant = parse_format(spec)
         if task not in fmt.tasks:
             continue
-        out = work / f"{task}-{spec.replace(':', '-')}"
-        t = time.perf_counter()
-        m = export_run(str(run.dir), spec, out, verify=False)
-        export_s = time.perf_counter() - t
-        t = time.perf_counter()
-        model, etok = FORMATS[fmt.name].load(out, m)
-        load_s = time.perf_counter() - t
-        scores = score(model, etok, run, p)
-        note = f"export {export_s:.0f} s"
-        if task == "classify":
-            speed = classify_speed(model, etok, run, p, False)
-        elif fmt.name == "gguf":
-            cpp = llama_cpp_speed(out / m["facts"]["file"], etok, p)
-            if cpp is not None:
-                load_s, speed = cpp
-                note += "; load and speed in llama.cpp, quality via transformers' GGUF loader"
-            else:
-                speed = generation_speed(model, etok, p, False)
-                note += "; speed in transformers (dequantized): llama-cpp-python is not installed"
+        try:
+            measure_format(run, spec, fmt, p, ref, work, row)
+        except Exception as e:  # one format failing must not lose the others' figures
+            rows[f"{task}/{spec}"] = {"error": f"{type(e).__name__}: {e}"[:500]}
+            print(f"  {spec:18s} FAILED: {type(e).__name__}: {e}", flush=True)
+    return rows
+
+
+def measure_format(run, spec, fmt, p, ref, work: Path, row) -> None:
+    from tuneloop.export import FORMATS, export_run
+    from tuneloop.export.measure import score
+
+    task = run.task
+    out = work / f"{task}-{spec.replace(':', '-')}"
+    t = time.perf_counter()
+    m = export_run(str(run.dir), spec, out, verify=False)
+    export_s = time.perf_counter() - t
+    t = time.perf_counter()
+    model, etok = FORMATS[fmt.name].load(out, m)
+    load_s = time.perf_counter() - t
+    scores = score(model, etok, run, p)
+    note = f"export {export_s:.0f} s"
+    if task == "classify":
+        speed = classify_speed(model, etok, run, p, False)
+    elif fmt.name == "gguf":
+        cpp = llama_cpp_speed(out / m["facts"]["file"], etok, p)
+        if cpp is not None:
+            load_s, speed = cpp
+            note += "; load and speed in llama.cpp, quality via transformers' GGUF loader"
         else:
             speed = generation_speed(model, etok, p, False)
-        row(spec, m["bytes"], load_s, speed, scores, ref, note)
-        del model
-        shutil.rmtree(out, ignore_errors=True)
-    return rows
+            note += "; speed in transformers (dequantized): llama-cpp-python is not installed"
+    else:
+        speed = generation_speed(model, etok, p, False)
+    row(spec, m["bytes"], load_s, speed, scores, ref, note)
+    del model
+    shutil.rmtree(out, ignore_errors=True)
 
 
 def main() -> None:
@@ -191,6 +203,9 @@ def main() -> None:
           f"(bf16 matmul peak {peak['bfloat16']:.3f} TFLOP/s)")
     print("|---|---|---|---|---|---|")
     for k, v in results.items():
+        if "error" in v:
+            print(f"| {k} | failed: {v['error']} | | | | |")
+            continue
         print(f"| {k} | {v['bytes'] / 2**20:.1f} | {v['load_s']:.2f} | {v['speed']:.1f} {v['speed_unit']} | "
               f"{v['metric']} {v['quality']:.4f} ({v['quality_unexported']:.4f}) | {v['agreement']:.4f} |")
     out = {"formats": results, "matmul_peak_bf16_tflops": peak["bfloat16"], "matmul_peak_fp32_tflops": peak["float32"]}
