@@ -220,6 +220,32 @@ def report(
     console.print(f"report: {rebuild_html(folder)}")
 
 
+@app.command("export")
+def export_(
+    run: Annotated[str, typer.Argument(help="Run folder (or its name under <workspace>/runs/), or a registered "
+                                            "version NAME:VERSION / NAME@ALIAS.")],
+    to: Annotated[str, typer.Option("--to", help="merged[:fp32|bf16|fp16] (a plain HF folder), adapter (PEFT "
+                                                 "for vLLM), gguf[:q8_0|q4_0|f16|bf16] (llama.cpp, Ollama), "
+                                                 "int8[:dynamic|weight_only] (torchao, CPU).")],
+    out: Annotated[Optional[Path], typer.Option("-o", "--out", help="Folder to write (default: "
+                                                "<run>/exports/FORMAT[-VARIANT]).")] = None,
+    verify: Annotated[bool, typer.Option(help="Load the export back and measure it against the run on its "
+                                              "test records (the card's deltas).")] = True,
+    workspace: Workspace = None,
+) -> None:
+    """Export a finished run for another runtime, with a model card of what the export changed."""
+    from .export import export_run
+    from .runs import workspace_path
+
+    m = export_run(run, to, out, workspace_path(workspace), verify=verify)
+    d = m.get("delta") or {}
+    said = f" · argmax agreement {d['agreement']:.4f} on {d['n']}" if d else ""
+    console.print(f"{m['spec']}: {m['path']} ({m['bytes'] / 2**20:.1f} MiB{said})", highlight=False)
+    for key in ("serve", "ollama"):
+        if key in m["facts"]:
+            console.print(f"  {m['facts'][key]}", highlight=False, soft_wrap=True)
+
+
 @app.command()
 def serve(
     model: Annotated[list[str], typer.Option("--model", "-m", help="Base model (zoo name / HF folder) and/or "

@@ -22,6 +22,7 @@ A run folder holds:
     checkpoints/last/   while training: the state `--resume` continues from
     report.json/.html   after `tuneloop eval`; generations.jsonl for sft
     FAILED              a marker that training stopped with an error
+    exports/            `tuneloop export`'s folders (merged, adapter, gguf, int8), each with its card
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ FORECASTER = "forecaster.pkl"  # forecast: the boosting models (backtest, all da
 SERIES = "series.pkl"  # forecast: the time table it was trained on (the history `tuneloop forecast` extends)
 BACKTEST_JSON = "backtest.json"  # forecast: the rolling-origin backtest report (and backtest.html)
 BACKTEST_HTML = "backtest.html"
+EXPORTS = "exports"  # `tuneloop export` writes here by default, one folder per format
 # PEFT's and transformers' own names inside model/, which tell an adapter from full weights
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

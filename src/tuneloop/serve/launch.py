@@ -15,7 +15,7 @@ from pathlib import Path
 from ..errors import ConfigError, NotFoundError
 from ..runs import ADAPTER_CONFIG, MODEL, MODEL_CONFIG, is_adapter, is_run_dir, open_run
 from ..zoo import ZOO
-from .engine import _default_base_name, validate_name
+from .engine import SERVED_AS, _default_base_name, validate_name
 from .sources import Source, source_for_ref
 
 log = logging.getLogger("tuneloop.serve")
@@ -54,7 +54,9 @@ def parse_models(specs: list[str], workspace: Path | None) -> tuple[tuple[str, s
         if target in ZOO and not p.is_dir():
             kind, path = "base", target
         elif p.is_dir():
-            if is_run_dir(p) and not is_adapter(p / MODEL) and (p / MODEL / MODEL_CONFIG).exists():
+            # a classify run with full weights (or an int8 export of one) is a classifier, not the base
+            if is_run_dir(p) and not is_adapter(p / MODEL) and (p / MODEL / MODEL_CONFIG).exists() \
+                    and SERVED_AS.get(open_run(p).task) == "generate":
                 kind, path = "base", str(open_run(p).model_dir)  # a full fine-tuning run: its weights are the base
             elif is_adapter(p) or is_run_dir(p):
                 kind, path = "adapter", str(p)
