@@ -136,13 +136,14 @@ def evaluate_classify(
             tuned = load_for_inference(run)
             probs = predict_classifier(tuned.model, tuned.tokenizer, texts, ec.batch_size, read_up_to, tuned.dtype,
                                        show_progress, template=spec.template or "{text}", as_chat=spec.as_chat,
-                                       system=spec.system_prompt, truncate=spec.truncate, timer=timer).numpy()
+                                       system=spec.system_prompt, truncate=spec.truncate, timer=timer,
+                                       chunks=spec.chunks, clean=spec.clean).numpy()
             tp = time.time()
             probes = run_probes(
                 "classify", texts, lambda xs: [labels[i] for i in predict_classifier(
                     tuned.model, tuned.tokenizer, xs, ec.batch_size, read_up_to, tuned.dtype, False,
                     template=spec.template or "{text}", as_chat=spec.as_chat, system=spec.system_prompt,
-                    truncate=spec.truncate).argmax(-1).tolist()],
+                    truncate=spec.truncate, chunks=spec.chunks, clean=spec.clean).argmax(-1).tolist()],
                 ids=[e.id for e in examples], lexicon=lexicon, sample=ec.probe_sample,
                 threshold=ec.probe_threshold, seed=seed)
             probes["seconds"] = round(time.time() - tp, 2)

@@ -397,7 +397,8 @@ class Engine:
             probs = predict_classifier(clf.model, clf.tokenizer, texts, batch_size=16,
                                        max_length=max_length or spec.max_length, dtype=clf.dtype,
                                        show_progress=False, template=spec.template or "{text}",
-                                       as_chat=spec.as_chat, system=spec.system_prompt, truncate=spec.truncate)
+                                       as_chat=spec.as_chat, system=spec.system_prompt, truncate=spec.truncate,
+                                       chunks=spec.chunks, clean=spec.clean)
             return clf.labels, probs, version
 
         return self.call(run)
