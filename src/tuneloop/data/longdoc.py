@@ -3,7 +3,7 @@ evidence is likely lost. Said before training (train/classify.py) and in the dat
 out (`WAYS_OUT`).
 
 Where the evidence is: the words that best tell the labels apart (smoothed log-odds of a word's document
-frequency in one label against the rest, among words in at least 5 texts) are located in each text; the
+frequency in one label against the rest, at least 1, among words in at least 5 texts) are located in each text; the
 share of their occurrences that lie past the cut is the evidence the reading loses. The cut's character
 position is the text's length times the share of its tokens read (tokens are not equally long: an
 estimate, said so). For e-mails, the share of what is read that is routing headers is given too.
@@ -21,6 +21,7 @@ from .email import header_block
 MOST = 0.5  # "most inputs": the warning's threshold on the share cut
 TOP_WORDS = 50
 MIN_DF = 5
+MIN_LOG_ODDS = 1.0  # a word at least e times likelier (in odds) in one label than in the rest
 _WORD = re.compile(r"[a-z][a-z']{2,}")
 
 WAYS_OUT = {
@@ -52,7 +53,8 @@ def indicative_words(texts: list[str], labels: list[str], top: int = TOP_WORDS) 
                 continue
             p, q = (c[y] + 1) / (n_y + 2), (total - c[y] + 1) / (rest + 2)
             best = max(best, abs(math.log(p / (1 - p)) - math.log(q / (1 - q))))
-        scored.append((best, w))
+        if best >= MIN_LOG_ODDS:
+            scored.append((best, w))
     return {w for _, w in sorted(scored, reverse=True)[:top]}
 
 
