@@ -149,14 +149,16 @@ def test_the_gradient_reaches_every_window_of_a_document(tiny_llama_dir, pooling
 
 
 # ------------------------------------------------------------------------------ chunked run end to end
-def _long_mails(path: Path, n: int, seed: int) -> str:
-    """Labels the start cannot tell: the deciding word comes after ~60 filler tokens."""
+def _long_mails(path: Path, n: int, seed: int, after: int = 60, before: int = 0) -> str:
+    """Labels the start cannot tell: the deciding word comes after `after` filler words (and `before` more
+    follow it)."""
     rng = random.Random(seed)
     rows = []
     for i in range(n):
         label = "spam" if i % 2 else "ham"
         word = rng.choice(["prize", "winner", "cash"] if label == "spam" else ["invoice", "meeting", "report"])
-        rows.append({"text": " ".join(rng.choice(FILLER) for _ in range(60)) + f" {word} {word}.", "label": label})
+        filler = lambda k: " ".join(rng.choice(FILLER) for _ in range(k))
+        rows.append({"text": f"{filler(after)} {word} {word}. {filler(before)}".strip(), "label": label})
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
 
@@ -218,14 +220,27 @@ def test_chunked_run_is_stored_and_eval_and_classify_endpoint_agree(chunk_recipe
         sum((p[1] > p[0]) == (r["label"] == "spam") for p, r in zip(probs.tolist(), rows)) / len(rows))
 
 
-def test_auto_picks_chunk_when_most_inputs_are_cut_and_says_so(chunk_recipe, tmp_path, capsys):
+def test_auto_measures_each_reading_and_takes_the_best(chunk_recipe, tmp_path, capsys):
     from tuneloop.train import train_run
+    from tuneloop.train.longdoc import measure_readings
 
-    run_dir, m = train_run(chunk_recipe(long_inputs="auto", max_chunks=2), tmp_path / "ws", show_progress=False)
+    # the deciding word in the middle: neither the start nor head + tail reach it, the windows do
+    r = chunk_recipe(long_inputs="auto", max_chunks=4, train=_long_mails(tmp_path / "mid.jsonl", 80, 2, 30, 30))
+    run_dir, m = train_run(r, tmp_path / "ws", show_progress=False)
     err = capsys.readouterr().err
-    assert "long inputs: 36 of 36 texts (100%) are longer" in err
-    assert "data.long_inputs=auto → chunk" in err and "ways out" in err
+    assert "long inputs: 60 of 60 texts (100%) are longer" in err and "ways out" in err
+    assert "data.long_inputs=auto → chunk" in err
     assert m["long_inputs"] == "chunk" and m["share_cut"] == 1.0
+    measured = json.loads((run_dir / "data.json").read_text())["long_inputs"]["measured"]
+    assert measured["chunk"] > max(measured["truncate"], measured["middle"]) + 0.2, measured
+    # at the end, head + tail reads it as well as the windows do, and costs less: a tie goes to it
+    from tuneloop.data.validate import load_classification
+    from tuneloop.infer.encode import load_tokenizer
+
+    end = load_classification(_long_mails(tmp_path / "end.jsonl", 80, 3), "text", "label", None, "auto").records
+    tok = load_tokenizer(r.model)
+    scores = measure_readings(tok, end, [], 20, r.data, 0)
+    assert scores["middle"] == scores["chunk"] == 1.0 and scores["truncate"] < 0.8
 
 
 # ------------------------------------------------------------------------------------------ the warning

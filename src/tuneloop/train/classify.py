@@ -167,7 +167,7 @@ def train_classifier(recipe: Recipe, run_dir: Path, show_progress: bool = True, 
     # ---- model
     model_path = resolve_model(recipe.model)
     tok = load_tokenizer(model_path)
-    recipe, long_check = check_long_inputs(recipe, tok, train_recs, console if main else _quiet)
+    recipe, long_check = check_long_inputs(recipe, tok, train_recs, console if main else _quiet, val_recs)
     dc = recipe.data
     dtype = pick_dtype(tc.precision, dev)
     words = [(recipe.eval.verbalizer or {}).get(l, l) for l in labels]
