@@ -186,7 +186,7 @@ def train_classifier(recipe: Recipe, run_dir: Path, show_progress: bool = True, 
     chunked = None
     if dc.long_inputs == "chunk":
         chunked = ChunkedParts(model, tok, dc, tc, [r.text for r in train_recs], ys, [r.text for r in val_recs],
-                               ys_val, recipe.eval.batch_size, dev, dtype == torch.bfloat16)
+                               ys_val, recipe.eval.batch_size, dev, dtype == torch.bfloat16, acc.num_processes)
         enc, enc_val, lengths = chunked.docs, chunked.val_docs, chunked.lengths
     else:
         enc, enc_val = encode(train_recs), encode(val_recs)
