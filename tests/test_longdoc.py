@@ -311,3 +311,12 @@ def test_data_report_says_most_inputs_are_cut_and_offers_the_ways_out(tmp_path, 
     li = rep["long_inputs"]
     assert li["room"] == 32 and li["cut"] == 20 and li["most_cut"] and li["evidence_past_cut"] > 0.9
     assert any("ways out:" in f and "data.long_inputs: chunk" in f for f in rep["fix_first"])
+
+
+def test_chunking_refuses_what_it_cannot_train(chunk_recipe, tmp_path):
+    from tuneloop.train import train_run
+
+    r = chunk_recipe()
+    r.method.name = "prompt_tuning"
+    with pytest.raises(ConfigError, match="not with prompt_tuning"):
+        train_run(r, tmp_path / "ws", show_progress=False)

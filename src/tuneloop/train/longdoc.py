@@ -155,12 +155,16 @@ class ChunkedParts:
 
     def __init__(self, model, tok, dc, tc, texts: list[str], ys: list[int], val_texts: list[str],
                  ys_val: list[int], eval_batch: int, dev, autocast: bool, processes: int = 1):
-        if processes > 1:
-            from ..errors import ConfigError
+        from ..errors import ConfigError
 
+        if processes > 1:
             # the windows go through the backbone directly, past DDP's forward, which syncs the gradients
             raise ConfigError("data.long_inputs: chunk trains on one process; launch it without "
                               "accelerate launch / torchrun (or use data.long_inputs: truncate)")
+        if getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):
+            # virtual tokens are added in PEFT's forward, which the windows bypass
+            raise ConfigError("data.long_inputs: chunk works with lora, dora, qlora or full; not with "
+                              "prompt_tuning / prefix_tuning")
         self.pooler = attach_pooler(model, dc.chunk_pooling)
         self.pad_id, self.dev, self.autocast, self.eval_batch = tok.pad_token_id, dev, autocast, eval_batch
         enc = lambda xs: encode_windows(tok, xs, tc.max_length, dc.input_template, dc.as_chat, dc.system_prompt,
