@@ -110,6 +110,37 @@ class DataConfig(Section):
         "in evaluation alike; both count what they cut. None: a record whose prompt alone fills max_length is "
         "dropped (a question cut short is another question).", json_schema_extra=only("sft"),
     )
+    long_inputs: Literal["truncate", "chunk", "auto"] = Field(
+        "truncate", description="How a text longer than `train.max_length` is read: `truncate` cuts it "
+        "(`data.truncate`); `chunk` reads all of it in overlapping windows of `train.max_length` tokens, each "
+        "with the template around it, their representations pooled (`data.chunk_pooling`) into one prediction, "
+        "trained end to end (the gradient goes through every window of a document) and served the same way; "
+        "`auto`: when most training texts are longer than their room, each reading (`truncate`, "
+        "`truncate: middle`, `chunk`) is measured on the validation split (macro-F1 of TF-IDF + LR on what it "
+        "sees, seconds) and the best is used, else `truncate`. Training says what it measured and used.",
+        json_schema_extra=only("classify"),
+    )
+    chunk_overlap: int = Field(
+        32, ge=0, description="`long_inputs: chunk`: text tokens each window shares with the one before, so "
+        "evidence on a window's edge is read whole once.", json_schema_extra=only("classify"),
+    )
+    max_chunks: int = Field(
+        4, ge=1, description="`long_inputs: chunk`: at most this many windows per document (the first "
+        "`max_chunks - 1` and the text's last window); memory and time grow with it: a training batch holds "
+        "`train.batch_size x max_chunks` windows of `train.max_length` tokens, all in the backward pass.",
+        json_schema_extra=only("classify"),
+    )
+    chunk_pooling: Literal["mean", "max", "attention"] = Field(
+        "mean", description="`long_inputs: chunk`: how the windows' last-token representations become one: "
+        "their mean, their elementwise max, or attention (a learned scoring vector, softmax over the windows; "
+        "starts as the mean, saved in the run).", json_schema_extra=only("classify"),
+    )
+    clean: Literal["email"] | None = Field(
+        None, description="A cleaning step applied to every text before it is read, in training, evaluation "
+        "and `/v1/classify` alike (the run stores it): `email` keeps the subject and body, drops routing "
+        "headers, quoted replies and signatures (data/email.py). Training logs what it removed.",
+        json_schema_extra=only("classify"),
+    )
     system_prompt: str | None = Field(
         None, description="With `as_chat`: the system turn (default: the chat template's own, if it has one; "
         "a short one saves tokens on every record).", json_schema_extra=only("classify"),

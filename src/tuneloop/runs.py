@@ -68,6 +68,7 @@ REPORT_JSON = "report.json"
 REPORT_HTML = "report.html"
 GENERATIONS = "generations.jsonl"
 DECISION = "decision.json"  # classify: the decision rule fitted on validation (per-class logit offsets)
+POOLER = "pooler.safetensors"
 FAILED = "FAILED"
 FORECASTER = "forecaster.pkl"  # forecast: the boosting models (backtest, all data), lags, scales, residual weight
 SERIES = "series.pkl"  # forecast: the time table it was trained on (the history `tuneloop forecast` extends)
@@ -121,6 +122,15 @@ def is_run_dir(path: Path) -> bool:
 # the typed description
 
 
+class ChunkSpec(BaseModel):
+    """classify with `data.long_inputs: chunk`: how a document is split into windows and pooled."""
+
+    model_config = ConfigDict(extra="forbid")
+    overlap: int = Field(description="Text tokens a window shares with the one before.")
+    max_chunks: int = Field(description="Windows per document at most.")
+    pooling: Literal["mean", "max", "attention"] = Field(description="How the windows' representations pool.")
+
+
 class InputSpec(BaseModel):
     """How the model reads one input, exactly as training did: inference must build the same tokens."""
 
@@ -131,6 +141,8 @@ class InputSpec(BaseModel):
     system_prompt: str | None = Field(None, description="The system turn (chat inputs).")
     truncate: Literal["end", "middle"] = Field("end", description="How a long text is cut.")
     max_length: int = Field(description="Tokens read at inference: eval.max_length, else train.max_length.")
+    chunks: ChunkSpec | None = Field(None, description="Chunked reading (None: one window, truncated).")
+    clean: Literal["email"] | None = Field(None, description="The cleaning step every text goes through first.")
 
 
 class TargetScale(BaseModel):
@@ -186,8 +198,10 @@ def input_spec(recipe: "Recipe") -> InputSpec:
     dc = recipe.data
     max_length = recipe.eval.max_length or recipe.train.max_length
     if recipe.task == "classify":
+        chunks = ChunkSpec(overlap=dc.chunk_overlap, max_chunks=dc.max_chunks, pooling=dc.chunk_pooling) \
+            if dc.long_inputs == "chunk" else None
         return InputSpec(template=dc.input_template, as_chat=dc.as_chat, system_prompt=dc.system_prompt,
-                         truncate=dc.truncate, max_length=max_length)
+                         truncate=dc.truncate, max_length=max_length, chunks=chunks, clean=dc.clean)
     if recipe.task == "regress":
         return InputSpec(template=dc.template, max_length=max_length)
     return InputSpec(as_chat=True, max_length=max_length)  # sft: the conversation carries its own turns
@@ -515,5 +529,9 @@ def load_for_inference(run: "Run | str | os.PathLike", device=None, base=None) -
         from .infer.decision import offsets_for
 
         decision = offsets_for(read_decision(run.dir), run.info.labels or [])
+    if run.info.input.chunks is not None:
+        from .infer.chunks import load_pooler
+
+        load_pooler(model, run.info.input.chunks.pooling, run.dir / POOLER)
     return Loaded(run=run, task=run.task, model=model, tokenizer=tok, dtype=dtype, device=dev,
                   input=run.info.input, labels=run.info.labels, target=run.info.target, decision=decision)

@@ -103,9 +103,11 @@ def clean_records(
     max_tokens: int | None = None,
     tokenizer: Any = None,
     show_progress: bool = False,
+    email: bool = False,
 ) -> CleanResult:
     """Clean `records` (see the module doc). `tokenizer` (an HF tokenizer) is needed for token-length
-    filters; near-duplicate detection is off when `near_threshold` is None."""
+    filters; near-duplicate detection is off when `near_threshold` is None. `email`: first cut each raw
+    e-mail to its subject and body (data/email.py), each one logged as "email body" with what went."""
     if pii not in PII_MODES:
         raise ValueError(f"pii: unknown mode {pii!r} (known: {', '.join(PII_MODES)})")
     if conflicts not in CONFLICT_MODES:
@@ -122,6 +124,8 @@ def clean_records(
         log.append({"source": r.source, "action": "changed", "reason": reason, **detail})
         stats[reason] += 1
 
+    if email:
+        records = [_email_step(r, changed) for r in records]
     kept: list[Record] = []
     with progress("normalise + PII", len(records), show_progress) as advance:
         for r in records:
@@ -225,6 +229,26 @@ def clean_records(
                 drop(r, "near duplicate", duplicate_of=other.source, similarity=round(hit[1], 3), **extra)
         kept = out
     return CleanResult(records=kept, log=log, stats=stats, pii=pii_hits)
+
+
+def _email_step(r: Record, changed: Callable) -> Record:
+    """`r` with its e-mail text(s) cut to subject + body, logged; a text that is no e-mail stays as it is."""
+    from .email import email_body
+
+    removed: dict[str, int] = {}
+
+    def cut(text: str) -> str:
+        body, what = email_body(text)
+        if what["email"]:
+            for k in ("header_lines", "quoted_lines", "signature_lines"):
+                removed[k] = removed.get(k, 0) + what[k]
+            removed["chars_removed"] = removed.get("chars_removed", 0) + what["chars_before"] - what["chars_after"]
+        return body
+
+    out = map_text(r, cut)
+    if removed:
+        changed(out, "email body", **removed)
+    return out
 
 
 def token_lengths(tokenizer: Any, texts: list[str], batch: int = 4096) -> list[int]:

@@ -200,9 +200,11 @@ def clean(
     model: Model = "smollm2-135m-instruct",
     format: Format = "auto", encoding: Encoding = "utf-8", shape: Shape = "auto", map_: Mapping = None,
     template: Template = None, lenient: Lenient = False, no_progress: NoProgress = False,
+    email: Annotated[bool, typer.Option("--email/--no-email", help="First cut raw e-mails to subject + body: drop routing headers, quoted replies and signatures (each logged as `email body`).")] = False,
 ) -> None:
     """Normalise, scrub or flag PII, filter by length, drop duplicates, near duplicates and conflicting
-    labels; write OUT and a log of every change, both atomically."""
+    labels (with --email, first cut raw e-mails to their body); write OUT and a log of every change, both
+    atomically."""
     from ..fileio import write_text_atomic
     from .clean import CONFLICT_MODES, PII_MODES, clean_records, load_tokenizer
     from .records import write_jsonl
@@ -217,7 +219,7 @@ def clean(
     tok = load_tokenizer(model) if (min_tokens is not None or max_tokens is not None) else None
     result = clean_records(res.records, normalize=normalize, dedup=dedup, near_threshold=near_threshold or None,
                            num_perm=num_perm, conflicts=conflicts, pii=pii, min_tokens=min_tokens,
-                           max_tokens=max_tokens, tokenizer=tok, show_progress=not no_progress)
+                           max_tokens=max_tokens, tokenizer=tok, show_progress=not no_progress, email=email)
     entries = [{"source": p.split(": ", 1)[0], "action": "dropped", "reason": "unusable", "problem": p}
                for p in res.problems] + result.log
     log = log or out.with_name(out.name + ".log.jsonl")

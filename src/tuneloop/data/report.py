@@ -12,6 +12,7 @@ from typing import Any
 from ..plots import figure_png
 from .bias_terms import BIAS_TERMS, categories_in
 from .clean import _content_key, conflict_key, token_lengths
+from .longdoc import long_input_check, long_input_lines
 from .near import near_duplicates
 from .pii import count_pii
 from .validate import ReadResult
@@ -74,6 +75,9 @@ def build_report(res: ReadResult, tokenizer: Any = None, model: str | None = Non
         if max_tokens is not None:
             over = [r.source for r, n in zip(recs, lengths) if n > max_tokens]
             rep["tokens"]["over_max"] = {"max_tokens": max_tokens, "count": len(over), "examples": over[:EXAMPLES]}
+            rep["long_inputs"] = long_input_check([r.all_text() for r in recs],
+                                                  [r.label for r in recs] if kind == "classify" else None,
+                                                  lengths, max_tokens)
 
     # duplicates, near-duplicates, conflicting labels
     first: dict[str, str] = {}
@@ -155,6 +159,8 @@ def fix_first(rep: dict[str, Any]) -> list[str]:
     over = rep.get("tokens", {}).get("over_max")
     if over and over["count"]:
         todo.append(f"{over['count']} records are longer than {over['max_tokens']} tokens; they will be truncated")
+    if rep.get("long_inputs", {}).get("most_cut"):
+        todo.append(" ".join(line.strip() for line in long_input_lines(rep["long_inputs"])[1:]))
     todo.extend(rep["size_warnings"])
     for s in rep["bias"]["skewed"]:
         todo.append(f"{s['category']} terms appear in {s['rate_high']:.1%} of {s['label_high']!r} records but "

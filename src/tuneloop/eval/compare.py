@@ -168,7 +168,8 @@ def evaluate_classify(
             probs = predict_classifier(tuned.model, tuned.tokenizer, texts, ec.batch_size, read_up_to, tuned.dtype,
                                        show_progress, template=spec.template or "{text}", as_chat=spec.as_chat,
                                        system=spec.system_prompt, truncate=spec.truncate, timer=timer,
-                                       offsets=tuned.decision).numpy()
+                                       offsets=tuned.decision, chunks=spec.chunks,
+                                       clean=spec.clean).numpy()
             tp = time.time()
             # the probes' unswapped inputs were just scored: their labels are the report's, not read again
             known = {t: labels[j] for t, j in zip(texts, probs.argmax(-1).tolist())}
@@ -179,7 +180,8 @@ def evaluate_classify(
                     known.update(zip(todo, [labels[i] for i in predict_classifier(
                         tuned.model, tuned.tokenizer, todo, ec.batch_size, read_up_to, tuned.dtype, False, "probes",
                         template=spec.template or "{text}", as_chat=spec.as_chat, system=spec.system_prompt,
-                        truncate=spec.truncate, offsets=tuned.decision).argmax(-1).tolist()]))
+                        truncate=spec.truncate, offsets=tuned.decision, chunks=spec.chunks,
+                        clean=spec.clean).argmax(-1).tolist()]))
                 return [known[x] for x in xs]
 
             probes = run_probes(

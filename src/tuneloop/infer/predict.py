@@ -20,11 +20,21 @@ console = Console(stderr=True)
 def predict_classifier(model, tok, texts: list[str], batch_size: int, max_length: int, dtype: torch.dtype,
                        show_progress: bool = True, desc: str = "eval tuned", template: str = "{text}",
                        as_chat: bool = False, system: str | None = None, truncate: str = "end",
-                       timer=None, offsets: list[float] | None = None) -> torch.Tensor:
+                       timer=None, offsets: list[float] | None = None, chunks=None,
+                       clean: str | None = None) -> torch.Tensor:
     """Class probabilities, shape (len(texts), num_labels); inputs built by `encode_texts` from the run's
     input spec (template, chat wrapping, system turn, truncation). `timer`: anything with a `batch(n)`
     context manager (eval/cost.py `BatchTimer`), to time each batch. `offsets`: the run's decision rule
-    (`Loaded.decision`, infer/decision.py), applied to the probabilities returned."""
+    (`Loaded.decision`, infer/decision.py), applied to the probabilities returned. `clean`: the run's
+    cleaning step (data/email.py); `chunks`: the run's chunked reading (anything with `overlap` and
+    `max_chunks`, runs.ChunkSpec; the model carries its pooler), None for one truncated window."""
+    if clean is not None:
+        from ..data.email import clean_text
+
+        texts = [clean_text(clean, t) for t in texts]
+    if chunks is not None:
+        return apply_offsets(_predict_chunked(model, tok, texts, batch_size, max_length, dtype, show_progress, desc,
+                                              template, as_chat, system, timer, chunks), offsets)
     dev = next(model.parameters()).device
     enc = encode_texts(tok, texts, max_length, template, as_chat, system, truncate)
     probs = torch.zeros(len(texts), model.config.num_labels)
@@ -41,6 +51,17 @@ def predict_classifier(model, tok, texts: list[str], batch_size: int, max_length
             if lines is not None:
                 lines.advance(len(idx))
     return apply_offsets(probs, offsets)
+
+
+def _predict_chunked(model, tok, texts, batch_size, max_length, dtype, show_progress, desc, template, as_chat,
+                     system, timer, chunks) -> torch.Tensor:
+    from .chunks import predict_chunked
+
+    with Progress(*progress_columns(), console=console, disable=not show_progress) as progress:
+        task = progress.add_task(desc, total=len(texts), info="")
+        return predict_chunked(model, tok, texts, batch_size, max_length, dtype, template, as_chat, system,
+                               chunks.overlap, chunks.max_chunks, timer,
+                               lambda n: progress.update(task, advance=n))
 
 
 @torch.no_grad()

@@ -398,7 +398,7 @@ class Engine:
                                        max_length=max_length or spec.max_length, dtype=clf.dtype,
                                        show_progress=False, template=spec.template or "{text}",
                                        as_chat=spec.as_chat, system=spec.system_prompt, truncate=spec.truncate,
-                                       offsets=clf.decision)
+                                       offsets=clf.decision, chunks=spec.chunks, clean=spec.clean)
             return clf.labels, probs, version
 
         return self.call(run)

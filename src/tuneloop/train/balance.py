@@ -164,7 +164,7 @@ def decision_record(labels: list[str], offsets: np.ndarray, metric: str, n: int,
 
 
 def fit_decision(model, tok, texts: list[str], ys: list[int], labels: list[str], metric: str, spec, batch_size: int,
-                 dtype) -> tuple[dict | None, str]:
+                 dtype, chunks=None) -> tuple[dict | None, str]:
     """(decision.json's content or None, a line for the log): offsets fitted on the validation records,
     each read exactly as `tuneloop eval` and `/v1/classify` will read it (the run's input spec `spec`). None
     when no offset raises the validation metric (argmax stays)."""
@@ -172,7 +172,7 @@ def fit_decision(model, tok, texts: list[str], ys: list[int], labels: list[str],
 
     probs = predict_classifier(model, tok, texts, batch_size, spec.max_length, dtype, False,
                                template=spec.template or "{text}", as_chat=spec.as_chat, system=spec.system_prompt,
-                               truncate=spec.truncate)
+                               truncate=spec.truncate, chunks=chunks)
     scores = probs.clamp_min(torch.finfo(torch.float32).tiny).log().numpy()
     offsets, before, after = fit_offsets(scores, ys, metric)
     record = decision_record(labels, offsets, metric, len(ys), before, after)

@@ -21,7 +21,7 @@ from ..data.records import fingerprint
 from ..data.validate import load_classification, stratified_sample
 from ..fileio import atomic_dir
 from ..infer.encode import encode_texts
-from ..runs import LOSS_PLOT, MODEL, Fingerprints, finish_run, write_data_info, write_history, write_recipe
+from ..runs import LOSS_PLOT, MODEL, POOLER, Fingerprints, finish_run, write_data_info, write_history, write_recipe
 from ..runs import input_spec, write_decision
 from ..zoo import resolve_model
 from ..infer.attention import keep_adapter_inputs_bf16
@@ -31,9 +31,11 @@ from ..infer.encode import load_tokenizer
 from .fastpath import FrozenPrefixCache, compile_blocks, find_blocks, first_trained_block
 from .balance import balanced_rows, describe, fit_decision, label_counts, plan_balance, weighted_share
 from .common import plan_steps, plot_losses, recipe_for_run, seed_everything
+from .longdoc import ChunkedParts, check_long_inputs, clean_for_training
 from .loop import fit
 
 console = Console(stderr=True)
+_quiet = Console(quiet=True)  # what processes other than the main one print
 
 
 def init_head_from_words(model, model_path: str, words: list[str], prompt_end: str = "\n") -> None:
@@ -179,10 +181,14 @@ def train_classifier(recipe: Recipe, run_dir: Path, show_progress: bool = True, 
         train_recs = stratified_sample(train_recs, dc.max_train_examples, tc.seed)
     labels = loaded.labels
     label_id = {l: i for i, l in enumerate(labels)}
+    train_recs, cleaned = clean_for_training(dc.clean, train_recs, console if main else _quiet)
+    val_recs, _ = clean_for_training(dc.clean, val_recs, _quiet)
 
     # ---- model
     model_path = resolve_model(recipe.model)
     tok = load_tokenizer(model_path)
+    recipe, long_check = check_long_inputs(recipe, tok, train_recs, console if main else _quiet, val_recs)
+    dc = recipe.data
     dtype = pick_dtype(tc.precision, dev)
     words = [(recipe.eval.verbalizer or {}).get(l, l) for l in labels]
     # A chat template ends where the assistant's turn starts (a newline); a plain one where it ends.
@@ -196,10 +202,25 @@ def train_classifier(recipe: Recipe, run_dir: Path, show_progress: bool = True, 
         return encode_texts(tok, [r.text for r in recs], tc.max_length, dc.input_template, dc.as_chat,
                             dc.system_prompt, dc.truncate) if recs else []
 
-    enc, enc_val = encode(train_recs), encode(val_recs)
     ys, ys_val = [label_id[r.label] for r in train_recs], [label_id[r.label] for r in val_recs]
-    enc, ys, weights, balance = imbalance_setup(recipe, labels, enc, ys, bool(val_recs), main)
-    lengths = [len(e) for e in enc]
+    chunked = None
+    if dc.long_inputs == "chunk":
+        chunked = ChunkedParts(model, tok, dc, tc, [r.text for r in train_recs], ys, [r.text for r in val_recs],
+                               ys_val, recipe.eval.batch_size, dev, dtype == torch.bfloat16, acc.num_processes)
+        enc, enc_val, lengths = chunked.docs, chunked.val_docs, chunked.lengths
+    else:
+        enc, enc_val = encode(train_recs), encode(val_recs)
+        lengths = [len(e) for e in enc]
+    if chunked is not None:
+        # the sampler draws documents; each keeps its windows and its length in windows' tokens
+        rows, ys, weights, balance = imbalance_setup(recipe, labels, list(range(len(enc))), ys, bool(val_recs), main)
+        chunked.docs, chunked.ys = [chunked.docs[i] for i in rows], ys
+        chunked.lengths = lengths = [chunked.lengths[i] for i in rows]
+        chunked.weights = weights
+        enc = chunked.docs
+    else:
+        enc, ys, weights, balance = imbalance_setup(recipe, labels, enc, ys, bool(val_recs), main)
+        lengths = [len(e) for e in enc]
     total_steps = plan_steps(len(enc), tc)[2]
 
     head = [p for n, p in model.named_parameters() if p.requires_grad and any(h in n for h in HEAD_NAMES)]
@@ -212,7 +233,8 @@ def train_classifier(recipe: Recipe, run_dir: Path, show_progress: bool = True, 
         keep_adapter_inputs_bf16(model)
     if tc.compile:
         compile_blocks(model)
-    cache = frozen_prefix_cache(model, tc, lengths, total_steps)
+    # the frozen-layer cache keeps one row per example; a chunked document is several
+    cache = frozen_prefix_cache(model, tc, lengths, total_steps) if chunked is None else None
     if main and not resume:
         write_recipe(run_dir, recipe_for_run(recipe))
 
@@ -238,6 +260,8 @@ def train_classifier(recipe: Recipe, run_dir: Path, show_progress: bool = True, 
                                           use_autocast)
         return val, f"validation loss {val:.4f} · accuracy {accuracy:.3f}"
 
+    if chunked is not None:
+        loss_fn, validate = chunked.loss_fn, chunked.validate
     fitted = fit(acc, model, groups, tc, lengths, loss_fn, validate if enc_val else None, run_dir, resume,
                  console, autocast=use_autocast, name="train", show_progress=show_progress,
                  strata=[labels[y] for y in ys], val_tokens=sum(len(e) for e in enc_val))
@@ -249,20 +273,25 @@ def train_classifier(recipe: Recipe, run_dir: Path, show_progress: bool = True, 
     # ---- save: the best validation checkpoint when there was validation, else the last weights (each
     # piece atomically; the folder is complete only once run.json says finished)
     val_loss = val_accuracy = decision = None
-    if enc_val:
+    if enc_val and chunked is not None:
+        val_loss, val_accuracy = chunked.scores(inner)
+    elif enc_val:
         val_loss, val_accuracy = validation_scores(inner, enc_val, ys_val, tok.pad_token_id, recipe.eval.batch_size,
                                                    dev, use_autocast)
     if balance["decision_rule"] != "none":
         decision, line = fit_decision(inner, tok, [r.text for r in val_recs], ys_val, labels, balance["decision_rule"],
-                                      input_spec(recipe), recipe.eval.batch_size, dtype)
+                                      input_spec(recipe), recipe.eval.batch_size, dtype, chunks=input_spec(recipe).chunks)
         if main:
             console.print(line)
     if main:
         with atomic_dir(run_dir / MODEL) as tmp:
             inner.save_pretrained(tmp)
+        if chunked is not None:
+            chunked.save(inner, run_dir / POOLER)
         write_data_info(run_dir, {"train": dc.train, "fingerprint": loaded.fingerprint,
                                   "records": len(loaded.records), "used": len(train_recs),
-                                  "val_records": len(val_recs), "labels": labels})
+                                  "val_records": len(val_recs), "labels": labels,
+                                  "long_inputs": long_check, "clean": cleaned})
         write_history(run_dir, history, fitted.validations)
         if decision is not None:
             write_decision(run_dir, decision)
@@ -281,6 +310,9 @@ def train_classifier(recipe: Recipe, run_dir: Path, show_progress: bool = True, 
         "imbalance": balance,
         "decision_rule": balance["decision_rule"] if decision is not None else "none",
         "decision": decision and {"metric": decision["metric"], **decision["validation"]},
+        "long_inputs": dc.long_inputs,
+        "share_cut": long_check["share_cut"],
+        "windows": chunked.windows if chunked is not None else None,
         "trainable_params": trainable,
         "total_params": total_params,
         "wall_seconds": round(time.time() - t0, 2),
