@@ -225,6 +225,19 @@ def test_every_shipped_recipe(monkeypatch, recipe_file):
         for p in made:
             assert re.search(rf"tuneloop data pairs .*(\n#.*)*-o {re.escape(p)}", header), (recipe_file, p)
         return
+    if recipe.forecast is not None:
+        # A forecast's data is a time table, read by its own reader (gaps, duplicate times, non-numeric
+        # targets named by file:line); its template names the forecast's own columns (lags, gbm).
+        from tuneloop.infer.forecast import read_recipe_table
+
+        table = read_recipe_table(recipe)
+        assert table.series and sum(len(v) for v in table.values.values()) > 100
+        return
+    local = [recipe.resolve_path(raw[k]) for k in ("train", "test") if raw.get(k) and ":" not in str(raw[k])]
+    if any(not Path(p).exists() for p in local):
+        # Data a recipe prepares from a package (or npm) once: the header must say the command that makes it.
+        assert re.search(r"#\s+python \S+\.py", recipe_file.read_text()), recipe_file
+        return
     for path, load in _recipe_loads(recipe):
         records, error = loader_outcome(lambda: load(path))
         assert records, error
