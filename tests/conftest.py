@@ -9,6 +9,8 @@ import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# pytest-xdist workers have no terminal: rich would wrap its tables at 80 columns and cut the cells tests read
+os.environ.setdefault("COLUMNS", "200")
 
 
 @pytest.fixture(scope="session")
