@@ -8,7 +8,7 @@ run. A registry of plain data: an unknown name fails with the known ones.
 from __future__ import annotations
 
 import json
-from importlib import resources
+import importlib.util
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -32,10 +32,12 @@ ACLSUM_ASPECT_WORDS = {"challenge": "challenge (the problem it addresses)",
 def _aclsum(split: str) -> Iterator[tuple[int, dict]]:
     if split not in ACLSUM_SPLITS:
         raise DataError(f"dataset:aclsum/{split}: unknown split (known: {', '.join(ACLSUM_SPLITS)})")
-    try:
-        root = Path(str(resources.files("aclsum"))) / "dataset"
-    except ModuleNotFoundError:
-        raise NotFoundError("dataset:aclsum: the `aclsum` package is not installed (make setup installs it)") from None
+    # Located, not imported: the package's __init__ imports `sienna`, which is not on the index (see the
+    # Makefile), and only its data files are read.
+    spec = importlib.util.find_spec("aclsum")
+    if spec is None or not spec.submodule_search_locations:
+        raise NotFoundError("dataset:aclsum: the `aclsum` package is not installed (make setup installs it)")
+    root = Path(list(spec.submodule_search_locations)[0]) / "dataset"
     path = root / f"{split}.jsonl"
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):
