@@ -136,3 +136,28 @@ def test_the_probe_changes_no_weight_and_leaves_no_gradient(tiny_llama_dir):
     assert rate > 0 and spent > 0
     assert all(p.grad is None for p in model.parameters())
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_the_quickstart_sizes_training_to_what_its_evaluation_leaves(tmp_path, tiny_llama_dir, monkeypatch):
+    # The whole `tuneloop quickstart --budget` path on a tiny model: the eval estimate is measured, training
+    # gets the rest, and the report says both (a wrong import here once broke `make quickstart` unseen).
+    import yaml
+
+    from tuneloop import quickstart
+
+    recipe = {"name": "qs-tiny", "task": "classify", "model": str(tiny_llama_dir),
+              "data": {"train": make_reviews(tmp_path / "train.jsonl", 64, 0),
+                       "test": make_reviews(tmp_path / "test.jsonl", 24, 1),
+                       "text_field": "review", "label_field": "score", "val_ratio": 0.0},
+              "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+              "train": {"epochs": 1, "batch_size": 8, "lr": 3e-3, "max_length": 32, "precision": "fp32",
+                        "threads": 1},
+              "eval": {"systems": ["tuned", "tfidf_logreg"], "batch_size": 8}}
+    path = tmp_path / "qs.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    monkeypatch.setattr(quickstart, "RECIPE", path)
+    report = quickstart.run_quickstart(tmp_path / "ws", show_progress=False, budget="5m")
+    plan = report["budget"]
+    assert plan["total_s"] == 300 and plan["eval_estimate_s"] >= 0 and plan["forward_tokens_per_s"] > 0
+    assert 60 <= plan["train_budget_s"] < 300 and plan["train"]["decision"] == "fits"
+    assert set(report["systems"]) >= {"tuned", "tfidf_logreg"}

@@ -30,7 +30,7 @@ def estimate_eval_seconds(recipe) -> tuple[float, float]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .data.records import load_classification
+    from .data.validate import load_classification
     from .infer.attention import attention_for
     from .infer.batching import pad_batch
     from .infer.device import device, pick_dtype, set_threads
