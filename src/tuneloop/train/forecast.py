@@ -202,12 +202,26 @@ def train_forecaster(recipe: Recipe, run_dir: Path, show_progress: bool = True, 
     inner = fitted.model
 
     # ---- the residual weight, on the validation tail (0 when the residual does not help boosting there)
+    # The weight is judged against boosting as the forecast will use it: fitted on every target before the
+    # validation rows. The folds' boosting, fitted on less, errs more, and a residual learned against it
+    # looks better than it is (electricity, 365 days, judged on the fold forecasts: validation MAE 21.2 →
+    # 15.8 with the residual, weight 1; backtest 7.8 for boosting → 15.2 with it).
     weight, by_weight = 1.0, {}
     if enc_val:
-        pz = np.asarray(predict_z(inner, enc_val, tok.pad_token_id, recipe.eval.batch_size, dev, use_autocast))
+        val_rows = [res[i] for i in va_idx]
+        before_val = [row for row in pool if row[1] < min(k for _, k, _ in val_rows)]
+        base_val, enc_judge = oof[va_idx], enc_val
+        if len(before_val) >= 10:
+            d_before = design(table, before_val, lags, scale)
+            gbm_val = fit_gbm(d_before.X, targets(table, before_val) / d_before.scale, fc, tc.seed)
+            d_val = design(table, val_rows, lags, scale)
+            base_val = gbm_predict(gbm_val, d_val)
+            enc_judge = tok(render_texts(template, d_val, base_val), truncation=True,
+                            max_length=tc.max_length)["input_ids"]
+        pz = np.asarray(predict_z(inner, enc_judge, tok.pad_token_id, recipe.eval.batch_size, dev, use_autocast))
         corr = (pz * std + mean) * d_res.scale[va_idx]
         for w in fc.residual_weights:
-            by_weight[w] = float(np.mean(np.abs(y_res[va_idx] - (oof[va_idx] + w * corr))))
+            by_weight[w] = float(np.mean(np.abs(y_res[va_idx] - (base_val + w * corr))))
         weight = min(by_weight, key=lambda w: (by_weight[w], w))
 
     # ---- save: the LLM, boosting (backtest and refitted on everything), the time table
