@@ -49,12 +49,12 @@ class LogLines:
         self.console, self.every_s = console, every_s
         self.last = float("-inf")
 
-    def __call__(self, step: int, total: int, loss: float, tps: float, elapsed: float) -> None:
+    def __call__(self, step: int, total: int, loss: float, tps: float, elapsed: float, left: float) -> None:
         now = time.monotonic()
         if now - self.last < self.every_s and step != total:
             return
         self.last = now
-        eta = elapsed / max(1, step) * (total - step)
+        eta = left
         self.console.print(f"step {step}/{total} · loss {loss:.4f} · {tps:,.0f} tok/s · "
                            f"elapsed {elapsed / 60:.1f} min · ETA {eta / 60:.1f} min", highlight=False)
 

@@ -87,7 +87,10 @@ def fit(acc, model, groups: list[dict], tc, lengths: list[int], loss_fn: LossFn,
     stop, stopped_early, budget_stop = False, False, None
     log_line = LogLines(console)
     first_step = pos["step"]
-    eta_said = first_step + min(5, max(1, total_steps // 20))
+    # The ETA is priced from the steps after the first: the first one compiles (train.compile) and warms the
+    # allocator, and counting it once said 44 minutes for a 4-minute run.
+    eta_said = first_step + max(3, min(5, total_steps // 20))
+    t_steady = None
     window: list[float] = []
     t_train, tokens_at_start = time.time(), pos["seen_tokens"]
     with Progress(*progress_columns(), console=console, disable=not (show_progress and main)) as progress:
@@ -114,10 +117,14 @@ def fit(acc, model, groups: list[dict], tc, lengths: list[int], loss_fn: LossFn,
                             "seen": pos["seen_tokens"], "seconds": round(time.time() - t_train, 4)})
             tps = (pos["seen_tokens"] - tokens_at_start) / max(1e-9, time.time() - t_train)
             progress.update(task, advance=1, info=f"{loss_name} {step_loss:.4f} · {tps:,.0f} tok/s")
+            if t_steady is None:
+                t_steady, steady_from = time.time(), pos["step"]
+                left = (time.time() - t_train) / max(1, pos["step"] - first_step) * (total_steps - pos["step"])
+            else:
+                left = (time.time() - t_steady) / (pos["step"] - steady_from) * (total_steps - pos["step"])
             if show_progress and main and not console.is_terminal:
-                log_line(pos["step"], total_steps, step_loss, tps, time.time() - t_train)
+                log_line(pos["step"], total_steps, step_loss, tps, time.time() - t_train, left)
             if main and pos["step"] == eta_said and pos["step"] < total_steps:
-                left = (time.time() - t_train) / (pos["step"] - first_step) * (total_steps - pos["step"])
                 console.print(f"step {pos['step']}/{total_steps}: {tps:,.0f} tokens/s; training ends in about "
                               f"{budgets.fmt_s(left)} ({time.strftime('%H:%M', time.localtime(time.time() + left))})",
                               highlight=False)
