@@ -44,6 +44,7 @@ FORMATS_FOR = {
     "sft": ["merged:bf16", "adapter", "gguf:f16", "gguf:q8_0", "gguf:q4_0", "int8:dynamic", "int8:weight_only"],
 }
 GEN_PROMPTS, GEN_TOKENS = 4, 32
+REPACK = False  # --llama-repack
 
 
 def classify_speed(model, tok, run, p, autocast: bool) -> float:
@@ -74,6 +75,22 @@ def llama_cpp_speed(gguf_path: Path, tok, p) -> tuple[float, float] | None:
         import llama_cpp
     except ImportError:
         return None
+    if not REPACK:
+        # ggml repacks quantized weights for Intel AMX when the CPU reports it (its "extra buffer types"); on
+        # the sandboxed machines here the CPU reports AMX but the first tile instruction traps (SIGILL in
+        # libggml-cpu, `tilezero`: the q8_0 and q4_0 rows crashed). Off by default, so every machine of this
+        # kind times the same AVX-512/AVX2 kernels; `--llama-repack` turns it back on.
+        import llama_cpp.llama_cpp as low
+
+        defaults = getattr(low.llama_model_default_params, "_before_no_repack", low.llama_model_default_params)
+
+        def no_repack():
+            params = defaults()
+            params.use_extra_bufts = False
+            return params
+
+        no_repack._before_no_repack = defaults  # (not __wrapped__: the ctypes binding already has one, a stub)
+        llama_cpp.llama.llama_cpp.llama_model_default_params = no_repack
     t = time.perf_counter()
     import torch
 
@@ -182,7 +199,11 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=300, help="test inputs per run (the first N of its test set)")
     ap.add_argument("--formats", help="comma-separated specs (default: every format that fits each run)")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--llama-repack", action="store_true", help="let llama.cpp repack quantized weights for AMX "
+                    "(traps on the sandboxed machines here; see llama_cpp_speed)")
     args = ap.parse_args()
+    global REPACK
+    REPACK = args.llama_repack
     import torch
 
     torch.manual_seed(0)
