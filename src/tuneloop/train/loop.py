@@ -88,7 +88,7 @@ def fit(acc, model, groups: list[dict], tc, lengths: list[int], loss_fn: LossFn,
     log_line = LogLines(console)
     first_step = pos["step"]
     # The ETA is priced from the steps after the first: the first one compiles (train.compile) and warms the
-    # allocator, and counting it once said 44 minutes for a 4-minute run.
+    # allocator, and counting it once said 44 minutes for a 6-minute run (the FAQ recipe, compiled).
     eta_said = first_step + max(3, min(5, total_steps // 20))
     t_steady = None
     window: list[float] = []
