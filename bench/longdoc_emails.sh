@@ -1,6 +1,6 @@
 #!/bin/bash
 # Every long-input option on the e-mail set, one after another: train, evaluate, and the table so far.
-#   flock /work/notes/heavy.lock nice -n 5 bash bench/longdoc_emails.sh WORKSPACE RESULTS.txt
+#   bash bench/longdoc_emails.sh WORKSPACE RESULTS.txt      (alone on the machine: 24 min on 2 cores)
 # (recipes/emails-data must exist: python bench/longdoc_emails.py prepare ...). The first variant is also
 # evaluated against base zero-shot and TF-IDF + LR; the others against those same predictions.
 set -u
