@@ -8,11 +8,11 @@ run. A registry of plain data: an unknown name fails with the known ones.
 from __future__ import annotations
 
 import json
-import importlib.util
 from pathlib import Path
 from typing import Callable, Iterator
 
 from ..errors import DataError, NotFoundError
+from ..zoo import package_dir
 
 from .formats import DATASET_PREFIX
 
@@ -34,10 +34,10 @@ def _aclsum(split: str) -> Iterator[tuple[int, dict]]:
         raise DataError(f"dataset:aclsum/{split}: unknown split (known: {', '.join(ACLSUM_SPLITS)})")
     # Located, not imported: the package's __init__ imports `sienna`, which is not on the index (see the
     # Makefile), and only its data files are read.
-    spec = importlib.util.find_spec("aclsum")
-    if spec is None or not spec.submodule_search_locations:
+    pkg = package_dir("aclsum")
+    if pkg is None:
         raise NotFoundError("dataset:aclsum: the `aclsum` package is not installed (make setup installs it)")
-    root = Path(list(spec.submodule_search_locations)[0]) / "dataset"
+    root = pkg / "dataset"
     path = root / f"{split}.jsonl"
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):

@@ -54,9 +54,8 @@ class LogLines:
         if now - self.last < self.every_s and step != total:
             return
         self.last = now
-        eta = left
         self.console.print(f"step {step}/{total} · loss {loss:.4f} · {tps:,.0f} tok/s · "
-                           f"elapsed {elapsed / 60:.1f} min · ETA {eta / 60:.1f} min", highlight=False)
+                           f"elapsed {elapsed / 60:.1f} min · ETA {left / 60:.1f} min", highlight=False)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -97,6 +97,15 @@ def residual_rows(table: TimeTable, first: int, fc, min_history: int, seed: int)
     return [(s, k, int(h)) for (k, s), h in zip(cand, rng.integers(1, fc.horizon + 1, len(cand)))]
 
 
+def fit_gbm_before(table: TimeTable, pool: list[tuple], step, lags, scale, fc, seed: int):
+    """Boosting fitted on the pool's targets before `step`, or None when fewer than 10 are."""
+    before = [r for r in pool if r[1] < step]
+    if len(before) < 10:
+        return None
+    d = design(table, before, lags, scale)
+    return fit_gbm(d.X, targets(table, before) / d.scale, fc, seed)
+
+
 def out_of_fold(table: TimeTable, pool: list[tuple], res: list[tuple], fc, lags, scale, min_history, seed):
     """Boosting's forecast of each residual row by a model fitted only on targets before its fold."""
     steps = np.array([k for _, k, _ in res])
@@ -105,14 +114,12 @@ def out_of_fold(table: TimeTable, pool: list[tuple], res: list[tuple], fc, lags,
     for j in range(fc.residual_folds):
         lo, hi = bounds[j], bounds[j + 1]
         idx = np.flatnonzero((steps >= lo) & ((steps <= hi) if j == fc.residual_folds - 1 else (steps < hi)))
-        before = [r for r in pool if r[1] < lo]
         if not idx.size:
             continue
-        if len(before) < 10:
+        model = fit_gbm_before(table, pool, lo, lags, scale, fc, seed)
+        if model is None:
             raise ConfigError(f"forecast.residual_rows: {fc.residual_rows} leaves too few targets before the "
                               f"first fold to fit boosting on; lower it or forecast.residual_folds")
-        d_before = design(table, before, lags, scale)
-        model = fit_gbm(d_before.X, targets(table, before) / d_before.scale, fc, seed)
         d = design(table, [res[i] for i in idx], lags, scale)
         pred[idx] = gbm_predict(model, d)
     return pred
@@ -209,11 +216,9 @@ def train_forecaster(recipe: Recipe, run_dir: Path, show_progress: bool = True, 
     weight, by_weight = 1.0, {}
     if enc_val:
         val_rows = [res[i] for i in va_idx]
-        before_val = [row for row in pool if row[1] < min(k for _, k, _ in val_rows)]
+        gbm_val = fit_gbm_before(table, pool, min(k for _, k, _ in val_rows), lags, scale, fc, tc.seed)
         base_val, enc_judge = oof[va_idx], enc_val
-        if len(before_val) >= 10:
-            d_before = design(table, before_val, lags, scale)
-            gbm_val = fit_gbm(d_before.X, targets(table, before_val) / d_before.scale, fc, tc.seed)
+        if gbm_val is not None:
             d_val = design(table, val_rows, lags, scale)
             base_val = gbm_predict(gbm_val, d_val)
             enc_judge = tok(render_texts(template, d_val, base_val), truncation=True,
