@@ -154,11 +154,66 @@ def test_frozen_prefix_cache_replays_exactly_and_refuses_dropout(tiny_llama_dir)
     # the replay runs block 1 only: block 0 is not even in the model while it runs
     calls = []
     hook = cache.blocks[0].register_forward_hook(lambda *a: calls.append(1))
-    gap = cache.verify(model, lambda: model(input_ids=ids, attention_mask=mask).logits, [3, 4], mask)
-    assert gap < 1e-6 and len(calls) == 1  # the whole forward only
+    gap, floor = cache.verify(model, lambda extra: model(input_ids=ids, attention_mask=mask).logits, [3, 4], mask)
+    assert gap < 1e-6 and floor == 0.0 and len(calls) == 1  # the whole forward only (exact: no shape probe)
     hook.remove()
     cache.close()
 
     model.base_model.model.model.layers[0].self_attn.attention_dropout = 0.1
     with pytest.raises(ValueError, match="dropout"):
         FrozenPrefixCache(model, 1)
+
+
+def test_frozen_prefix_cache_tells_bf16_shape_noise_from_a_wrong_replay(tiny_llama_dir):
+    """Kept states computed in one batch shape replay in another: in bf16 that moves the logits about as much
+    as running the rows whole in another shape does, and the cache must stay on; a replay fed the wrong
+    states must still turn it off."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    from tuneloop.train.fastpath import FrozenPrefixCache, agrees, pad_columns
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_llama_dir, num_labels=2, dtype=torch.bfloat16)
+    model.config.pad_token_id = 0
+    model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["q_proj", "v_proj"],
+                                             layers_to_transform=[1]))
+    ids = torch.randint(5, 900, (3, 24))
+    ids[1, 15:] = 0
+    ids[2, 9:] = 0
+    mask = (ids != 0).long()
+
+    def logits(extra):
+        i, m = pad_columns(ids, mask, extra, 0)
+        return model(input_ids=i, attention_mask=m).logits
+
+    cache = FrozenPrefixCache(model, 1)
+    wide_ids, wide_mask = pad_columns(ids, mask, 40, 0)  # first epoch: the rows sat in a longer batch
+    with torch.no_grad(), cache.capture([0, 1, 2], wide_mask):
+        model(input_ids=wide_ids, attention_mask=wide_mask)
+    gap, floor = cache.verify(model, logits, [0, 1, 2], mask)
+    assert agrees(gap, floor)
+    said = []
+    ctx = cache.around(model, [0, 1, 2], mask, logits, said.append)
+    assert not said and cache.verified and not cache.off
+    with ctx:
+        pass
+
+    wrong = FrozenPrefixCache(model, 1)
+    with torch.no_grad(), wrong.capture([0, 1, 2], mask):
+        model(input_ids=ids, attention_mask=mask)
+    for r in wrong.states:
+        wrong.states[r] = wrong.states[r] + 1.0
+    said = []
+    wrong.around(model, [0, 1, 2], mask, logits, said.append)
+    assert wrong.off and said and "differs" in said[0]
+    cache.close()
+
+
+def test_replay_agreement_rule():
+    from tuneloop.train.fastpath import agrees, pad_columns
+
+    assert agrees(0.0005, 0.0) and not agrees(0.01, 0.0)
+    assert agrees(0.25, 0.2) and not agrees(0.25, 0.05)
+    ids, mask = pad_columns(torch.tensor([[4, 5, 0]]), torch.tensor([[1, 1, 0]]), 2, 0)
+    assert ids.tolist() == [[4, 5, 0, 0, 0]] and mask.tolist() == [[1, 1, 0, 0, 0]]
