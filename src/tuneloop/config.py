@@ -261,7 +261,8 @@ class TrainConfig(Section):
     decision_rule: Literal["auto", "macro_f1", "accuracy", "none"] = Field(
         "auto", description="After training, fit one logit offset per class on the validation split so that "
         "argmax(logits + offsets) maximises this metric (coordinate ascent over a grid, see train/balance.py "
-        "`fit_offsets`; kept only where it raises the validation metric); stored as `decision.json` in the run "
+        "`fit_offsets`; kept only where it raises the validation metric, and where offsets fitted on half of the "
+        "validation records raise it on the other half too, `cross_checked_gain`); stored as `decision.json` in the run "
         "and applied wherever the run predicts (`tuneloop eval`, the gate, `/v1/classify`). `none`: plain argmax. "
         "`auto`: `gate.metric` when that is `macro_f1` or `accuracy`, else `macro_f1` when the training labels "
         "are strongly imbalanced, else `none`. Needs validation (`data.val_ratio` > 0); without it nothing is "

@@ -94,8 +94,10 @@ def run_quickstart(workspace: Path, overrides: list[str] | None = None, show_pro
         console.print(f"budget {fmt_s(total)}: the evaluation will take about {fmt_s(eval_s)} here (the model reads "
                       f"{rate:,.0f} tokens/s), so training gets {fmt_s(train_s)}", highlight=False)
     run_dir, train_metrics = train_run(recipe, workspace, show_progress)
+    # with a budget that left examples out, say how many were trained on, not how many there were
+    kept = (train_metrics.get("budget") or {}).get("kept", train_metrics["examples"])
     console.print(
-        f"trained {train_metrics['steps']} steps on {train_metrics['examples']} reviews in "
+        f"trained {train_metrics['steps']} steps on {kept} of {train_metrics['examples']} reviews in "
         f"{train_metrics['train_seconds']:.0f} s ({train_metrics['tokens_per_second']:.0f} tokens/s, "
         f"{train_metrics['trainable_params']:,} trainable parameters, {train_metrics['dtype']})"
     )
