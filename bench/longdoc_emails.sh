@@ -1,6 +1,7 @@
 #!/bin/bash
 # Every long-input option on the e-mail set, one after another: train, evaluate, and the table so far.
-#   bash bench/longdoc_emails.sh WORKSPACE RESULTS.txt      (alone on the machine: 24 min on 2 cores)
+#   bash bench/longdoc_emails.sh WORKSPACE RESULTS.txt      (alone on the machine: about an hour on 2 cores;
+#   the chunked variants read 4 windows of every message and take 15-17 minutes each)
 # (recipes/emails-data must exist: python bench/longdoc_emails.py prepare ...). The first variant is also
 # evaluated against base zero-shot and TF-IDF + LR; the others against those same predictions.
 set -u
