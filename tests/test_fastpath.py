@@ -171,7 +171,8 @@ def test_frozen_prefix_cache_tells_bf16_shape_noise_from_a_wrong_replay(tiny_lla
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification
 
-    from tuneloop.train.fastpath import FrozenPrefixCache, agrees, pad_columns
+    from tuneloop.infer.batching import pad_batch
+    from tuneloop.train.fastpath import FrozenPrefixCache, agrees
 
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(tiny_llama_dir, num_labels=2, dtype=torch.bfloat16)
@@ -183,12 +184,14 @@ def test_frozen_prefix_cache_tells_bf16_shape_noise_from_a_wrong_replay(tiny_lla
     ids[2, 9:] = 0
     mask = (ids != 0).long()
 
+    rows = [r[m.bool()].tolist() for r, m in zip(ids, mask)]
+
     def logits(extra):
-        i, m = pad_columns(ids, mask, extra, 0)
+        i, m = pad_batch(rows, 0, extra=extra)
         return model(input_ids=i, attention_mask=m).logits
 
     cache = FrozenPrefixCache(model, 1)
-    wide_ids, wide_mask = pad_columns(ids, mask, 40, 0)  # first epoch: the rows sat in a longer batch
+    wide_ids, wide_mask = pad_batch(rows, 0, extra=40)  # first epoch: the rows sat in a longer batch
     with torch.no_grad(), cache.capture([0, 1, 2], wide_mask):
         model(input_ids=wide_ids, attention_mask=wide_mask)
     gap, floor = cache.verify(model, logits, [0, 1, 2], mask)
@@ -211,9 +214,10 @@ def test_frozen_prefix_cache_tells_bf16_shape_noise_from_a_wrong_replay(tiny_lla
 
 
 def test_replay_agreement_rule():
-    from tuneloop.train.fastpath import agrees, pad_columns
+    from tuneloop.infer.batching import pad_batch
+    from tuneloop.train.fastpath import agrees
 
     assert agrees(0.0005, 0.0) and not agrees(0.01, 0.0)
     assert agrees(0.25, 0.2) and not agrees(0.25, 0.05)
-    ids, mask = pad_columns(torch.tensor([[4, 5, 0]]), torch.tensor([[1, 1, 0]]), 2, 0)
-    assert ids.tolist() == [[4, 5, 0, 0, 0]] and mask.tolist() == [[1, 1, 0, 0, 0]]
+    ids, mask = pad_batch([[4, 5], [6]], 0, extra=3)
+    assert ids.tolist() == [[4, 5, 0, 0, 0], [6, 0, 0, 0, 0]] and mask.tolist() == [[1, 1, 0, 0, 0], [1, 0, 0, 0, 0]]

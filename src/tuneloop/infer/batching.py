@@ -14,8 +14,10 @@ def sorted_batches(lengths: list[int], batch_size: int) -> Iterator[list[int]]:
         yield order[i : i + batch_size]
 
 
-def pad_batch(seqs: list[list[int]], pad_id: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
+def pad_batch(seqs: list[list[int]], pad_id: int, left: bool = False, extra: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask) padded to the longest of `seqs` plus `extra` more padding columns (the frozen-layer
+    cache's check runs the same rows in another batch shape)."""
+    width = max(len(s) for s in seqs) + extra
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for r, s in enumerate(seqs):

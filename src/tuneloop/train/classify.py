@@ -28,7 +28,7 @@ from ..infer.attention import keep_adapter_inputs_bf16
 from ..infer.batching import pad_batch, sorted_batches
 from ..infer.device import pick_dtype, set_threads
 from ..infer.encode import load_tokenizer
-from .fastpath import FrozenPrefixCache, compile_blocks, find_blocks, first_trained_block, pad_columns
+from .fastpath import FrozenPrefixCache, compile_blocks, find_blocks, first_trained_block
 from .balance import balanced_rows, describe, fit_decision, label_counts, plan_balance, weighted_share
 from .common import plan_steps, plot_losses, recipe_for_run, seed_everything
 from .longdoc import ChunkedParts, check_long_inputs, clean_for_training
@@ -248,7 +248,7 @@ def train_classifier(recipe: Recipe, run_dir: Path, show_progress: bool = True, 
         ids, mask = pad_batch([enc[i] for i in mine], tok.pad_token_id)
         y = torch.tensor([ys[i] for i in mine])
         mode = nullcontext() if cache is None else cache.around(
-            net, mine, mask, lambda extra: forward(net, *pad_columns(ids, mask, extra, tok.pad_token_id)).logits,
+            net, mine, mask, lambda extra: forward(net, *pad_batch([enc[i] for i in mine], tok.pad_token_id, extra=extra)).logits,
             console.print)
         with mode:
             if weights is not None:

@@ -137,14 +137,6 @@ def agrees(gap: float, floor: float) -> bool:
     return gap <= 2 * floor + EXACT
 
 
-def pad_columns(ids: torch.Tensor, mask: torch.Tensor, extra: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The right-padded batch `ids`, `mask` with `extra` more padding columns."""
-    if not extra:
-        return ids, mask
-    return (torch.cat([ids, ids.new_full((ids.shape[0], extra), pad_id)], 1),
-            torch.cat([mask, mask.new_zeros((mask.shape[0], extra))], 1))
-
-
 class FrozenPrefixCache:
     """Epochs after the first skip the frozen bottom of the model.
 
