@@ -134,6 +134,7 @@ TASK_KEYS = {  # key: (a valid value to set it to, the tasks that read it)
     "eval.judge": ("runs/judge", ("dpo", "kto")),
     "eval.calibrate_base": (False, ("classify",)),
     "eval.prompted_sample": (50, ("classify",)),
+    "eval.test_sample": (50, ("classify",)),
     "eval.fewshot_k": (4, ("classify",)),
     "eval.fewshot_tokens": (256, ("classify",)),
     "eval.abstain_below": (0.6, ("classify",)),

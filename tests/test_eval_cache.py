@@ -161,3 +161,19 @@ def test_the_cli_reads_the_cache_and_no_cache_recomputes(run_dir):
         assert res.exit_code == 0, res.output
         rep = json.loads((run_dir / "report.json").read_text())
         assert rep["systems"]["base"]["cached"] is hit and rep["cache"]["systems"]["tfidf_logreg"]["cached"] is hit
+
+
+def test_a_test_sample_scores_every_system_on_the_same_stratified_records(run_dir):
+    full = _eval(run_dir)
+    run = open_run(run_dir)
+    run.recipe.eval.test_sample = 10
+    rep = evaluate_classify(run, systems=SYSTEMS + ["tuned"], show_progress=False, print_results=False)
+    assert rep["test"]["n"] == 10 and rep["test"]["fingerprint"] != full["test"]["fingerprint"]
+    for s in SYSTEMS + ["tuned"]:
+        # the same records for all, half of each label as in the whole set, and nothing read back from the
+        # whole set's cache entries
+        assert sum(rep["systems"][s]["confusion"][i][j] for i in range(2) for j in range(2)) == 10, s
+        assert rep["systems"][s].get("cached") in (False, None), s
+    assert len({frozenset(rep["predictions"][s]) for s in SYSTEMS + ["tuned"]}) == 1
+    assert [rep["systems"]["tuned"]["per_class"][l]["support"] for l in ("bad", "good")] == [5, 5]
+    assert any("stratified sample of 10 of the 24 test records" in n for n in rep["notes"])

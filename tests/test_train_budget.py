@@ -161,3 +161,21 @@ def test_the_quickstart_sizes_training_to_what_its_evaluation_leaves(tmp_path, t
     assert plan["total_s"] == 300 and plan["eval_estimate_s"] >= 0 and plan["forward_tokens_per_s"] > 0
     assert 60 <= plan["train_budget_s"] < 300 and plan["train"]["decision"] == "fits"
     assert set(report["systems"]) >= {"tuned", "tfidf_logreg"}
+
+
+def test_the_quickstart_cuts_the_evaluation_prompted_sample_first_then_the_test_set():
+    from tuneloop.quickstart import PROMPTED_FLOOR, TEST_FLOOR, size_evaluation
+
+    # fits: nothing cut
+    assert size_evaluation(300.0, 400.0, 1000, 200) == (1000, 200, pytest.approx(300.0))
+    # a little over: only the prompted systems' sample shrinks, and what is left fits
+    nt, npr, s = size_evaluation(300.0, 270.0, 1000, 200)
+    assert nt == 1000 and PROMPTED_FLOOR <= npr < 200 and s <= 270.0
+    # far over (a CPU computing in fp32): the prompted sample at its floor, every system on a smaller sample
+    nt, npr, s = size_evaluation(742.0, 260.0, 1000, 200)
+    assert npr == PROMPTED_FLOOR and TEST_FLOOR <= nt < 1000 and s <= 260.0 and s > 240.0
+    # impossible: both floors hold, and the estimate says what that costs
+    nt, npr, s = size_evaluation(5000.0, 60.0, 1000, 200)
+    assert (nt, npr) == (TEST_FLOOR, PROMPTED_FLOOR) and s > 60.0
+    # a test set smaller than the floors is never sampled above its size
+    assert size_evaluation(500.0, 10.0, 150, 150)[:2] == (150, 100)

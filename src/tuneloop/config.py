@@ -396,6 +396,12 @@ class EvalConfig(Section):
         "test records (stated in the report; their intervals are wider for it), so evaluation stays fast; "
         "null: every record.", json_schema_extra=only("classify"),
     )
+    test_sample: int | None = Field(
+        None, ge=10, description="Every system runs on a stratified sample of at most this many test records "
+        "(seeded by train.seed; stated in the report, whose intervals are wider for it); null: every record. The "
+        "quickstart sets it when its budget cannot read the whole test set and still give training half.",
+        json_schema_extra=only("classify"),
+    )
     fewshot_k: int | None = Field(
         None, ge=1, description="Training examples in `base_fewshot`'s prompt, balanced across labels "
         "(seeded by train.seed); default: as many whole rounds of one example per label as fit "

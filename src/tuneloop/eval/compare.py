@@ -10,7 +10,8 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from ..data.validate import load_classification, stratified_sample
+from ..data.records import fingerprint
+from ..data.validate import Loaded, load_classification, stratified_sample
 from ..errors import ConfigError
 from ..infer.attention import attention_for, bf16_matmuls
 from ..infer.device import device, set_threads
@@ -130,6 +131,16 @@ def evaluate_classify(
     if test_path is None:
         raise ConfigError(f"{run_dir}: the recipe has no data.test; pass --data FILE")
     test = load_classification(test_path, text_field or dc.text_field, label_field or dc.label_field, labels, dc.format)
+    notes: list[str] = []
+    seed = recipe.train.seed
+    if ec.test_sample and ec.test_sample < len(test.records):
+        # every system on the same stratified sample, fingerprinted as what was read (the cache and the gate
+        # then never mistake it for the whole set)
+        full = len(test.records)
+        recs = [test.records[i] for i in _prompted_sample(test.records, ec.test_sample, seed)]
+        test = Loaded(records=recs, labels=test.labels, fingerprint=fingerprint(recs))
+        notes.append(f"test: every system on a stratified sample of {len(recs)} of the {full} test records (seed "
+                     f"{seed}, eval.test_sample); intervals and paired tests are on that sample")
     texts = [r.text for r in test.records]
     gold = [r.label for r in test.records]
     systems = systems or list(ec.systems)
@@ -138,9 +149,7 @@ def evaluate_classify(
             raise ConfigError(f"unknown system {name!r} for classify (known: {', '.join(SYSTEMS)})")
     spec = run.info.input
     read_up_to = spec.max_length
-    seed = recipe.train.seed
     costs = error_cost_matrix(ec.error_costs, labels) if ec.error_costs else None
-    notes: list[str] = []
     results: dict[str, dict] = {}
     per_example: dict[str, list[dict | None]] = {}
     calibration: dict[str, dict] = {}

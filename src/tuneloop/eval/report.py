@@ -297,6 +297,8 @@ def budget_summary(report: dict) -> str:
         cut = "every review trained on, nothing cut"
     if t.get("stopped_at_budget"):
         cut += f"; stopped at step {t['stopped_at_budget']} when the training budget ran out"
+    if b.get("test_sample"):
+        cut += f"; evaluated on a stratified {b['test_sample']:,} of the {b['test_total']:,} test reviews"
     acc = f"tuned accuracy {tuned['accuracy']:.3f}" if "accuracy" in tuned else "tuned model evaluated"
     return (f"budget {format_seconds(b['total_s'])}: {cut}; {acc}; wall time {format_seconds(b['wall_s'])} "
             f"(evaluation estimated {format_seconds(b['eval_estimate_s'])})")
