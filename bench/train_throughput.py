@@ -20,7 +20,8 @@ Three runs, each in its own process (so peak RSS is its own):
   difference in `train_wall_s` and is printed.
 
 Measured: non-padding tokens per second over the steps after `warmup` (time between step ends), the
-process's peak RSS, and MFU = tokens/s x 4 x parameters / (bf16 matmul peak measured here, first).
+process's peak RSS, and MFU = tokens/s x 4 x parameters / (the best matmul peak measured here, first: bf16, or fp32 on a
+CPU without bf16 arithmetic).
 Loss check: every trained adapter is scored on the same 50 held-out answers by one function; the
 held-out losses must agree with tuneloop's within LOSS_TOLERANCE (relative) and be below the untuned
 model's, so speed never comes from doing less work.
@@ -70,9 +71,11 @@ def matmul_peak(seconds: float = 3.0) -> dict:
     import torch
 
     out = {}
-    for dtype in (torch.bfloat16, torch.float32):
+    for dtype in (torch.float32, torch.bfloat16):
         best = 0.0
         for n in (1024, 2048, 3072):
+            if dtype == torch.bfloat16 and best and best < out["float32"] / 4:
+                break  # no bf16 arithmetic (AVX2 only: 0.0008 TFLOP/s seen): a 3072 square would take minutes
             a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
             a @ b
             reps, t0 = 0, time.perf_counter()
@@ -84,8 +87,16 @@ def matmul_peak(seconds: float = 3.0) -> dict:
     return out
 
 
+def compute_dtype():
+    """The dtype tuneloop's `precision: auto` computes in on this CPU."""
+    from tuneloop.infer.device import device, pick_dtype
+
+    return pick_dtype("auto", device())
+
+
 def heldout_loss(model, tok, records) -> float:
-    """Mean NLL per answer token over the held-out records (bf16 autocast, the model's own loss)."""
+    """Mean NLL per answer token over the held-out records (bf16 autocast where the CPU has bf16 arithmetic,
+    else fp32: on an AVX2-only CPU bf16 runs at 1-14 GFLOP/s; the model's own loss)."""
     import torch
 
     from tuneloop.infer.encode import collate
@@ -95,7 +106,7 @@ def heldout_loss(model, tok, records) -> float:
     rows = [(ids, labels, list(range(len(ids)))) for ids, labels in enc]
     model.eval()
     total, count = 0.0, 0
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=compute_dtype() == torch.bfloat16):
         for i in range(0, len(rows), 8):
             batch = collate(rows[i:i + 8], tok.pad_token_id, packed=False)
             out = model(**batch, num_items_in_batch=1, use_cache=False)
@@ -220,12 +231,12 @@ def run_tuneloop(args, workdir: Path, compile_blocks: bool) -> dict:
     from transformers import AutoModelForCausalLM
 
     tok = load_tokenizer(metrics["model_path"])
-    base = AutoModelForCausalLM.from_pretrained(metrics["model_path"], dtype=torch.bfloat16)
+    base = AutoModelForCausalLM.from_pretrained(metrics["model_path"], dtype=getattr(torch, metrics["dtype"]))
     model = PeftModel.from_pretrained(base, str(run_dir / "model"))
     result.update(kind="tuneloop" if compile_blocks else "tuneloop_eager", examples_per_step=None, train_wall_s=wall,
                   train_losses=[h["loss"] for h in hist], heldout_loss=heldout_loss(model, tok, held),
                   peak_rss_bytes=rss, gradient_checkpointing=False, packing=True,
-                  model_dtype="bfloat16")
+                  model_dtype=metrics["dtype"])
     return result
 
 
@@ -238,7 +249,7 @@ def run_base(args, workdir: Path) -> dict:
 
     path = resolve_model("smollm2-135m-instruct")
     _, held = split_faq()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=compute_dtype())
     return {"kind": "base", "heldout_loss": heldout_loss(model, load_tokenizer(path), held),
             "params": sum(p.numel() for p in model.parameters())}
 
@@ -324,7 +335,9 @@ def main() -> None:
     ours = results.get("tuneloop")
     for kind in kinds[1:]:
         r = results[kind]
-        r["mfu"] = r["median_step_tokens_per_s"] * flops_per_token / (peak["bfloat16"] * 1e12)
+        # against the machine's best matmul rate: the bf16 peak where the CPU has bf16 arithmetic, the fp32
+        # one where it has not (there tuneloop computes in fp32, and bf16 is the slower of the two)
+        r["mfu"] = r["median_step_tokens_per_s"] * flops_per_token / (max(peak.values()) * 1e12)
         ratio = ours["median_step_tokens_per_s"] / r["median_step_tokens_per_s"] if ours else float("nan")
         table.add_row(kind, f"{r['tokens_per_s']:,.0f}", f"{r['median_step_tokens_per_s']:,.0f}", f"{r['mfu']:.1%}",
                       f"{r['peak_rss_bytes'] / 2**30:.2f} GiB", f"{r['heldout_loss']:.4f}",
