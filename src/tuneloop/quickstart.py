@@ -62,7 +62,6 @@ def estimate_eval_seconds(recipe) -> tuple[float, float, int, torch.dtype]:
     """(seconds the evaluation will take here, forward tokens/s measured, test records, the dtype the model
     computes in): the base model reads a few batches of test reviews now, the rest is EVAL_WORK x the test
     set's tokens at that speed."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     from .data.validate import load_classification

@@ -51,7 +51,7 @@ def _base_is_generative(model_path: str) -> bool:
     return cfg.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and cfg.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 
-def _prompted_sample(records: list, n: int | None, seed: int) -> list[int]:
+def _sample_indices(records: list, n: int | None, seed: int) -> list[int]:
     """Indices (in test order) of a stratified sample of at most n records; every index when n is None or
     the test set is no larger."""
     if n is None or len(records) <= n:
@@ -137,7 +137,7 @@ def evaluate_classify(
         # every system on the same stratified sample, fingerprinted as what was read (the cache and the gate
         # then never mistake it for the whole set)
         full = len(test.records)
-        recs = [test.records[i] for i in _prompted_sample(test.records, ec.test_sample, seed)]
+        recs = [test.records[i] for i in _sample_indices(test.records, ec.test_sample, seed)]
         test = Loaded(records=recs, labels=test.labels, fingerprint=fingerprint(recs))
         notes.append(f"test: every system on a stratified sample of {len(recs)} of the {full} test records (seed "
                      f"{seed}, eval.test_sample); intervals and paired tests are on that sample")
@@ -156,7 +156,7 @@ def evaluate_classify(
     cost: dict[str, dict] = {}
     settings: dict[str, dict] = {}
     train_metrics = run.train_metrics
-    sample = _prompted_sample(test.records, ec.prompted_sample, seed)
+    sample = _sample_indices(test.records, ec.prompted_sample, seed)
     base_lm = False  # not loaded yet; None: no generative base
     meta = [{f: r.meta.get(f) for f in ec.slices} for r in test.records]
     examples = make_examples(texts, gold, meta)
