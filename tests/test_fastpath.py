@@ -221,3 +221,69 @@ def test_replay_agreement_rule():
     assert agrees(0.25, 0.2) and not agrees(0.25, 0.05)
     ids, mask = pad_batch([[4, 5], [6]], 0, extra=3)
     assert ids.tolist() == [[4, 5, 0, 0, 0], [6, 0, 0, 0, 0]] and mask.tolist() == [[1, 1, 0, 0, 0], [1, 0, 0, 0, 0]]
+
+
+
+def _lora_model(path, bf16: bool):
+    """The tiny model with LoRA adapters on every Linear (nonzero B, the same seed each time). bf16: the recipes'
+    autocast layout (bf16 base weights, adapter inputs kept bf16); else the fp32 reference with the same
+    weights (rounded to bf16 and back, so both hold the same numbers)."""
+    from peft import LoraConfig, get_peft_model
+
+    m = _tiny(path, "sdpa").train()
+    attention.bf16_matmuls(m)
+    if not bf16:
+        for mod in m.modules():
+            mod._forward_hooks.clear()  # bf16_matmuls' cast of the norms' outputs
+            if isinstance(mod, torch.nn.Linear):
+                mod.float()
+    torch.manual_seed(1)
+    m = get_peft_model(m, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
+                                     init_lora_weights=False))
+    attention.keep_adapter_inputs_bf16(m)
+    return m
+
+
+def _run(model, ids, bf16: bool):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        logits = model(input_ids=ids).logits.float()
+    (logits.square().mean()).backward()
+    grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    return logits.detach(), grads
+
+
+def test_fused_lora_linears_match_peft(tiny_llama_dir):
+    """Against the fp32 computation, the fused LoRA product's logits and every adapter gradient are as close
+    as PEFT's own bf16 path is (different rounding: the fused one sums in the GEMM's fp32 accumulator, PEFT
+    rounds the LoRA branch to bf16 before adding it); a wrong scale or transpose would be off by ~100%."""
+    torch.manual_seed(0)
+    ids = torch.randint(10, 1000, (2, 12))
+    l32, g32 = _run(_lora_model(tiny_llama_dir, bf16=False), ids, bf16=False)
+    peft = _lora_model(tiny_llama_dir, bf16=True)
+    l_peft, g_peft = _run(peft, ids, bf16=True)
+    fused = _lora_model(tiny_llama_dir, bf16=True)
+    assert fastpath.fuse_lora_linears(fused) == 2 * 7  # q k v o gate up down in each of the 2 blocks
+    l_fused, g_fused = _run(fused, ids, bf16=True)
+
+    def err(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    assert err(l_fused, l32) <= 2 * err(l_peft, l32) + 1e-3
+    assert g_fused.keys() == g32.keys() and len(g32) == 2 * 2 * 7
+    for name, g in g32.items():
+        assert err(g_fused[name], g) <= 2 * err(g_peft[name], g) + 0.01, name
+    # adapters switched off go to PEFT's own path: exactly the other model's numbers
+    with torch.no_grad(), fused.disable_adapter(), peft.disable_adapter(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(fused(input_ids=ids).logits, peft(input_ids=ids).logits)
+
+
+def test_fused_lora_linears_leave_dropout_and_fp32_layers_alone(tiny_llama_dir):
+    from peft import LoraConfig, get_peft_model
+
+    m = get_peft_model(_tiny(tiny_llama_dir, "sdpa"), LoraConfig(r=4, lora_dropout=0.0, target_modules="all-linear"))
+    assert fastpath.fuse_lora_linears(m) == 0  # fp32 base weights: PEFT's path is already one dtype
+    m = _tiny(tiny_llama_dir, "sdpa")
+    attention.bf16_matmuls(m)
+    m = get_peft_model(m, LoraConfig(r=4, lora_dropout=0.1, target_modules="all-linear"))
+    assert fastpath.fuse_lora_linears(m) == 0  # dropout copies the input: not the fused product

@@ -28,7 +28,7 @@ from ..infer.attention import keep_adapter_inputs_bf16
 from ..infer.batching import pad_batch, sorted_batches
 from ..infer.device import pick_dtype, set_threads
 from ..infer.encode import load_tokenizer
-from .fastpath import FrozenPrefixCache, compile_blocks, find_blocks, first_trained_block
+from .fastpath import FrozenPrefixCache, compile_blocks, find_blocks, first_trained_block, fuse_lora_linears
 from .balance import balanced_rows, describe, fit_decision, label_counts, plan_balance, weighted_share
 from .common import plan_steps, plot_losses, recipe_for_run, seed_everything
 from .longdoc import ChunkedParts, check_long_inputs, clean_for_training
@@ -231,6 +231,8 @@ def train_classifier(recipe: Recipe, run_dir: Path, show_progress: bool = True, 
     use_autocast = dtype == torch.bfloat16
     if use_autocast:
         keep_adapter_inputs_bf16(model)
+        if not tc.compile:  # compiled blocks fuse the LoRA sums by themselves
+            fuse_lora_linears(model)
     if tc.compile:
         compile_blocks(model)
     # the frozen-layer cache keeps one row per example; a chunked document is several
