@@ -231,7 +231,9 @@ def train_classifier(recipe: Recipe, run_dir: Path, show_progress: bool = True, 
     use_autocast = dtype == torch.bfloat16
     if use_autocast:
         keep_adapter_inputs_bf16(model)
-        if not tc.compile:  # compiled blocks fuse the LoRA sums by themselves
+        # measured faster here (bench/classify_throughput.py: +8% tokens/s per unit of peak, -15% memory) but
+        # not in SFT's 512-token rows (-12%), so only classification uses it; compiled blocks fuse by themselves
+        if not tc.compile:
             fuse_lora_linears(model)
     if tc.compile:
         compile_blocks(model)

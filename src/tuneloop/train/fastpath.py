@@ -8,7 +8,7 @@
    B x T x 49k fp32 logits never exist, and no log-softmax backward runs over them.
 3. `compile_blocks` (regional torch.compile) and `FrozenPrefixCache` (frozen bottom blocks run once).
 4. `fuse_lora_linears`: each plain LoRA Linear as one autograd function whose LoRA sum happens inside the
-   GEMM (eager bf16 training; compiled blocks fuse it themselves).
+   GEMM (eager bf16 classification training; compiled blocks fuse it themselves).
 
 Why not a library: Liger-Kernel's fused linear cross-entropy is Triton (GPU only), and transformers has no
 CPU attention that uses the GEMM path for bf16; both are small, and each is checked against the reference
@@ -101,7 +101,9 @@ class _FusedLoraLinear(torch.autograd.Function):
     `addmm_` folds the scaled LoRA product into the base product's output, forward and backward alike. It
     saves x and x A^T, as PEFT's graph does; the LoRA branch's own output and its scaled copy never exist.
     On the quickstart's classify recipe (bench/classify_throughput.py, 2-core AMD EPYC, bf16 peak 0.33-0.36
-    TFLOP/s, interleaved runs): 8% more tokens/s per unit of peak, peak RSS 2.7 GiB instead of 3.2."""
+    TFLOP/s, interleaved runs): 8% more tokens/s per unit of peak, peak RSS 2.7 GiB instead of 3.2. On SFT's
+    4 x 512-token batches (bench/train_throughput.py --runs tuneloop_eager) it was 12% slower per unit of
+    peak (memory 3.2-3.4 GiB instead of 3.6-3.9), so the SFT and preference recipes keep PEFT's path."""
 
     @staticmethod
     def forward(ctx, x, weight, a, b, scale):

@@ -32,7 +32,7 @@ from ..infer.preference import encode_answer
 from ..runs import (LOSS_PLOT, MODEL, TEST_RECORDS, Fingerprints, finish_run, start_point, write_data_info,
                     write_history, write_recipe)
 from .common import plot_losses, recipe_for_run, seed_everything
-from .fastpath import compile_blocks, fuse_lora_linears
+from .fastpath import compile_blocks
 from .loop import fit
 from .preference import (Scorer, answer_hook, encode_answers, load_policy, read_splits, seqs, system_of,
                          too_short)
@@ -144,8 +144,6 @@ def train_kto(recipe: Recipe, run_dir: Path, show_progress: bool = True, resume:
     use_autocast = dtype == torch.bfloat16
     if use_autocast:
         keep_adapter_inputs_bf16(model)
-        if not tc.compile:  # compiled blocks fuse the LoRA sums by themselves
-            fuse_lora_linears(model)
     if tc.compile:
         compile_blocks(base)
     scorer = Scorer(*answer_hook(base, mc))

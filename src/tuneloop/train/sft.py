@@ -38,7 +38,7 @@ from ..zoo import resolve_model
 from ..infer.attention import keep_adapter_inputs_bf16
 from ..infer.batching import sorted_batches
 from ..infer.device import pick_dtype, set_threads
-from .fastpath import FinalHidden, compile_blocks, fuse_lora_linears, linear_cross_entropy
+from .fastpath import FinalHidden, compile_blocks, linear_cross_entropy
 from .common import load_kwargs, plot_losses, recipe_for_run, seed_everything, wrap_method
 from .loop import fit
 
@@ -228,8 +228,6 @@ def train_sft(recipe: Recipe, run_dir: Path, show_progress: bool = True, resume:
     use_autocast = dtype == torch.bfloat16 and mc.name != "full"
     if use_autocast:
         keep_adapter_inputs_bf16(model)
-        if not tc.compile:  # compiled blocks fuse the LoRA sums by themselves
-            fuse_lora_linears(model)
     # The loss is taken from the final hidden states on answer tokens only (fastpath.linear_cross_entropy);
     # prompt and prefix tuning change the sequence inside PEFT's forward, so they keep the model's own loss.
     hidden = None if mc.name in ("prompt_tuning", "prefix_tuning") else FinalHidden(base)
