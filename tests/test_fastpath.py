@@ -223,7 +223,6 @@ def test_replay_agreement_rule():
     assert ids.tolist() == [[4, 5, 0, 0, 0], [6, 0, 0, 0, 0]] and mask.tolist() == [[1, 1, 0, 0, 0], [1, 0, 0, 0, 0]]
 
 
-
 def _lora_model(path, bf16: bool):
     """The tiny model with LoRA adapters on every Linear (nonzero B, the same seed each time). bf16: the recipes'
     autocast layout (bf16 base weights, adapter inputs kept bf16); else the fp32 reference with the same
