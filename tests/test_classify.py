@@ -41,6 +41,7 @@ def recipe(tmp_path, tiny_llama_dir):
     return make
 
 
+@pytest.mark.slow
 def test_train_writes_a_complete_run_folder_and_loss_falls(recipe, tmp_path):
     run_dir, m = train_run(recipe(), tmp_path / "ws", show_progress=False)
     for f in ("recipe.yaml", "data.json", "labels.json", "train_metrics.json", "history.json",
@@ -56,6 +57,7 @@ def test_train_writes_a_complete_run_folder_and_loss_falls(recipe, tmp_path):
     assert (tmp_path / "ws" / "mlflow.db").exists()
 
 
+@pytest.mark.slow
 def test_eval_compares_four_systems_and_tuned_learns(recipe, tmp_path):
     run_dir, _ = train_run(recipe(), tmp_path / "ws", show_progress=False)
     rep = evaluate_classify(run_dir, show_progress=False, print_results=False)
@@ -77,6 +79,7 @@ def test_eval_compares_four_systems_and_tuned_learns(recipe, tmp_path):
                                                         ("tuned", "tfidf_logreg")}
 
 
+@pytest.mark.slow
 def test_prompted_baselines_calibrated_few_shot_and_sampled(recipe, tmp_path):
     r = recipe(max_steps=2)
     r.eval.prompted_sample = 16
@@ -101,11 +104,13 @@ def test_prompted_baselines_calibrated_few_shot_and_sampled(recipe, tmp_path):
     assert {t["n"] for t in rep["tests"]} == {16}
 
 
+@pytest.mark.slow
 def test_max_steps_and_bf16_path(recipe, tmp_path):
     _, m = train_run(recipe(max_steps=3, precision="bf16"), tmp_path / "ws", show_progress=False)
     assert m["steps"] == 3 and m["dtype"] == "bfloat16"
 
 
+@pytest.mark.slow
 def test_full_finetuning(recipe, tmp_path):
     r = recipe(max_steps=2)
     r.method.name = "full"
@@ -115,6 +120,7 @@ def test_full_finetuning(recipe, tmp_path):
     assert rep["systems"]["tuned"]["n"] == 40
 
 
+@pytest.mark.slow
 def test_frozen_layer_cache_changes_no_result(recipe, tmp_path):
     """Adapters on the top block only, four epochs: epochs 2-4 replay the bottom block's kept output,
     and every step's loss equals the run that computes it each time."""
@@ -130,6 +136,7 @@ def test_frozen_layer_cache_changes_no_result(recipe, tmp_path):
     assert with_cache == pytest.approx(without, rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_frozen_layer_cache_stays_off_for_one_epoch_or_all_layers(recipe, tmp_path):
     r = recipe(epochs=1)
     r.method.top_layers = 1
@@ -137,6 +144,7 @@ def test_frozen_layer_cache_stays_off_for_one_epoch_or_all_layers(recipe, tmp_pa
     assert train_run(recipe(max_steps=14), tmp_path / "b", show_progress=False)[1]["frozen_cache_bytes"] is None
 
 
+@pytest.mark.slow
 def test_eval_reads_as_far_as_eval_max_length_and_serving_follows(recipe, tmp_path, monkeypatch):
     from tuneloop.eval import compare
     from tuneloop.runs import load_for_inference
@@ -172,6 +180,7 @@ def test_validation_split_is_stratified_deterministic_and_off_at_zero():
     assert held0 == [] and kept0 == recs
 
 
+@pytest.mark.slow
 def test_validation_early_stop_keeps_the_best_checkpoint(recipe, tmp_path):
     """Random labels: validation loss must rise once the head memorises them. The run stops early, warns
     about overfitting, and `model/` holds the best validation weights, not the last."""

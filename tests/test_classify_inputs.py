@@ -14,6 +14,7 @@ def tok(smol_dir):
     return AutoTokenizer.from_pretrained(smol_dir)
 
 
+@pytest.mark.slow
 def test_truncation_cuts_the_text_never_the_template(tok):
     text = " ".join(f"w{i}" for i in range(200))
     [ids] = encode_texts(tok, [text], 40, "Review: {text}\n\nGreat or other?")
@@ -60,6 +61,7 @@ def test_label_words_head_equals_the_language_models_answer(tiny_llama_dir):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_label_words_after_plain_text_take_the_spaced_token(tiny_llama_dir):
     """After "...Answer:" a byte-level BPE model writes " great", a different token from "great"."""
     r = recipe_from_dict({"name": "x", "model": str(tiny_llama_dir), "data": {"train": "a.jsonl"},

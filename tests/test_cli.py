@@ -2,7 +2,7 @@
 
 import json
 
-
+import pytest
 from data_helpers import run_cli_split as run_cli  # noqa: E402  (one way to call the real CLI)
 
 
@@ -48,6 +48,7 @@ def test_models_list(monkeypatch, capsys):
     assert code == 0 and "smollm2-135m-inst" in out and "minilm-l6" in out
 
 
+@pytest.mark.slow
 def test_train_and_eval_commands_on_csv_with_column_mapping(monkeypatch, capsys, tmp_path, tiny_llama_dir):
     lines = ["body,verdict"] + [f"item {i} was {'fine' if i % 2 else 'poor'},{'up' if i % 2 else 'down'}" for i in range(24)]
     (tmp_path / "d.csv").write_text("\n".join(lines) + "\n")

@@ -42,6 +42,7 @@ def test_question_and_paraphrase_extraction():
     assert _first_paragraph("Rewritten.\n\nNote: I kept the tone.") == "Rewritten."
 
 
+@pytest.mark.slow
 def test_augment_cli_then_split_keeps_augmented_out_of_test(tmp_path, tiny_llama_dir):
     rows = [{"text": f"review {i} says {'good' if i % 2 else 'bad'} things", "label": "pos" if i % 2 else "neg"}
             for i in range(20)]

@@ -151,6 +151,7 @@ def test_bad_input_names_file_line_and_field(tmp_path, name, fname, content, mes
     assert "Traceback" not in out
 
 
+@pytest.mark.slow
 def test_a_50mb_line_is_refused_by_name(tmp_path):
     p = tmp_path / "big.jsonl"
     with open(p, "w") as f:

@@ -214,6 +214,7 @@ def _explicit_options(recipe) -> list[str]:
 
 
 @pytest.mark.parametrize("recipe_file", RECIPES, ids=[p.stem for p in RECIPES])
+@pytest.mark.slow
 def test_every_shipped_recipe(monkeypatch, recipe_file):
     recipe = load_recipe(recipe_file)
     raw = yaml.safe_load(recipe_file.read_text())["data"]

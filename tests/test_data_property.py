@@ -8,6 +8,7 @@ import re
 import tempfile
 from pathlib import Path
 
+import pytest
 from data_helpers import run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -35,6 +36,7 @@ bad = st.one_of(
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(goods=st.lists(good, min_size=1, max_size=6), bads=st.lists(bad, min_size=1, max_size=3), data=st.data(),
        crlf=st.booleans())
+@pytest.mark.slow
 def test_malformed_files_fail_cleanly_naming_a_line(goods, bads, data, crlf):
     lines = list(goods)
     for b in bads:
@@ -62,6 +64,7 @@ csv_bad = st.one_of(
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(goods=st.lists(st.builds(lambda c, l: f"{c},{l}".encode(), csv_cell, st.sampled_from("ab")), min_size=1,
                       max_size=5), bads=st.lists(csv_bad, min_size=1, max_size=2), data=st.data())
+@pytest.mark.slow
 def test_malformed_csv_fails_cleanly_naming_a_line(goods, bads, data):
     lines = list(goods)
     for b in bads:

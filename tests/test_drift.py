@@ -40,6 +40,7 @@ def texts(make, n: int, seed: int) -> list[str]:
 REFERENCE = texts(food, 150, 0)
 
 
+@pytest.mark.slow
 def test_same_distribution_is_not_flagged():
     r = text_drift(REFERENCE, texts(food, 60, 1))
     assert r["drifted"] is False
@@ -50,6 +51,7 @@ def test_same_distribution_is_not_flagged():
     assert abs(r["score"] - 0.5) < 0.15  # the domain classifier is near chance
 
 
+@pytest.mark.slow
 def test_a_new_topic_is_flagged():
     r = text_drift(REFERENCE, texts(gadget, 60, 1))
     assert r["drifted"] is True
@@ -60,6 +62,7 @@ def test_a_new_topic_is_flagged():
     assert r["checks"]["vocabulary"]["other_share_live"] > r["checks"]["vocabulary"]["other_share_reference"]
 
 
+@pytest.mark.slow
 def test_a_partial_shift_scores_between_and_more_shift_scores_higher():
     scores = []
     for share in (0.0, 0.4, 1.0):
@@ -70,6 +73,7 @@ def test_a_partial_shift_scores_between_and_more_shift_scores_higher():
     assert text_drift(REFERENCE, texts(food, 36, 2) + texts(gadget, 24, 3))["drifted"]
 
 
+@pytest.mark.slow
 def test_longer_texts_drift_in_length_only():
     rng = random.Random(5)
     longer = [f"{food(rng)} {food(rng)} {food(rng)}" for _ in range(60)]
@@ -171,6 +175,7 @@ def _log(store, texts: list[str], version: str, start: float, labels=None, ratin
         store.add_feedback(rows[i]["id"], rating=r)
 
 
+@pytest.mark.slow
 def test_drift_cli_end_to_end(tmp_path, monkeypatch, capsys):
     import json
     import time
@@ -235,6 +240,7 @@ def test_drift_cli_end_to_end(tmp_path, monkeypatch, capsys):
     assert code == 3
 
 
+@pytest.mark.slow
 def test_classify_requests_are_logged_for_drift(tmp_path, tiny_llama_dir):
     from fastapi.testclient import TestClient
 
@@ -280,6 +286,7 @@ def test_classify_requests_are_logged_for_drift(tmp_path, tiny_llama_dir):
         engine.close()
 
 
+@pytest.mark.slow
 def test_embeddings_are_unit_length_cached_and_independent_of_their_batch(monkeypatch):
     from tuneloop import drift
 

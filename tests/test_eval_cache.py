@@ -43,6 +43,7 @@ def _eval(run, **kw):
     return evaluate_classify(run, systems=SYSTEMS, show_progress=False, print_results=False, **kw)
 
 
+@pytest.mark.slow
 def test_a_rerun_reads_every_cached_system_back_with_identical_predictions(run_dir, tmp_path):
     first = _eval(run_dir)
     assert all(first["systems"][s]["cached"] is False for s in SYSTEMS)
@@ -70,6 +71,7 @@ def test_a_rerun_reads_every_cached_system_back_with_identical_predictions(run_d
                 assert q["label"] == p["label"] and q["probability"] == pytest.approx(p["probability"], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_a_changed_prompt_or_test_set_is_recomputed(run_dir, tmp_path):
     _eval(run_dir)
     run = open_run(run_dir)
@@ -82,6 +84,7 @@ def test_a_changed_prompt_or_test_set_is_recomputed(run_dir, tmp_path):
     assert not any(rep["systems"][s]["cached"] for s in SYSTEMS)
 
 
+@pytest.mark.slow
 def test_every_part_of_the_key_changes_it(run_dir, tmp_path, tiny_llama_dir):
     run = open_run(run_dir)
     labels = run.info.labels
@@ -150,6 +153,7 @@ def test_a_cache_that_cannot_be_written_costs_a_recomputation_not_the_report(tmp
     assert store.fetch("base", {"a": 1}, lambda: {"x": 1}) == ({"x": 1}, False)
 
 
+@pytest.mark.slow
 def test_the_cli_reads_the_cache_and_no_cache_recomputes(run_dir):
     from typer.testing import CliRunner
 
@@ -163,6 +167,7 @@ def test_the_cli_reads_the_cache_and_no_cache_recomputes(run_dir):
         assert rep["systems"]["base"]["cached"] is hit and rep["cache"]["systems"]["tfidf_logreg"]["cached"] is hit
 
 
+@pytest.mark.slow
 def test_a_test_sample_scores_every_system_on_the_same_stratified_records(run_dir):
     full = _eval(run_dir)
     run = open_run(run_dir)

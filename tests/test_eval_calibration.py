@@ -85,6 +85,7 @@ def test_latency_percentiles_and_cost_by_hand():
     assert t.batches[0][0] == 3 and t.batches[0][1] >= 0
 
 
+@pytest.mark.slow
 def test_few_shot_examples_are_balanced_seeded_and_fit_the_budget(smol_dir):
     from transformers import AutoTokenizer
 

@@ -77,6 +77,7 @@ def _shift_toward(policy, tok, prompts: list[str], answers: list[str]) -> None:
     policy.eval()
 
 
+@pytest.mark.slow
 def test_preference_accuracy_of_untouched_and_shifted_policies(tiny_llama_dir):
     from tuneloop.eval.preference import preference_accuracy
     from tuneloop.infer.encode import load_tokenizer
@@ -94,6 +95,7 @@ def test_preference_accuracy_of_untouched_and_shifted_policies(tiny_llama_dir):
     assert preference_accuracy(shifted) == 1.0 and min(shifted) > 0
 
 
+@pytest.mark.slow
 def test_label_accuracy_of_untouched_and_shifted_policies(tiny_llama_dir):
     from tuneloop.eval.preference import label_accuracy
     from tuneloop.infer.encode import load_tokenizer
@@ -175,6 +177,7 @@ def runs(tmp_path_factory, tiny_llama_dir):
     return {"sft": sft, "judge": judge, "dpo": dpo, "kto": kto, "test": test_pairs, "test_thumbs": test_thumbs}
 
 
+@pytest.mark.slow
 def test_dpo_report_has_every_system_and_round_trips(runs, tmp_path):
     from tuneloop.eval.schema import Report
     from tuneloop.eval.tasks import evaluate_run
@@ -206,6 +209,7 @@ def test_dpo_report_has_every_system_and_round_trips(runs, tmp_path):
     assert all(p["loss"] == pytest.approx(-p["logp_chosen"] / p["tokens"]) for p in tuned.values())
 
 
+@pytest.mark.slow
 def test_eval_cli_with_judge_and_without(runs, tmp_path):
     code, text = run_cli("eval", runs["dpo"], "--judge", runs["judge"], "--out", tmp_path / "a", "--no-progress",
                          "--systems", "parent,tuned")
@@ -222,6 +226,7 @@ def test_eval_cli_with_judge_and_without(runs, tmp_path):
     assert code == 2 and "reward run" in text
 
 
+@pytest.mark.slow
 def test_reward_report_and_the_length_baseline(runs, tmp_path):
     from tuneloop.eval.tasks import evaluate_run
 
@@ -236,6 +241,7 @@ def test_reward_report_and_the_length_baseline(runs, tmp_path):
     assert (tmp_path / "report.html").exists()
 
 
+@pytest.mark.slow
 def test_kto_report_on_held_out_thumbs(runs, tmp_path):
     import io
 

@@ -138,6 +138,7 @@ def tiny_lm(tiny_llama_dir):
             AutoTokenizer.from_pretrained(tiny_llama_dir))
 
 
+@pytest.mark.slow
 def test_forgetting_is_zero_untouched_and_nonzero_perturbed(tiny_lm, tiny_llama_dir):
     from transformers import AutoModelForCausalLM
 
@@ -172,6 +173,7 @@ def test_head_models_are_read_through_their_backbone(tiny_lm, tiny_llama_dir):
     assert np.allclose(a["nll"], b["nll"], rtol=1e-5) and a["correct"] == b["correct"]
 
 
+@pytest.mark.slow
 def test_classify_report_has_slices_probes_and_forgetting(tmp_path, tiny_llama_dir):
     from tuneloop.config import recipe_from_dict
     from tuneloop.eval.compare import evaluate_classify

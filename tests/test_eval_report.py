@@ -116,6 +116,7 @@ def test_other_tasks_get_the_same_sections(task, tmp_path):
     assert "<h2>Paired tests</h2>" in page and page.count('class="ci"') >= 2
 
 
+@pytest.mark.slow
 def test_tuneloop_report_rebuilds_the_html_from_json_old_reports_too(tmp_path):
     rep = classify_report()
     write_report(rep, tmp_path)

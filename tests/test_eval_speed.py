@@ -46,6 +46,7 @@ def test_fewshot_prefix_reuse_equals_reading_each_prompt_whole(lm, words, dtype,
 
 
 @pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.slow
 def test_forgetting_scores_only_the_needed_positions_with_the_old_results(lm, bf16):
     model, tok = lm
     dev = torch.device("cpu")
@@ -63,6 +64,7 @@ def test_forgetting_scores_only_the_needed_positions_with_the_old_results(lm, bf
     assert a["margin"] == pytest.approx(b["margin"], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_a_bf16_classifier_loads_its_head_unrounded_and_computes_it_in_fp32(tmp_path, tiny_llama_dir):
     import json
 

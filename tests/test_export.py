@@ -126,6 +126,7 @@ def test_every_format_and_task_has_a_row():
 
 
 @pytest.mark.parametrize("row", ROWS, ids=lambda r: f"{r.spec}-{r.task}")
+@pytest.mark.slow
 def test_round_trip(row: Row, runs, tmp_path):
     run_dir = runs[row.task]
     out = tmp_path / "export"
@@ -194,6 +195,7 @@ for folder, kind, gguf_file in json.loads(sys.argv[1]):
 FRESH_ROWS = [("merged", "classify", ""), ("merged", "sft", ""), ("gguf:f16", "sft", "model-f16.gguf")]
 
 
+@pytest.mark.slow
 def test_plain_transformers_loads_merged_and_gguf_in_a_fresh_process(runs, tmp_path):
     """No tuneloop, no PEFT: a new Python process with transformers alone reads the folders and gives the
     numbers the run itself gives through tuneloop's loader."""
@@ -261,6 +263,7 @@ def test_gguf_metadata_and_modelfile(runs, tmp_path):
     assert filled == tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
 
 
+@pytest.mark.slow
 def test_int8_export_is_served_and_evaluated(runs, tmp_path):
     """The int8 folder is a run folder: `tuneloop eval` evaluates it and the server classifies with it."""
     from fastapi.testclient import TestClient

@@ -130,6 +130,7 @@ def test_without_a_frozen_test_set_the_leak_is_kept_and_the_notes_say_nothing_wa
     assert len(records) == 3 and any("nothing checked for leakage" in n for n in notes)
 
 
+@pytest.mark.slow
 def test_since_limits_the_export_to_newer_feedback(ws):
     code, text, rows = _export(ws, "sft", "--since", "7d")
     assert code == 0 and len(rows) == 2

@@ -146,6 +146,7 @@ def test_seasonal_naive_exact_on_a_periodic_series(tmp_path):
     assert seasonal_naive(t, "v", 3, 1, 7) is None
 
 
+@pytest.mark.slow
 def test_backtest_origins_and_gbm_beats_naive_with_a_feature_effect(tmp_path):
     from tuneloop.train.forecast import backtest_origins, fit_gbm, training_rows
 
@@ -200,6 +201,7 @@ def _recipe(path, model, **forecast):
     }
 
 
+@pytest.mark.slow
 def test_train_backtest_and_forecast_cli(tmp_path, tiny_llama_dir):
     from tuneloop.eval.tasks import evaluate_run
     from tuneloop.runs import start_run

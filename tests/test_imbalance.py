@@ -225,6 +225,7 @@ def imbalanced_run(tmp_path_factory, tiny_llama_dir):
     return run_dir, metrics
 
 
+@pytest.mark.slow
 def test_training_resolves_and_records_the_imbalance_handling(imbalanced_run):
     run_dir, m = imbalanced_run
     plan = m["imbalance"]
@@ -240,6 +241,7 @@ def test_training_resolves_and_records_the_imbalance_handling(imbalanced_run):
         assert rec["validation"]["after"] > rec["validation"]["before"] and set(rec["offsets"]) == set(WORDS)
 
 
+@pytest.mark.slow
 def test_eval_and_serve_apply_decision_json_identically(imbalanced_run, tiny_llama_dir):
     from tuneloop.eval.compare import evaluate_classify
     from tuneloop.runs import DECISION, write_decision

@@ -120,6 +120,7 @@ def test_one_window_reads_exactly_as_the_unchunked_model(tiny_llama_dir):
 
 
 @pytest.mark.parametrize("pooling", ["mean", "max", "attention"])
+@pytest.mark.slow
 def test_the_gradient_reaches_every_window_of_a_document(tiny_llama_dir, pooling):
     model, tok = _classifier(tiny_llama_dir, pooling)
     model.train()
@@ -181,6 +182,7 @@ def chunk_recipe(tmp_path, tiny_llama_dir):
     return make
 
 
+@pytest.mark.slow
 def test_chunked_run_is_stored_and_eval_and_classify_endpoint_agree(chunk_recipe, tmp_path, tiny_llama_dir):
     from fastapi.testclient import TestClient
 
@@ -220,6 +222,7 @@ def test_chunked_run_is_stored_and_eval_and_classify_endpoint_agree(chunk_recipe
         sum((p[1] > p[0]) == (r["label"] == "spam") for p, r in zip(probs.tolist(), rows)) / len(rows))
 
 
+@pytest.mark.slow
 def test_auto_measures_each_reading_and_takes_the_best(chunk_recipe, tmp_path, capsys):
     from tuneloop.train import train_run
     from tuneloop.train.longdoc import measure_readings

@@ -251,6 +251,7 @@ def test_classify_feedback_becomes_labelled_text(tmp_path):
     assert rows == [{"text": "soup was cold", "label": "bad"}] and "1 prompt in a frozen test set" in notes[-1]
 
 
+@pytest.mark.slow
 def test_a_warm_start_copies_the_weights_and_grows_the_head_by_label_name(tmp_path, tiny_llama_dir):
     import torch
     from peft import get_peft_model_state_dict

@@ -49,6 +49,7 @@ def prompts_of(path: Path) -> list[str]:
     return [json.loads(l)["prompt"] for l in path.read_text().splitlines() if l.strip()]
 
 
+@pytest.mark.slow
 def test_pairs_come_from_the_training_split_of_the_sft_run(tmp_path, talky_dir):
     """Split against a real sft run: every prompt of the pairs is one the run trained on (train + val), none is
     in the run's test.jsonl, and together with it they cover the file."""

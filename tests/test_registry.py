@@ -162,6 +162,7 @@ def test_an_existing_path_is_not_a_ref(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("row", TASKS, ids=lambda t: t.task)
+@pytest.mark.slow
 def test_register_two_runs_lineage_and_card(row: Task, ws, base_dir):
     first = make_run(ws, row, base_dir, score=0.6)
     second = make_run(ws, row, base_dir, score=0.9)
@@ -244,6 +245,7 @@ def test_a_run_without_a_report_has_a_card_that_says_so_and_a_gate_refreshes_it(
     assert registry.gate_record(v2, v1)["passed"] is True
 
 
+@pytest.mark.slow
 def test_promote_needs_a_passing_gate_or_force_with_why_and_rollback_goes_back(ws, base_dir):
     row = ROWS["classify"]
     v1, v2, v3 = (registry.register(ws, make_run(ws, row, base_dir, score=s)) for s in (0.6, 0.7, 0.8))
@@ -392,6 +394,7 @@ def test_the_workspace_git_commit_is_recorded(ws, base_dir):
 from data_helpers import run_cli_split as run_cli  # noqa: E402  (one way to call the real CLI)
 
 
+@pytest.mark.slow
 def test_cli_registry_commands_and_exit_codes(monkeypatch, capsys, ws, base_dir):
     monkeypatch.setenv("COLUMNS", "200")
     w = ["-w", str(ws)]

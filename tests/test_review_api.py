@@ -58,6 +58,7 @@ def _signed_in(store, name: str, **settings) -> TestClient:
     return c
 
 
+@pytest.mark.slow
 def test_the_page_is_served_and_self_contained(store):
     c = TestClient(_app(store))
     r = c.get("/review/")

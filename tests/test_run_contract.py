@@ -119,6 +119,7 @@ def test_every_trainable_task_has_a_row_and_an_evaluator():
 
 
 @pytest.mark.parametrize("row", TASKS, ids=lambda t: t.task)
+@pytest.mark.slow
 def test_train_open_load_evaluate_serve(row: Task, tmp_path, tiny_llama_dir):
     recipe = recipe_from_dict({"name": f"contract-{row.task}", "task": row.task, "model": str(tiny_llama_dir),
                                "data": row.data(tmp_path), "method": TINY_METHOD, "train": TINY_TRAIN,

@@ -131,6 +131,7 @@ def _chat(client, model: str, content: str = "Name a fruit.", n: int = 12) -> st
 
 
 # ------------------------------------------------------------------------------ the openai client
+@pytest.mark.slow
 def test_openai_client_models_chat_stream_completions(client):
     assert {m.id for m in client.models.list().data} >= {"tiny", "ra", "rb", "clf"}
 
@@ -200,6 +201,7 @@ def test_stop_strings_cut_the_answer(client):
 
 
 # ------------------------------------------------------------------------------ batching
+@pytest.mark.slow
 def test_64_concurrent_requests_match_one_by_one_and_batch(live, client):
     models = ["tiny", "ra", "rb"]
     jobs = [(models[i % 3], f"Request {i}: " + "tell me more " * (i % 5), 4 + i % 9) for i in range(64)]
@@ -279,6 +281,7 @@ def test_client_disconnect_without_streaming_frees_the_slot(tiny_llama_dir):
 
 
 # ------------------------------------------------------------------------------ hot-swap
+@pytest.mark.slow
 def test_hot_swap_under_load_and_rollback(live, runs, client):
     e = live.engine
     old_ra, rb_answer = _chat(client, "ra", n=40), _chat(client, "rb", n=40)

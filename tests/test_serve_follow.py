@@ -95,6 +95,7 @@ class Load:
             t.join(timeout=60)
 
 
+@pytest.mark.slow
 def test_serving_follows_promotion_and_rollback_under_load(workspace, caplog):
     caplog.set_level(logging.INFO, logger="tuneloop.serve")
     engine = build_engine(["reviews@production", "chat@production"], workspace, dtype="float32",

@@ -86,6 +86,7 @@ def _long_docs(path, n, seed):
     return str(path)
 
 
+@pytest.mark.slow
 def test_summaries_end_to_end_with_rouge_and_extractive_baselines(tiny_llama_dir, tmp_path):
     from tuneloop.eval.textgen import evaluate_sft
     from tuneloop.train import train_run

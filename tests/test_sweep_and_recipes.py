@@ -39,6 +39,7 @@ def test_bad_training_keys_fail_with_the_key(override, message):
         recipe_from_dict(doc, [override])
 
 
+@pytest.mark.slow
 def test_sweep_picks_by_validation_metric(tmp_path, tiny_llama_dir):
     from tuneloop.sweep import run_sweep
 

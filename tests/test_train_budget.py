@@ -94,6 +94,7 @@ def reviews(tmp_path, tiny_llama_dir):
     return make
 
 
+@pytest.mark.slow
 def test_a_run_is_sized_to_its_budget_and_records_the_plan(reviews, tmp_path, monkeypatch):
     # The machine's speed is pinned so the plan is exact: 12 batches of 8 per epoch at a known price.
     monkeypatch.setattr(budgets, "measure", lambda *a, **k: (1e-3, 0.0))
@@ -110,6 +111,7 @@ def test_a_run_is_sized_to_its_budget_and_records_the_plan(reviews, tmp_path, mo
     assert set(plan["dropped_by_stratum"]) == {"bad", "good"}
 
 
+@pytest.mark.slow
 def test_training_stops_when_the_budget_is_spent(reviews, tmp_path, monkeypatch):
     # A machine far slower than measured: the plan says everything fits, the clock says stop.
     monkeypatch.setattr(budgets, "measure", lambda *a, **k: (1e-12, 0.0))
@@ -138,6 +140,7 @@ def test_the_probe_changes_no_weight_and_leaves_no_gradient(tiny_llama_dir):
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
+@pytest.mark.slow
 def test_the_quickstart_sizes_training_to_what_its_evaluation_leaves(tmp_path, tiny_llama_dir, monkeypatch):
     # The whole `tuneloop quickstart --budget` path on a tiny model: the eval estimate is measured, training
     # gets the rest, and the report says both (a wrong import here once broke `make quickstart` unseen).

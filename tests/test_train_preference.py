@@ -44,6 +44,7 @@ def recipe(task: str, data: dict, model, **train) -> object:
                              "method": LORA, "train": {**FAST, **train}})
 
 
+@pytest.mark.slow
 def test_dpo_starts_at_log2_and_its_loss_falls(tmp_path, tiny_llama_dir):
     data = {"train": write(tmp_path / "p.jsonl", pairs(40)), "val_ratio": 0.2, "test_ratio": 0.1}
     run_dir, m = train_run(recipe("dpo", data, tiny_llama_dir, max_steps=12), tmp_path / "ws", show_progress=False)
@@ -71,6 +72,7 @@ def test_dpo_starts_at_log2_and_its_loss_falls(tmp_path, tiny_llama_dir):
 
 
 @pytest.mark.parametrize("loss_type", ["ipo", "hinge", "robust"])
+@pytest.mark.slow
 def test_dpo_variants_train(tmp_path, tiny_llama_dir, loss_type):
     data = {"train": write(tmp_path / "p.jsonl", pairs(24)), "val_ratio": 0.0}
     extra = {"label_smoothing": 0.1} if loss_type == "robust" else {}
@@ -79,6 +81,7 @@ def test_dpo_variants_train(tmp_path, tiny_llama_dir, loss_type):
     assert m["final_loss"] < m["first_loss"]
 
 
+@pytest.mark.slow
 def test_kto_starts_at_one_half_and_falls_on_thumbs(tmp_path, tiny_llama_dir):
     rows = []
     for p in pairs(40):
@@ -94,6 +97,7 @@ def test_kto_starts_at_one_half_and_falls_on_thumbs(tmp_path, tiny_llama_dir):
     assert open_run(run_dir).info.task == "kto"
 
 
+@pytest.mark.slow
 def test_reward_model_ranks_chosen_above_rejected(tmp_path, tiny_llama_dir):
     data = {"train": write(tmp_path / "p.jsonl", pairs(48)), "val_ratio": 0.0, "test_ratio": 0.25}
     run_dir, m = train_run(recipe("reward", data, tiny_llama_dir, max_steps=15), tmp_path / "ws", show_progress=False)
@@ -109,6 +113,7 @@ def test_reward_model_ranks_chosen_above_rejected(tmp_path, tiny_llama_dir):
     assert len(test) == 12 and sum(g > b for g, b in zip(good, bad)) >= 11
 
 
+@pytest.mark.slow
 def test_dpo_from_an_sft_run_merges_its_adapter_and_refuses_full(tmp_path, tiny_llama_dir):
     sft = tmp_path / "sft.jsonl"
     write(sft, [{"instruction": p["prompt"], "input": "", "output": p["chosen"]} for p in pairs(16)])
@@ -181,6 +186,7 @@ def _pair_batch(tok, recs):
 
 
 @pytest.mark.parametrize("loss_type,smoothing", [("sigmoid", 0.0), ("ipo", 0.0), ("hinge", 0.0), ("robust", 0.2)])
+@pytest.mark.slow
 def test_dpo_loss_equals_trls(tiny_llama_dir, loss_type, smoothing):
     from trl import DPOConfig, DPOTrainer
 
@@ -207,6 +213,7 @@ def test_dpo_loss_equals_trls(tiny_llama_dir, loss_type, smoothing):
     assert ours == pytest.approx(theirs, rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_kto_loss_equals_trls(tiny_llama_dir):
     from trl import KTOConfig, KTOTrainer
 

@@ -51,6 +51,7 @@ def test_seasonal_naive_and_metrics():
     assert m["mae"] == 2.5 and m["rmse"] == pytest.approx(math.sqrt((4 + 9) / 2))
 
 
+@pytest.mark.slow
 def test_regress_trains_and_reports_real_units(tmp_path, tiny_llama_dir):
     from tuneloop.train.regress import train_regressor
 

@@ -195,6 +195,7 @@ def test_packed_training_loss_equals_unpacked(tok, tiny_llama_dir):
 # training runs on the tiny model
 
 
+@pytest.mark.slow
 def test_sft_run_folder_and_loss_falls(tmp_path, tiny_llama_dir):
     data = write_chat(tmp_path / "chat.jsonl")
     recipe = recipe_from_dict(sft_recipe(tiny_llama_dir, data, train__max_steps=12, train__packing=True,
@@ -213,6 +214,7 @@ def test_sft_run_folder_and_loss_falls(tmp_path, tiny_llama_dir):
 
 
 @pytest.mark.parametrize("method", ["lora", "dora", "prompt_tuning", "prefix_tuning", "full"])
+@pytest.mark.slow
 def test_methods_train_and_save(tmp_path, tiny_llama_dir, method):
     data = write_chat(tmp_path / "chat.jsonl", 16)
     recipe = recipe_from_dict(sft_recipe(tiny_llama_dir, data, method__name=method, train__max_steps=3,
@@ -297,6 +299,7 @@ def test_compiled_blocks_train_the_same(tmp_path, tiny_llama_dir):
     assert hists[1] == pytest.approx(hists[0], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_eval_generates_the_same_with_adapters_merged(tmp_path, tiny_llama_dir):
     """Merged adapters (the fast way to generate) answer exactly as the adapters do, in fp32."""
     from tuneloop.eval.textgen import evaluate_sft
