@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # pytest-xdist workers have no terminal: rich would wrap its tables at 80 columns and cut the cells tests read
 os.environ.setdefault("COLUMNS", "200")
+# One pytest-xdist worker per core (`make test`): each worker, and the `tuneloop` processes its tests start,
+# takes its share of the cores (tuneloop's default thread count follows OMP_NUM_THREADS), rather than every
+# process starting one thread per core and the OpenMP pools of both workers fighting over the same two.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _share = max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_share))
+    if "torch" in sys.modules:  # already imported by a plugin: it read the variable before it was set
+        sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session")

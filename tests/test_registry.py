@@ -461,3 +461,41 @@ def test_train_register_links_the_version_to_its_tracking_run(monkeypatch, capsy
     tracking = registry._client(ws).get_run(run.info.mlflow_run_id)
     assert tracking.data.tags.get("stage") == "train"  # the training's own run, not one made at register time
     assert v.tags["base_weights_sha256"] == run.info.base_weights_sha256
+
+
+def test_a_new_workspace_store_is_a_copy_of_one_built_once_and_an_old_one_is_never_replaced(tmp_path, monkeypatch):
+    """tracking._new_store: the empty store MLflow's migrations build is made once per MLflow version in the
+    cache; each new workspace gets its own copy, with MLflow's Default experiment pointed inside it."""
+    import sqlite3
+
+    import mlflow
+
+    from tuneloop.tracking import log_to_mlflow, tracking_uri
+
+    monkeypatch.setenv("TUNELOOP_CACHE", str(tmp_path / "cache"))
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    log_to_mlflow(a, "soup", "r1", {"lr": 0.1}, {"accuracy": 0.9})
+    (template,) = (tmp_path / "cache").glob("mlflow-*-empty.db")
+    assert template.name == f"mlflow-{mlflow.__version__}-empty.db"
+    built = template.stat().st_mtime_ns
+    log_to_mlflow(b, "soup", "r2", {"lr": 0.2}, {"accuracy": 0.8})
+    assert template.stat().st_mtime_ns == built  # copied, not rebuilt
+    assert not list(tmp_path.rglob("*.tmp"))
+
+    # each workspace holds only its own run; the template stays empty
+    runs = {ws.name: [r.info.run_name for r in mlflow.MlflowClient(tracking_uri(ws)).search_runs(
+        [mlflow.MlflowClient(tracking_uri(ws)).get_experiment_by_name("soup").experiment_id])] for ws in (a, b)}
+    assert runs == {"a": ["r1"], "b": ["r2"]}
+    with sqlite3.connect(template) as con:
+        assert con.execute("SELECT COUNT(*) FROM runs").fetchone() == (0,)
+    default = mlflow.MlflowClient(tracking_uri(b)).get_experiment("0")
+    assert default.artifact_location == (b / "mlartifacts" / "0").as_uri()
+
+    # an existing store is opened as it is, never swapped for the template
+    log_to_mlflow(a, "soup", "r3", {"lr": 0.3}, {"accuracy": 0.7})
+    exp = mlflow.MlflowClient(tracking_uri(a)).get_experiment_by_name("soup").experiment_id
+    assert len(mlflow.MlflowClient(tracking_uri(a)).search_runs([exp])) == 2
+    # a workspace folder that does not exist is not made here
+    assert tracking_uri(tmp_path / "nowhere").endswith("nowhere/mlflow.db") and not (tmp_path / "nowhere").exists()

@@ -26,6 +26,29 @@ def test_durations_parse_and_bad_ones_name_the_field(tiny_llama_dir):
                           "train": {"time_budget": "ten minutes"}})
 
 
+def test_threads_come_from_the_recipe_then_omp_num_threads_then_every_core(monkeypatch):
+    import os
+
+    import torch
+
+    from tuneloop.infer.device import set_threads
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        set_threads(None)
+        assert torch.get_num_threads() == 1
+        for junk in ("", "0", "two"):  # unset or meaningless: every core, as without it
+            monkeypatch.setenv("OMP_NUM_THREADS", junk)
+            set_threads(None)
+            assert torch.get_num_threads() == len(os.sched_getaffinity(0))
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        set_threads(2)  # the recipe's train.threads wins
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def _tc(**kw):
     base = dict(epochs=1.0, max_steps=None, batch_size=8, grad_accum=1, seed=0, eval_every=None)
     return SimpleNamespace(**{**base, **kw})

@@ -8,8 +8,17 @@ import torch
 
 
 def set_threads(threads: int | None) -> None:
-    n = threads or len(os.sched_getaffinity(0))
+    """`threads` (the recipe's `train.threads`), else OMP_NUM_THREADS, else every core this process may use.
+
+    OMP_NUM_THREADS is how a user (or a test runner with one process per core) shares a machine between
+    processes; torch reads it at start-up, and setting all cores here would undo it."""
+    n = threads or _env_threads() or len(os.sched_getaffinity(0))
     torch.set_num_threads(n)
+
+
+def _env_threads() -> int | None:
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None
 
 
 def device() -> torch.device:

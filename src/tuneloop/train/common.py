@@ -345,7 +345,9 @@ def log_history_to_mlflow(workspace, run_id: str, history: list[dict], validatio
     import mlflow
     from mlflow.entities import Metric
 
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{workspace / 'mlflow.db'}")
+    from ..tracking import tracking_uri
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri(workspace))
     now = int(_time.time() * 1000)
     ms = [Metric("train_loss", float(h["loss"]), now, int(h["step"])) for h in history]
     ms += [Metric("val_loss", float(v[2]), now, int(v[0])) for v in validations]
