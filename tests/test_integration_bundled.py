@@ -21,13 +21,18 @@ def test_bundled_model_trains_and_evaluates_on_real_reviews(tmp_path):
                                   "train.max_length=64", f"data.test={small}",
                                   # the forgetting check (about 50 s a system here, twice) is tested on tiny
                                   # models in test_eval_probes.py; this test is the bundled model's own path
-                                  "eval.forgetting=false"])
+                                  "eval.forgetting=false",
+                                  # the prompted systems on a stratified 16 (few-shot prompts are ~550 tokens
+                                  # each: on all 48 they were half of this test's time)
+                                  "eval.prompted_sample=16"])
     run_dir, m = train_run(recipe, tmp_path / "ws", show_progress=False)
     assert m["steps"] == 4 and m["dtype"] in ("bfloat16", "float32")
     assert m["trainable_params"] < 0.1 * m["total_params"]
     rep = evaluate_classify(run_dir, show_progress=False, print_results=False)
     assert set(rep["systems"]) == {"base", "base_fewshot", "tuned", "tfidf_logreg"}
-    # Every system scored every record, and the report on disk is the one returned.
-    for s in rep["systems"].values():
-        assert s["n"] == 48 and sum(map(sum, s["confusion"])) == 48
+    # Every system scored every record of its set (the prompted ones the sample), and the report on disk is
+    # the one returned.
+    for name, s in rep["systems"].items():
+        n = 16 if name.startswith("base") else 48
+        assert s["n"] == n and sum(map(sum, s["confusion"])) == n, name
     assert json.loads((run_dir / "report.json").read_text())["systems"].keys() == rep["systems"].keys()
