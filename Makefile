@@ -74,7 +74,7 @@ llamacpp: setup
 test: setup browser postgres llamacpp
 	$(BIN)/python -m pytest -q -rs -n 2 --dist loadfile --durations=20
 
-# The inner loop: unit tests only (tiny models built from a config; 85 s of CPU time on the 2-core machine).
+# The inner loop: unit tests only (tiny models built from a config; no whole runs: those are marked `slow`).
 test-fast: setup
 	$(BIN)/python -m pytest -q -rs -m "not integration and not browser and not fuzz and not distributed and not slow and not postgres"
 
