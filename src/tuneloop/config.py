@@ -227,7 +227,8 @@ class TrainConfig(Section):
         "auto", description="`auto`: bf16 frozen weights where the CPU/GPU supports bf16, else fp32. "
         "Adapters and optimizer state stay fp32 either way."
     )
-    threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: OMP_NUM_THREADS when set, else all cores).")
+    threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: OMP_NUM_THREADS when set, "
+                                "else all cores).")
     compile: bool = Field(
         False, description="torch.compile each decoder block (compiled once, reused by every layer). Measured "
         "on the 2-core CPU (bench/train_throughput.py): about +17% tokens/s and -15% peak memory for sft, after "

@@ -118,15 +118,11 @@ def default_name(run_name: str) -> str:
 
 def _client(workspace: Path):
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    import logging
-
     import mlflow
 
-    from .tracking import tracking_uri
+    from .tracking import quiet_mlflow, tracking_uri
 
-    # after the import: mlflow configures its loggers when imported; migration chatter is noise
-    logging.getLogger("mlflow").setLevel(logging.ERROR)
-    logging.getLogger("alembic").setLevel(logging.ERROR)
+    quiet_mlflow()
     uri = tracking_uri(Path(workspace))
     return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
 

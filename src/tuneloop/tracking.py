@@ -28,6 +28,13 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def quiet_mlflow() -> None:
+    """After `import mlflow`: it configures its own loggers when imported, and its database-migration
+    chatter is noise in a training log."""
+    logging.getLogger("mlflow").setLevel(logging.ERROR)
+    logging.getLogger("alembic").setLevel(logging.ERROR)
+
+
 def tracking_uri(workspace: Path) -> str:
     """The workspace's one MLflow store: tracking runs and the model registry both live in it. A new
     workspace's store is put in place here, before MLflow first opens it (see `_new_store`)."""
@@ -51,8 +58,7 @@ def _new_store(db: Path) -> None:
 
     from .zoo import cache_dir
 
-    logging.getLogger("mlflow").setLevel(logging.ERROR)
-    logging.getLogger("alembic").setLevel(logging.ERROR)
+    quiet_mlflow()
     template = cache_dir() / f"mlflow-{mlflow.__version__}-empty.db"
     building = template.with_name(f"{template.name}.{os.getpid()}.tmp")
     copy = db.with_name(f"{db.name}.{os.getpid()}.tmp")
@@ -95,11 +101,7 @@ def log_to_mlflow(
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import mlflow
 
-    # After the import: mlflow configures its own loggers when imported, and its database-migration
-    # chatter is noise in a training log.
-    logging.getLogger("mlflow").setLevel(logging.ERROR)
-    logging.getLogger("alembic").setLevel(logging.ERROR)
-
+    quiet_mlflow()
     mlflow.set_tracking_uri(tracking_uri(workspace))
     exp = mlflow.get_experiment_by_name(experiment)
     if exp is None:
