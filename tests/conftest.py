@@ -25,6 +25,19 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
         sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
+# The files that keep one pytest-xdist worker busy for a minute or more (`--durations` of `make test`,
+# 2026-12-03), heaviest first. `--dist loadfile` hands files out in collection order, so these start first and
+# the small files fill in around them; collected alphabetically, the five resume tests (~150 s) came last
+# and one worker ran them alone. A file missing from the list only loses its place; the order is data.
+HEAVY_FIRST = ("test_train_resume.py", "test_train_sft.py", "test_ci.py", "test_loop.py",
+               "test_integration_bundled.py", "test_train_distributed.py", "test_gate.py", "test_classify.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order
+
+
 @pytest.fixture(scope="session")
 def smol_dir() -> Path:
     """The bundled SmolLM2-135M-Instruct as an HF folder (converted once from the installed package)."""
