@@ -204,3 +204,38 @@ def test_validation_early_stop_keeps_the_best_checkpoint(recipe, tmp_path):
     assert m["val_loss"] == pytest.approx(m["best_val_loss"], abs=1e-6)
     assert (run_dir / "loss.png").exists() and not (run_dir / "checkpoints").exists()
     assert load_for_inference(run_dir).labels == ["bad", "good"]
+
+
+@pytest.mark.slow  # torch.compile of the blocks: ~30 s on 2 cores
+def test_compiled_blocks_train_the_same_on_every_batch_length(tmp_path, tiny_llama_dir):
+    """`train.compile` on classification, whose batches are padded to their own longest review: the loss
+    history matches the eager run, and each block variant compiles once for every length (dynamic shapes,
+    a mask even for an unpadded batch, the budget's probe in training mode), never once per length."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    # three lengths, 22/21/21 reviews: sorted into batches of 8, some hold one length (no padding at all)
+    # and some two
+    rows = [{"review": "the soup was" + (" great" if i % 2 else " awful") * (1 + i % 6 // 2),
+             "score": "good" if i % 2 else "bad"} for i in range(64)]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    hists = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        r = recipe_from_dict({
+            "name": "tiny-lengths", "model": str(tiny_llama_dir),
+            "data": {"train": str(data), "text_field": "review", "label_field": "score", "val_ratio": 0.0},
+            "method": {"name": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
+            "train": {"epochs": 1, "batch_size": 8, "lr": 3e-3, "max_length": 32, "precision": "bf16",
+                      "threads": 1, "compile": compiled, "time_budget": "10m", "cache_frozen": False},
+        })
+        run_dir, m = train_run(r, tmp_path / f"ws{compiled}", show_progress=False)
+        hists.append([h["loss"] for h in json.loads((run_dir / "history.json").read_text())["train"]])
+        graphs = counters["stats"]["unique_graphs"]
+    assert len(hists[0]) == 8
+    # bf16: the compiled kernels round differently from eager's, never by more than this
+    assert hists[1] == pytest.approx(hists[0], rel=2e-2)
+    # two variants of the block: the first one (its input needs no gradient) and the second
+    assert graphs == 2

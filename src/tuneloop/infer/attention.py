@@ -107,8 +107,14 @@ def register_attention() -> str:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+    def always_mask(*args, **kwargs):
+        # SDPA's mask, but never None for an unpadded batch: `_allowed` would build the same causal mask
+        # from None anyway, and under train.compile a None mask is a second graph of every block variant
+        kwargs["allow_is_causal_skip"] = False
+        return sdpa_mask(*args, **kwargs)
+
     AttentionInterface.register(ATTENTION_NAME, cpu_attention)
-    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+    AttentionMaskInterface.register(ATTENTION_NAME, always_mask)
     return ATTENTION_NAME
 
 

@@ -91,15 +91,19 @@ def measure(model, loss_fn, lengths: list[int], batch_size: int, seed: int, devi
     of a few batches; gradients are cleared afterwards, nothing else changes."""
     t0 = time.perf_counter()
     spent, tokens = 0.0, 0
-    for n, b in enumerate(probe_batches(lengths, batch_size, seed)):
-        mine = b[rank::world] or b[:1]
-        start = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            loss = loss_fn(model, mine, mine)
-        loss.backward()
-        if n:  # the first batch warms up allocators and kernels
-            spent += time.perf_counter() - start
-            tokens += len(mine) * max(lengths[i] for i in mine)
+    # A training step as the loop runs it: training mode (dropout; under train.compile the graph the loop
+    # will reuse, where eval mode compiled a second set), its random draws not taken from the run's own.
+    model.train()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for n, b in enumerate(probe_batches(lengths, batch_size, seed)):
+            mine = b[rank::world] or b[:1]
+            start = time.perf_counter()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                loss = loss_fn(model, mine, mine)
+            loss.backward()
+            if n:  # the first batch warms up allocators and kernels
+                spent += time.perf_counter() - start
+                tokens += len(mine) * max(lengths[i] for i in mine)
     model.zero_grad(set_to_none=True)
     return spent / max(1, tokens), time.perf_counter() - t0
 

@@ -80,6 +80,9 @@ def build_classifier(model_path: str, labels: list[str], method, dtype: torch.dt
         **kwargs,
     )
     model.config.pad_token_id = pad_id
+    # a head reads each input once: without this the forward fills a key/value cache in every layer
+    # (copies of all keys and values) and, under train.compile, Dynamo recompiles each block per layer
+    model.config.use_cache = False
     if method.head_init == "label_words":
         init_head_from_words(model, model_path, words or labels, prompt_end)
     # LoRA, DoRA, prompt/prefix tuning, QLoRA all go through the shared method builder; `full` passes through.
@@ -236,7 +239,7 @@ def train_classifier(recipe: Recipe, run_dir: Path, show_progress: bool = True, 
         if not tc.compile:
             fuse_lora_linears(model)
     if tc.compile:
-        compile_blocks(model)
+        compile_blocks(model, dynamic=True)  # batches are padded to their own longest review
     # the frozen-layer cache keeps one row per example; a chunked document is several
     cache = frozen_prefix_cache(model, tc, lengths, total_steps) if chunked is None else None
     if main and not resume:

@@ -183,16 +183,20 @@ def find_blocks(model) -> tuple[torch.nn.Module, str, torch.nn.ModuleList]:
     raise TypeError(f"{type(model).__name__}: no list of repeated blocks")
 
 
-def compile_blocks(model) -> int:
+def compile_blocks(model, dynamic: bool = False) -> int:
     """torch.compile every transformer block of `model` in place; returns how many.
 
     Regional rather than whole-model compilation: the blocks share one code object, so Dynamo compiles one
     and reuses it for all (about 25 s on 2 cores instead of minutes). Inductor fuses the norms, rotary
     embedding, SiLU and casts, and its partitioner recomputes cheap elementwise results in backward
-    instead of storing them, which is where the memory saving comes from."""
+    instead of storing them, which is where the memory saving comes from.
+
+    `dynamic`: one graph for every sequence length. SFT's packed rows all have one length, so the default
+    specializes; classification batches are padded to their own longest review, and specialized graphs
+    would recompile per length until Dynamo's cache limit (8) sends every block back to eager."""
     blocks = find_blocks(model)[2]
     for block in blocks:
-        block.compile()
+        block.compile(dynamic=dynamic or None)
     return len(blocks)
 
 

@@ -52,6 +52,7 @@ def build_regressor(model_path: str, method, dtype: torch.dtype, pad_id: int):
     model = AutoModelForSequenceClassification.from_pretrained(
         model_path, num_labels=1, problem_type="regression", **load_kwargs(method.name, dtype))
     model.config.pad_token_id = pad_id
+    model.config.use_cache = False  # as build_classifier: no key/value cache to fill
     return wrap_method(model, method, "SEQ_CLS", model_path)
 
 

@@ -44,6 +44,7 @@ def build_reward_model(model_path: str, method, dtype: torch.dtype, pad_id: int)
 
     model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1, **load_kwargs(method.name, dtype))
     model.config.pad_token_id = pad_id
+    model.config.use_cache = False  # as build_classifier: no key/value cache to fill
     return wrap_method(model, method, "SEQ_CLS", model_path)
 
 
@@ -99,7 +100,7 @@ def train_reward(recipe: Recipe, run_dir: Path, show_progress: bool = True, resu
     model = build_reward_model(model_path, mc, dtype, tok.pad_token_id)
     use_autocast = dtype == torch.bfloat16 and mc.name != "full"
     if tc.compile:
-        compile_blocks(model)
+        compile_blocks(model, dynamic=True)  # pairs are padded to their own longest answer
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total_params = sum(p.numel() for p in model.parameters())
     heads = ("score", "classifier")
