@@ -22,6 +22,9 @@ def test_bundled_model_trains_and_evaluates_on_real_reviews(tmp_path):
                                   # the forgetting check (about 50 s a system here, twice) is tested on tiny
                                   # models in test_eval_probes.py; this test is the bundled model's own path
                                   "eval.forgetting=false",
+                                  # compiling the blocks costs ~60 s cold for 4 steps; the compiled classify
+                                  # path is tested on a tiny model in test_classify.py
+                                  "train.compile=false",
                                   # the prompted systems on a stratified 16 (few-shot prompts are ~550 tokens
                                   # each: on all 48 they were half of this test's time)
                                   "eval.prompted_sample=16"])
