@@ -137,6 +137,40 @@ def test_frozen_layer_cache_changes_no_result(recipe, tmp_path):
 
 
 @pytest.mark.slow
+def test_the_budgets_probe_times_whole_forwards_not_the_frozen_layer_cache(recipe, tmp_path, monkeypatch):
+    """The probe sees one batch twice (warm-up, then timed): through the cache that second sight ran the
+    replay check inside the timing. It must capture nothing and check nothing; epoch 2 checks once."""
+    from tuneloop.train import budget as budgets
+    from tuneloop.train.fastpath import FrozenPrefixCache
+
+    in_probe, seen = [False], []
+    real_measure, real_verify, real_capture = budgets.measure, FrozenPrefixCache.verify, FrozenPrefixCache.capture
+
+    def measure(*a, **k):
+        in_probe[0] = True
+        try:
+            return real_measure(*a, **k)
+        finally:
+            in_probe[0] = False
+
+    def spy(kind, real):
+        def f(self, *a, **k):
+            seen.append((kind, in_probe[0]))
+            return real(self, *a, **k)
+        return f
+
+    monkeypatch.setattr(budgets, "measure", measure)
+    monkeypatch.setattr(FrozenPrefixCache, "verify", spy("verify", real_verify))
+    monkeypatch.setattr(FrozenPrefixCache, "capture", spy("capture", real_capture))
+    r = recipe(cache_frozen=True, epochs=2, time_budget="1h")
+    r.method.top_layers = 1
+    _, m = train_run(r, tmp_path / "ws", show_progress=False)
+    assert m["budget"]["decision"] == "fits" and m["frozen_cache_bytes"] > 0
+    assert not [k for k, probing in seen if probing]
+    assert [k for k, _ in seen].count("verify") == 1 and [k for k, _ in seen].count("capture") == 12
+
+
+@pytest.mark.slow
 def test_frozen_layer_cache_stays_off_for_one_epoch_or_all_layers(recipe, tmp_path):
     r = recipe(epochs=1)
     r.method.top_layers = 1

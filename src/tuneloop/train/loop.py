@@ -46,7 +46,8 @@ class Fitted:
 
 def fit(acc, model, groups: list[dict], tc, lengths: list[int], loss_fn: LossFn, validate: ValidateFn | None,
         run_dir: Path, resume: bool, console, *, autocast: bool, name: str, show_progress: bool = True,
-        loss_name: str = "loss", strata: list | None = None, val_tokens: int = 0) -> Fitted:
+        loss_name: str = "loss", strata: list | None = None, val_tokens: int = 0,
+        probe_loss_fn: LossFn | None = None) -> Fitted:
     """Train `model` on rows `0..len(lengths)-1` under the recipe's `train` section `tc`.
 
     `groups` are AdamW parameter groups (each with its `lr`); `acc` is the run's `Accelerator`;
@@ -56,7 +57,10 @@ def fit(acc, model, groups: list[dict], tc, lengths: list[int], loss_fn: LossFn,
 
     With `train.time_budget`, the run is first sized to it (budget.py): `strata` (one per row, e.g. its
     label) keep the class shares when examples must be left out, `val_tokens` (the validation rows'
-    tokens) prices each validation. Training also stops once the budget is spent, whatever the plan said."""
+    tokens) prices each validation, `probe_loss_fn` (default `loss_fn`) is what the budget's probe times: a
+    first-epoch step, where `loss_fn` keeps state across calls (the frozen-layer cache would replay the probe's
+    second sight of a batch, verifying and compiling once inside the timing). Training also stops once the
+    budget is spent, whatever the plan said."""
     if not lengths:
         from ..errors import ConfigError
 
@@ -66,7 +70,7 @@ def fit(acc, model, groups: list[dict], tc, lengths: list[int], loss_fn: LossFn,
     t_fit = time.time()
     plan = None
     if tc.time_budget is not None:
-        plan = _sized(acc, model, loss_fn, lengths, tc, strata, val_tokens if validate is not None else 0,
+        plan = _sized(acc, model, probe_loss_fn or loss_fn, lengths, tc, strata, val_tokens if validate is not None else 0,
                       run_dir, resume, autocast)
         if main:
             console.print(plan.message(), highlight=False)
