@@ -182,3 +182,94 @@ def test_a_test_sample_scores_every_system_on_the_same_stratified_records(run_di
     assert len({frozenset(rep["predictions"][s]) for s in SYSTEMS + ["tuned"]}) == 1
     assert [rep["systems"]["tuned"]["per_class"][l]["support"] for l in ("bad", "good")] == [5, 5]
     assert any("stratified sample of 10 of the 24 test records" in n for n in rep["notes"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# the generative tasks: sft's base answers, losses and forgetting scores; dpo's and reward's base system
+
+
+def _chat(path, n):
+    path.write_text("".join(json.dumps({"instruction": f"What is {i} plus {i}?", "input": "",
+                                        "output": f"It is {2 * i}."}) + "\n" for i in range(n)))
+    return str(path)
+
+
+def _pairs(path, n, offset=0):
+    path.write_text("".join(json.dumps({"prompt": f"Who approves permit {i}?",
+                                        "chosen": f"The city council approves permit {i}.",
+                                        "rejected": "No idea, sorry."}) + "\n" for i in range(offset, offset + n)))
+    return str(path)
+
+
+def _generative_run(tmp_path, model, task, train, test=None, **ev):
+    data = {"train": train, "val_ratio": 0.0, **({"test": test} if test else {"test_ratio": 0.25})}
+    recipe = recipe_from_dict({
+        "name": f"tiny-{task}", "task": task, "model": str(model), "data": data,
+        "method": {"name": "lora", "r": 2, "alpha": 4, "dropout": 0.0},
+        "train": {"max_steps": 2, "batch_size": 4, "lr": 1e-2, "precision": "fp32", "threads": 1, "max_length": 64},
+        "eval": {"batch_size": 4, **ev},
+    })
+    out, _ = train_run(recipe, tmp_path / "ws", show_progress=False)
+    return out
+
+
+@pytest.mark.slow
+def test_sft_base_answers_losses_and_forgetting_are_read_back_and_recomputed_on_change(tmp_path, tiny_llama_dir):
+    from tuneloop.eval.textgen import evaluate_sft
+
+    run_dir = _generative_run(tmp_path, tiny_llama_dir, "sft", _chat(tmp_path / "chat.jsonl", 24), forgetting=True,
+                              max_new_tokens=6, probe_sample=0)
+
+    def ev(r=run_dir, **kw):
+        return evaluate_sft(r, out_dir=tmp_path / "out", show_progress=False, **kw)
+
+    first = ev()
+    gens = (tmp_path / "out" / "generations.jsonl").read_text()
+    assert first["cache"]["systems"] == {"base": {"cached": False}}
+    assert len(list(workspace_cache_dir(run_dir).glob("base-*.json"))) == 1
+    second = ev()
+    assert second["cache"]["systems"] == {"base": {"cached": True}} and second["systems"]["base"]["cached"]
+    assert (tmp_path / "out" / "generations.jsonl").read_text() == gens  # both systems' answers, unchanged
+    assert second["predictions"] == first["predictions"]
+    for k in ("perplexity", "rougeL", "bleu", "seconds"):
+        assert second["systems"]["base"][k] == first["systems"]["base"][k], k
+    assert second["cost"]["base"] == first["cost"]["base"]
+    assert second["forgetting"] == first["forgetting"]  # the base's general-text scores came back too
+    assert any("read from the eval cache" in n for n in second["notes"])
+    # the tuned system is never cached; --no-cache recomputes the base, to the same answers
+    fresh = ev(cache=False)
+    assert fresh["systems"]["base"]["cached"] is False
+    assert (tmp_path / "out" / "generations.jsonl").read_text() == gens
+    assert fresh["systems"]["base"]["perplexity"] == pytest.approx(first["systems"]["base"]["perplexity"], rel=1e-5)
+    # anything that changes the base's answers misses: a longer answer budget
+    run = open_run(run_dir)
+    run.recipe.eval.max_new_tokens = 3
+    assert ev(run)["systems"]["base"]["cached"] is False
+
+
+@pytest.mark.slow
+def test_dpo_and_reward_base_systems_are_read_back(tmp_path, tiny_llama_dir):
+    from tuneloop.eval.tasks import evaluate_run
+
+    train, test = _pairs(tmp_path / "pairs.jsonl", 12), _pairs(tmp_path / "held.jsonl", 4, offset=100)
+    dpo = _generative_run(tmp_path, tiny_llama_dir, "dpo", train, test, max_new_tokens=6)
+    first = evaluate_run(dpo, out_dir=tmp_path / "a", show_progress=False)
+    assert first["settings"]["reference"] == "base" and first["systems"]["base"]["cached"] is False
+    second = evaluate_run(dpo, out_dir=tmp_path / "b", show_progress=False)
+    assert second["systems"]["base"]["cached"] is True
+    # the implicit reward of tuned is measured against the cached base log-probs: the same numbers
+    assert second["systems"]["tuned"]["preference_accuracy"] == first["systems"]["tuned"]["preference_accuracy"]
+    assert second["systems"]["tuned"]["reward_margin"] == pytest.approx(first["systems"]["tuned"]["reward_margin"])
+    assert second["predictions"] == first["predictions"]
+    assert evaluate_run(dpo, out_dir=tmp_path / "c", show_progress=False, cache=False)["systems"]["base"][
+        "cached"] is False
+
+    reward = _generative_run(tmp_path, tiny_llama_dir, "reward", train, test)
+    r1 = evaluate_run(reward, out_dir=tmp_path / "d", show_progress=False)
+    r2 = evaluate_run(reward, out_dir=tmp_path / "e", show_progress=False)
+    assert r1["systems"]["base"]["cached"] is False and r2["systems"]["base"]["cached"] is True
+    assert r2["predictions"]["base"] == r1["predictions"]["base"]
+    assert r2["cache"]["systems"] == {"base": {"cached": True}}
+    # the dpo run's base (the policy, adapter off, with its generations) is another entry than the reward's
+    # (the base as a zero-shot judge): three files, the dpo base's kept once
+    assert len(list(workspace_cache_dir(dpo).glob("base-*.json"))) == 2

@@ -1,5 +1,6 @@
 """Eval that never pays twice: the predictions of systems that do not change between runs (the untuned base
-model prompted zero-shot or few-shot, the classical TF-IDF baseline) are kept in the workspace, keyed by
+model prompted zero-shot or few-shot, the classical TF-IDF baseline; for sft, dpo, kto and reward runs the
+base model's answers, log-probabilities and forgetting scores) are kept in the workspace, keyed by
 everything that determines them, so a rerun, a second recipe on the same data, the gate and the loop read
 them back instead of recomputing them.
 
@@ -51,13 +52,35 @@ def model_identity(model_path: str) -> dict | None:
     weights = weights_sha256(model_path)
     if weights is None:
         return None
+    return {"weights_sha256": weights, "files_sha256": files_sha256(model_path)}
+
+
+def files_sha256(folder: str | Path) -> str:
+    """sha256 over a model folder's config and tokenizer files (MODEL_FILES) that are there."""
     h = hashlib.sha256()
-    folder = Path(model_path).expanduser()
+    folder = Path(folder).expanduser()
     for name in MODEL_FILES:
         f = folder / name
         if f.is_file():
             h.update(name.encode() + b"\0" + f.read_bytes() + b"\0")
-    return {"weights_sha256": weights, "files_sha256": h.hexdigest()}
+    return h.hexdigest()
+
+
+def generative_base_parts(run, tokenizer_path: str, records: list, **settings) -> dict | None:
+    """The key parts of a generative task's `base` system (sft, dpo, kto, reward): the base model's identity,
+    the tokenizer the run reads with (sft saves its own beside the adapter: its chat template and pad token
+    decide the prompts), what was scored (`records`: any JSON-able list, fingerprinted), the dtype, device,
+    library versions and the caller's `settings` (lengths, batch sizes, new tokens, forgetting). None when
+    the base model has no identity to key on (a hub id): not cached."""
+    from ..infer.device import device
+
+    identity = model_identity(run.base_model_path())
+    if identity is None:
+        return None
+    doc = json.dumps(records, sort_keys=True, ensure_ascii=False, default=str)
+    return {"model": identity, "tokenizer": files_sha256(tokenizer_path),
+            "records": hashlib.sha256(doc.encode()).hexdigest(), "dtype": run.info.dtype or "float32",
+            "device": device().type, "libraries": library_versions("torch", "transformers", "peft"), **settings}
 
 
 def texts_fingerprint(texts: list[str], labels: list[str] | None = None) -> str:
@@ -140,3 +163,20 @@ def cache_summary(used: dict[str, bool], where: Path | None, enabled: bool) -> d
     """The report's `cache` section: per system whether its result was read from the cache."""
     return {"dir": str(where) if where is not None else None, "enabled": enabled and where is not None,
             "systems": {name: {"cached": hit} for name, hit in used.items()}}
+
+
+def say_reused(system: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True).print(f"{system}: cached result reused (nothing that determines it changed; --no-cache "
+                               f"recomputes)", highlight=False)
+
+
+def reused_note(used: dict[str, bool], where: Path | None) -> str | None:
+    """The report's note naming the systems read back from the cache, or None when none was."""
+    hit = [n for n, h in used.items() if h]
+    if not hit:
+        return None
+    return (f"{', '.join(hit)}: read from the eval cache {where} (the same base model, tokenizer, test records, "
+            f"lengths, dtype and settings as when computed; their speed is as measured then; "
+            f"`tuneloop eval --no-cache` recomputes)")

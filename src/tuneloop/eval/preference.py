@@ -56,6 +56,7 @@ from ..infer.device import device, set_threads
 from ..infer.preference import prompt_turns, reward_scores, sequence_logps
 from ..infer.predict import generate_answers
 from ..runs import GENERATIONS, TEST_RECORDS, Run, load_for_inference, locate_run, open_run
+from .cache import EvalCache, cache_summary, generative_base_parts, reused_note, say_reused, workspace_cache_dir
 from .schema import Report, TestSet, headline, keyed, make_examples
 from .stats import REPORT_METRICS, Metric, metric_interval, paired_test
 from .textgen import rouge_l_each
@@ -239,11 +240,13 @@ def _adapter_off(model):
 
 
 def evaluate_preference(run_dir: "Path | Run", test_path: str | None = None, systems: list[str] | None = None,
-                        out_dir: Path | None = None, show_progress: bool = True, judge: str | None = None) -> dict:
+                        out_dir: Path | None = None, show_progress: bool = True, judge: str | None = None,
+                        cache: bool = True) -> dict:
     """base / parent / tuned on the held-out pairs: preference accuracy (implicit reward), likelihood
     accuracy, win rates by the judge, ROUGE-L and perplexity; on held-out thumbs (kto data): label accuracy
     and the mean reward of each label instead of the first two. Writes report.json, report.html and
-    generations.jsonl (every prompt with the reference and each system's answer)."""
+    generations.jsonl (every prompt with the reference and each system's answer). `cache`: read the base
+    system from the workspace's eval cache when nothing that determines it changed (eval/cache.py)."""
     from transformers import AutoModelForCausalLM
 
     t0 = time.time()
@@ -292,6 +295,8 @@ def evaluate_preference(run_dir: "Path | Run", test_path: str | None = None, sys
         return sequence_logps(model, tok, prompts, answers, bs, max_len, sys_turns, bf16)
 
     scored: dict[str, dict[str, Any]] = {}
+    store = EvalCache(workspace_cache_dir(run.dir), enabled=cache)
+    used: dict[str, bool] = {}
     with Progress(*progress_columns(), console=console, disable=not show_progress) as progress:
         def score(name: str, model, merge: bool = False) -> dict:
             ts = time.time()
@@ -308,17 +313,32 @@ def evaluate_preference(run_dir: "Path | Run", test_path: str | None = None, sys
                                        f"{name}: generate")
             return {**lp, "text": [gen[i] for i in answer_of], "seconds": time.time() - ts}
 
+        def base_parts(via: str) -> dict | None:
+            # everything the base system's log-probs and greedy answers depend on (eval/cache.py); `via`: the
+            # policy with its adapter off, or the base model loaded alone (the same weights, other code)
+            return generative_base_parts(run, run.tokenizer_path(), [prompts, sys_turns, answer_sets], via=via,
+                                         max_length=max_len, batch_size=bs, max_new_tokens=ec.max_new_tokens)
+
+        def cached_base(via: str, compute) -> dict:
+            value, used["base"] = store.fetch("base", base_parts(via), compute)
+            if used["base"]:
+                say_reused("base")
+            return value
+
         with _adapter_off(loaded.model) as ref_model:
             if reference in names:
-                scored[reference] = score(reference, ref_model)
+                scored[reference] = (cached_base("adapter_off", lambda: score("base", ref_model))
+                                     if reference == "base" else score(reference, ref_model))
                 ref = {key: scored[reference]["l" + key] for key in answer_sets}
             else:
                 ref = {key: logps(ref_model, answers)[0] for key, answers in answer_sets.items()}
         if "base" in names and reference != "base":
-            base = AutoModelForCausalLM.from_pretrained(
-                run.base_model_path(), dtype=loaded.dtype, attn_implementation=attention_for(dev, loaded.dtype))
-            scored["base"] = score("base", base.to(dev).eval())
-            del base
+            def compute_base() -> dict:
+                base = AutoModelForCausalLM.from_pretrained(
+                    run.base_model_path(), dtype=loaded.dtype, attn_implementation=attention_for(dev, loaded.dtype))
+                return score("base", base.to(dev).eval())
+
+            scored["base"] = cached_base("alone", compute_base)
         if "tuned" in names:
             scored["tuned"] = score("tuned", loaded.model,
                                     merge=ec.merge_adapters and recipe.method.name in ("lora", "dora"))
@@ -364,12 +384,17 @@ def evaluate_preference(run_dir: "Path | Run", test_path: str | None = None, sys
                      f"run was trained against), which scores 0.5 by construction")
         examples = make_examples([p or "" for p in prompts], chosen, [{"rejected": r} for r in rejected])
         metric, metrics, unit = "preference_accuracy", METRICS, "pairs"
+    if "base" in results and "base" in used:
+        results["base"]["cached"] = used["base"]
+    if note := reused_note(used, store.root):
+        notes.append(note)
     report = Report(
         task=run.task, title=f"{recipe.name}: base vs {'parent vs ' if has_parent else ''}{run.task}",
         run=str(run.dir), model=recipe.model, systems=results, headline=headline(results, metric, "higher"),
         test=TestSet(path=source, n=len(recs), fingerprint=fingerprint(recs)), examples=examples,
         predictions={n: keyed(examples, ps) for n, ps in per_example.items()}, train=run.train_metrics,
-        settings=settings, notes=notes, wall_seconds=round(time.time() - t0, 1)).model_dump(mode="json")
+        settings=settings, notes=notes, cache=cache_summary(used, store.root, cache),
+        wall_seconds=round(time.time() - t0, 1)).model_dump(mode="json")
     report.update(statistics_for(report, [("tuned", s) for s in results if s != "tuned"], metrics, unit))
     out = Path(out_dir or run.dir)
     _write(report, out)
@@ -519,7 +544,7 @@ def _write(report: dict, out: Path) -> None:
 
 
 def evaluate_reward(run_dir: "Path | Run", test_path: str | None = None, systems: list[str] | None = None,
-                    out_dir: Path | None = None, show_progress: bool = True) -> dict:
+                    out_dir: Path | None = None, show_progress: bool = True, cache: bool = True) -> dict:
     """The reward model's preference accuracy on held-out pairs, beside the base model's per-token
     likelihood (a zero-shot judge) and the longer-answer baseline; writes report.json and report.html."""
     from transformers import AutoModelForCausalLM
@@ -539,6 +564,8 @@ def evaluate_reward(run_dir: "Path | Run", test_path: str | None = None, systems
     bs, max_len = ec.batch_size, recipe.train.max_length
     margins: dict[str, list[float]] = {}
     seconds: dict[str, float] = {}
+    store = EvalCache(workspace_cache_dir(run.dir), enabled=cache)
+    used: dict[str, bool] = {}
     for name in names:
         ts = time.time()
         if name == "tuned":
@@ -548,17 +575,30 @@ def evaluate_reward(run_dir: "Path | Run", test_path: str | None = None, systems
             margins[name] = [c - r for c, r in zip(sc, sr)]
             del j
         elif name == "base":
-            from ..infer.encode import load_tokenizer
-
-            dtype = getattr(torch, run.info.dtype or "float32")
             path = run.base_model_path()
-            base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
-                                                        attn_implementation=attention_for(dev, dtype)).to(dev).eval()
-            tok = load_tokenizer(path, chat=True)
-            lc, nc = sequence_logps(base, tok, prompts, chosen, bs, max_len, sys_turns, dtype == torch.bfloat16)
-            lr, nr = sequence_logps(base, tok, prompts, rejected, bs, max_len, sys_turns, dtype == torch.bfloat16)
-            margins[name] = [c / max(1, k) - r / max(1, q) for c, k, r, q in zip(lc, nc, lr, nr)]
-            del base
+
+            def compute_base() -> dict:
+                from ..infer.encode import load_tokenizer
+
+                t = time.time()
+                dtype = getattr(torch, run.info.dtype or "float32")
+                base = AutoModelForCausalLM.from_pretrained(
+                    path, dtype=dtype, attn_implementation=attention_for(dev, dtype)).to(dev).eval()
+                tok = load_tokenizer(path, chat=True)
+                lc, nc = sequence_logps(base, tok, prompts, chosen, bs, max_len, sys_turns, dtype == torch.bfloat16)
+                lr, nr = sequence_logps(base, tok, prompts, rejected, bs, max_len, sys_turns, dtype == torch.bfloat16)
+                return {"margins": [c / max(1, k) - r / max(1, q) for c, k, r, q in zip(lc, nc, lr, nr)],
+                        "seconds": round(time.time() - t, 1)}
+
+            # the base model reads with its own tokenizer here (a zero-shot judge of the pairs)
+            parts = generative_base_parts(run, path, [prompts, sys_turns, chosen, rejected], via="judge",
+                                          max_length=max_len, batch_size=bs)
+            value, used["base"] = store.fetch("base", parts, compute_base)
+            if used["base"]:
+                say_reused("base")
+            margins[name] = value["margins"]
+            seconds[name] = value["seconds"]
+            continue
         else:
             margins[name] = [float(len(c.split()) - len(r.split())) for c, r in zip(chosen, rejected)]
         seconds[name] = round(time.time() - ts, 1)
@@ -566,14 +606,20 @@ def evaluate_reward(run_dir: "Path | Run", test_path: str | None = None, systems
                    "seconds": seconds[n]} for n, m in margins.items()}
     examples = make_examples([p or "" for p in prompts], chosen, [{"rejected": r} for r in rejected])
     per_example = {n: [{"margin": v, "preference": rank_score(v, 0.0)} for v in m] for n, m in margins.items()}
+    notes = ["margins: reward difference (tuned), per-token log-prob difference (base), word-count difference "
+             "(length)"]
+    if "base" in results:
+        results["base"]["cached"] = used["base"]
+    if note := reused_note(used, store.root):
+        notes.append(note)
     report = Report(
         task="reward", title=f"{recipe.name}: reward model vs zero-shot and length baselines", run=str(run.dir),
         model=recipe.model, systems=results, headline=headline(results, "preference_accuracy", "higher"),
         test=TestSet(path=source, n=len(recs), fingerprint=fingerprint(recs)), examples=examples,
         predictions={n: keyed(examples, ps) for n, ps in per_example.items()}, train=run.train_metrics,
         settings={"base": "mean log-prob per answer token", "length": "more words wins"},
-        notes=["margins: reward difference (tuned), per-token log-prob difference (base), word-count difference "
-               "(length)"], wall_seconds=round(time.time() - t0, 1)).model_dump(mode="json")
+        notes=notes, cache=cache_summary(used, store.root, cache),
+        wall_seconds=round(time.time() - t0, 1)).model_dump(mode="json")
     report.update(statistics_for(report, [("tuned", s) for s in results if s != "tuned"]))
     _write(report, Path(out_dir or run.dir))
     return report

@@ -63,12 +63,13 @@ EVALUATORS: dict[str, Evaluator] = {
                           report_file=REPORT_HTML, caches=True),
     # forecast runs (a `forecast:` section) add gbm; `seasonal_naive` is every season of their data
     "regress": Evaluator(_regress, (*REGRESS_SYSTEMS, "gbm"), _print_regress, report_file=REPORT_HTML),
-    "sft": Evaluator(evaluate_sft, SFT_SYSTEMS, print_sft_table, report_file=REPORT_HTML),
+    "sft": Evaluator(evaluate_sft, SFT_SYSTEMS, print_sft_table, report_file=REPORT_HTML, caches=True),
     "dpo": Evaluator(evaluate_preference, PREFERENCE_SYSTEMS, print_preference_table, options=("judge",),
-                     report_file=REPORT_HTML),
+                     report_file=REPORT_HTML, caches=True),
     "kto": Evaluator(evaluate_preference, PREFERENCE_SYSTEMS, print_preference_table, options=("judge",),
-                     report_file=REPORT_HTML),
-    "reward": Evaluator(evaluate_reward, REWARD_SYSTEMS, print_reward_table, report_file=REPORT_HTML),
+                     report_file=REPORT_HTML, caches=True),
+    "reward": Evaluator(evaluate_reward, REWARD_SYSTEMS, print_reward_table, report_file=REPORT_HTML,
+                        caches=True),
 }
 
 

@@ -27,6 +27,7 @@ from ..infer.device import device, set_threads
 from ..infer.encode import fit_prompt, load_tokenizer
 from ..infer.predict import answer_losses, generate_answers
 from ..runs import GENERATIONS, TEST_RECORDS, Run, load_for_inference, open_run
+from .cache import EvalCache, cache_summary, generative_base_parts, reused_note, say_reused, workspace_cache_dir
 from .cost import BatchTimer, system_cost
 from .extractive import SYSTEMS as EXTRACTIVE
 from .extractive import summarise
@@ -86,9 +87,11 @@ def _test_records(run_dir: Path, recipe, test_path: str | None) -> tuple[str, li
 
 
 def evaluate_sft(run_dir: "Path | Run", test_path: str | None = None, systems: list[str] | None = None,
-                 out_dir: Path | None = None, show_progress: bool = True) -> dict:
+                 out_dir: Path | None = None, show_progress: bool = True, cache: bool = True) -> dict:
     """Base vs tuned on the held-out conversations: perplexity, ROUGE-L, BLEU; writes report.json and
-    generations.jsonl (every prompt with the reference and both answers)."""
+    generations.jsonl (every prompt with the reference and both answers). `cache`: read the base model's
+    answers and scores from the workspace's eval cache when nothing that determines them changed
+    (eval/cache.py); False recomputes them (and stores the fresh ones)."""
     from transformers import AutoModelForCausalLM
 
     from ..data.records import fingerprint
@@ -135,6 +138,12 @@ def evaluate_sft(run_dir: "Path | Run", test_path: str | None = None, systems: l
     lexicon = load_lexicon(recipe.resolve_path(ec.probe_terms) if ec.probe_terms else None)
     probes: dict = {}
     general: dict[str, dict] = {}
+    store = EvalCache(workspace_cache_dir(run_dir), enabled=cache)
+    used: dict[str, bool] = {}
+    # everything the base system's losses, forgetting scores and greedy answers depend on (eval/cache.py)
+    base_parts = generative_base_parts(
+        run, run.tokenizer_path(), convs, max_length=recipe.train.max_length, batch_size=ec.batch_size,
+        max_new_tokens=ec.max_new_tokens, forgetting=ec.forgetting, attention=load["attn_implementation"])
     with Progress(*progress_columns(), console=console, disable=not show_progress) as progress:
         model = None
         for name in EXTRACTIVE:
@@ -148,55 +157,86 @@ def evaluate_sft(run_dir: "Path | Run", test_path: str | None = None, systems: l
                              "mean_answer_words": sum(len(g.split()) for g in gen) / max(1, len(gen)),
                              "seconds": round(time.time() - ts, 1)}
             per_example[name] = [{"text": g, **r, "loss": None, "tokens": 0} for g, r in zip(gen, each)]
-        for name in MODEL_SYSTEMS:
-            if name not in systems:
-                continue
+        def score(name: str, model, before_generating=None) -> dict:
+            """A model system's answer losses, forgetting scores and greedy answers; `before_generating(model)`
+            runs after the scoring (the tuned system's probes, the merge) and returns the model to generate
+            with. `seconds` is the system's own time: without probes and the forgetting check."""
             ts = time.time()
-            if name == "base":
-                model = AutoModelForCausalLM.from_pretrained(model_path, **load).to(dev).eval()
-            else:
-                # the adapter goes onto the base already loaded, when there is one
-                model = load_for_inference(run, dev, base=model).model
             # bf16 autocast: fp32 adapters on a bf16 base compute in bf16, like in training
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
                 losses = answer_losses(model, tok, convs, recipe.train.max_length, ec.batch_size, dev)
-            ppl = math.exp(sum(v for v, _ in losses) / max(1, sum(k for _, k in losses)))
             tp = time.time()
-            if ec.forgetting:
-                general[name] = general_scores(causal_logits(model), tok, dev, bf16=bf16)
-                if name == "tuned" and "base" not in general and hasattr(model, "disable_adapter"):
-                    with model.disable_adapter():
-                        general["base"] = general_scores(causal_logits(model), tok, dev, bf16=bf16)
-            if name == "tuned":
-                def answer_nll(cs: list[list[dict]]) -> list[float]:
-                    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-                        ls = answer_losses(model, tok, cs, recipe.train.max_length, ec.batch_size, dev)
-                    return [v / max(1, k) for v, k in ls]
-
-                probes = run_probes("sft", convs, answer_nll, ids=[e.id for e in examples], lexicon=lexicon,
-                                    sample=ec.probe_sample, threshold=ec.probe_threshold,
-                                    tolerance=ec.probe_tolerance, seed=recipe.train.seed)
-                probes["seconds"] = round(time.time() - tp, 2)
-            ts += time.time() - tp  # the system's own time excludes its probes and forgetting check
-            merged = (name == "tuned" and ec.merge_adapters and hasattr(model, "merge_and_unload")
-                      and recipe.method.name in ("lora", "dora"))
-            if merged:
-                # Outside autocast, so the update B @ A is formed in fp32 before it is added. Last
-                # system, so the base weights can take it in place.
-                model = model.merge_and_unload()
+            scores = general_scores(causal_logits(model), tok, dev, bf16=bf16) if ec.forgetting else None
+            if before_generating is not None:
+                model = before_generating(model)
+            ts += time.time() - tp
             timer = BatchTimer()
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
                 gen = generate_answers(model, tok, prompts, ec.max_new_tokens, min(ec.batch_size, 16), dev,
                                        progress, f"{name}: generate", timer=timer)
+            return {"losses": [list(x) for x in losses], "general": scores, "text": gen,
+                    "batches": timer.batches, "seconds": round(time.time() - ts, 1)}
+
+        merged = False
+        for name in MODEL_SYSTEMS:
+            if name not in systems:
+                continue
+            if name == "base":
+                def compute_base():
+                    nonlocal model
+                    model = AutoModelForCausalLM.from_pretrained(model_path, **load).to(dev).eval()
+                    return score("base", model)
+
+                value, used["base"] = store.fetch("base", base_parts, compute_base)
+                if used["base"]:
+                    say_reused("base")
+            else:
+                # the adapter goes onto the base already loaded, when there is one
+                model = load_for_inference(run, dev, base=model).model
+
+                def before_generating(model):
+                    nonlocal probes, merged
+                    tp = time.time()
+                    if ec.forgetting and "base" not in general and hasattr(model, "disable_adapter"):
+                        with model.disable_adapter():
+                            general["base"] = general_scores(causal_logits(model), tok, dev, bf16=bf16)
+
+                    def answer_nll(cs: list[list[dict]]) -> list[float]:
+                        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+                            ls = answer_losses(model, tok, cs, recipe.train.max_length, ec.batch_size, dev)
+                        return [v / max(1, k) for v, k in ls]
+
+                    probes = run_probes("sft", convs, answer_nll, ids=[e.id for e in examples], lexicon=lexicon,
+                                        sample=ec.probe_sample, threshold=ec.probe_threshold,
+                                        tolerance=ec.probe_tolerance, seed=recipe.train.seed)
+                    probes["seconds"] = round(time.time() - tp, 2)
+                    merged = (ec.merge_adapters and hasattr(model, "merge_and_unload")
+                              and recipe.method.name in ("lora", "dora"))
+                    if merged:
+                        # Outside autocast, so the update B @ A is formed in fp32 before it is added. Last
+                        # system, so the base weights can take it in place.
+                        model = model.merge_and_unload()
+                    return model
+
+                value = score("tuned", model, before_generating)
+            losses = [tuple(x) for x in value["losses"]]
+            gen = value["text"]
+            if value["general"] is not None:
+                general[name] = value["general"]
+            timer = BatchTimer()
+            timer.batches = [tuple(b) for b in value["batches"]]
+            ppl = math.exp(sum(v for v, _ in losses) / max(1, sum(k for _, k in losses)))
             cost[name] = system_cost(timer, ec.price_per_hour, dev.type)
             new_tokens = sum(len(tok(g, add_special_tokens=False)["input_ids"]) for g in gen)
             cost[name]["tokens_per_second"] = round(new_tokens / max(1e-9, cost[name]["seconds"]), 1)
             answers[name] = gen
             each = rouge_each(gen, refs)
             results[name] = {"perplexity": ppl, **_rouge_means(each), "bleu": bleu(gen, refs),
-                             "merged_adapters": merged,
+                             "merged_adapters": merged if name == "tuned" else False,
                              "mean_answer_words": sum(len(g.split()) for g in gen) / max(1, len(gen)),
-                             "seconds": round(time.time() - ts, 1)}
+                             "seconds": value["seconds"]}
+            if name == "base":
+                results[name]["cached"] = used["base"]
             per_example[name] = [{"text": g, **r, "loss": v / k if k else None, "tokens": k}
                                  for g, r, (v, k) in zip(gen, each, losses)]
     if not ec.forgetting:
@@ -205,6 +245,8 @@ def evaluate_sft(run_dir: "Path | Run", test_path: str | None = None, systems: l
         forgetting = compare_general(general["base"], general["tuned"], ec.forgetting_threshold, recipe.train.seed)
     else:
         forgetting = not_applicable("needs both the base and the tuned system (or an adapter to switch off)")
+    if note := reused_note(used, store.root):
+        notes.append(note)
     predictions = {n: keyed(examples, ps) for n, ps in per_example.items()}
     report = Report(
         task="sft", title=f"{recipe.name}: base vs tuned", run=str(run_dir), model=recipe.model,
@@ -216,7 +258,7 @@ def evaluate_sft(run_dir: "Path | Run", test_path: str | None = None, systems: l
                             [p[-1]["content"] if p else "" for p in prompts], meta=meta, fields=ec.slices,
                             buckets=ec.length_buckets, min_size=ec.slice_min_size, seed=recipe.train.seed,
                             lexicon=lexicon),
-        probes=probes, forgetting=forgetting, cost=cost, notes=notes,
+        probes=probes, forgetting=forgetting, cost=cost, notes=notes, cache=cache_summary(used, store.root, cache),
         wall_seconds=round(time.time() - t0, 1)).model_dump(mode="json")
     report.update(report_statistics(report, default_pairs(list(results)), seed=recipe.train.seed))
     out_dir = Path(out_dir or run_dir)
