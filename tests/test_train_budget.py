@@ -211,7 +211,7 @@ def test_the_quickstart_sizes_training_to_what_its_evaluation_leaves(tmp_path, t
                        "text_field": "review", "label_field": "score", "val_ratio": 0.0},
               "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
               "train": {"epochs": 1, "batch_size": 8, "lr": 3e-3, "max_length": 32, "precision": "fp32",
-                        "threads": 1},
+                        "threads": 1, "compile": True},
               "eval": {"systems": ["tuned", "tfidf_logreg"], "batch_size": 8}}
     path = tmp_path / "qs.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -221,6 +221,19 @@ def test_the_quickstart_sizes_training_to_what_its_evaluation_leaves(tmp_path, t
     assert plan["total_s"] == 300 and plan["eval_estimate_s"] >= 0 and plan["forward_tokens_per_s"] > 0
     assert 60 <= plan["train_budget_s"] < 300 and plan["train"]["decision"] == "fits"
     assert set(report["systems"]) >= {"tuned", "tfidf_logreg"}
+    # under 6 minutes of training the recipe's compile does not pay back: the run trained eager
+    assert plan["compile"] is False
+    (saved,) = (tmp_path / "ws" / "runs").glob("*/recipe.yaml")
+    assert yaml.safe_load(saved.read_text())["train"]["compile"] is False
+
+
+def test_the_quickstart_compiles_only_when_training_is_long_enough_or_asked():
+    from tuneloop.quickstart import COMPILE_MIN_TRAIN_S, compile_pays
+
+    assert not compile_pays(COMPILE_MIN_TRAIN_S - 1, None)
+    assert compile_pays(COMPILE_MIN_TRAIN_S, [])
+    assert compile_pays(60, ["train.compile=true"]) and compile_pays(60, [" train.compile = false"])
+    assert not compile_pays(60, ["train.compile_mode=x", "train.seed=1"])
 
 
 def test_the_quickstart_cuts_the_evaluation_prompted_sample_first_then_the_test_set():

@@ -36,6 +36,20 @@ TRAIN_SHARE = 0.5
 PROMPTED_PART, PER_TEST_PART, FIXED_PART = 0.30, 0.65, 0.05
 # Below these a sample's intervals say too little to be worth its time: the evaluation is cut no further.
 PROMPTED_FLOOR, TEST_FLOOR = 100, 200
+# The recipe compiles its blocks (train.compile), which pays back only over a long enough run: compiling into a
+# cold Inductor cache costs the budget's probe about 57 s on a 2-core Xeon with AMX (for 46% more tokens/s, 120 s
+# saved over 382) but 120-140 s on a 2-core AMD EPYC with AVX2 only (fp32, for 15-30% more tokens/s): there a
+# 4.5-minute training budget trained on 290 reviews compiled and on 430 eager (2026-12-04). Under this much
+# training time the quickstart trains eager; `--set train.compile=true` keeps it on.
+COMPILE_MIN_TRAIN_S = 360.0
+
+
+def compile_pays(train_s: float, overrides: list[str] | None) -> bool:
+    """Whether the quickstart keeps the recipe's train.compile for `train_s` seconds of training: always when
+    the user set train.compile themselves, else when training gets at least COMPILE_MIN_TRAIN_S."""
+    if any(o.split("=", 1)[0].strip() == "train.compile" for o in overrides or []):
+        return True
+    return train_s >= COMPILE_MIN_TRAIN_S
 
 
 def size_evaluation(eval_s: float, allowed_s: float, n_test: int, n_prompted: int) -> tuple[int, int, float]:
@@ -135,9 +149,11 @@ def run_quickstart(workspace: Path, overrides: list[str] | None = None, show_pro
                 ec.prompted_sample = npr
         train_s = max(60.0, avail - eval_s)
         recipe.train.time_budget = f"{train_s:.0f}s"
+        compiled = recipe.train.compile and compile_pays(train_s, overrides)
         plan = {"total_s": total, "eval_estimate_s": round(eval_s, 1), "forward_tokens_per_s": round(rate, 1),
                 "train_budget_s": round(train_s, 1), "dtype": str(dtype).removeprefix("torch."),
-                "test_total": n_test, "test_sample": ec.test_sample, "prompted_sample": ec.prompted_sample}
+                "test_total": n_test, "test_sample": ec.test_sample, "prompted_sample": ec.prompted_sample,
+                "compile": compiled}
         console.print(f"budget {fmt_s(total)}: the evaluation will take about {fmt_s(whole_s)} here (the model reads "
                       f"{rate:,.0f} tokens/s)", highlight=False, end="")
         if whole_s == eval_s:
@@ -150,6 +166,11 @@ def run_quickstart(workspace: Path, overrides: list[str] | None = None, show_pro
             console.print(f", which would leave training less than half; cut to about {fmt_s(eval_s)} ({where}base "
                           f"and few-shot on {ec.prompted_sample:,}), so training gets {fmt_s(train_s)} "
                           f"(`--budget {enough}m` evaluates everything)", highlight=False)
+        if recipe.train.compile and not compiled:
+            recipe.train.compile = False
+            console.print(f"training eager: compiling the blocks costs minutes into a cold cache here and pays back "
+                          f"only over {fmt_s(COMPILE_MIN_TRAIN_S)} of training or more "
+                          f"(`--set train.compile=true` compiles anyway)", highlight=False)
     run_dir, train_metrics = train_run(recipe, workspace, show_progress)
     # with a budget that left examples out, say how many were trained on, not how many there were
     kept = (train_metrics.get("budget") or {}).get("kept", train_metrics["examples"])
