@@ -141,6 +141,16 @@ def test_training_stops_when_the_budget_is_spent(reviews, tmp_path, monkeypatch)
     run_dir, m = train_run(reviews(time_budget="1s", max_steps=100000), tmp_path / "ws", show_progress=False)
     assert m["budget"]["decision"] == "fits" and m["budget"]["stopped_at_budget"] is not None
     assert m["steps"] == m["budget"]["stopped_at_budget"] < 100000
+    # what it really trained on is said, not what the plan kept
+    b = m["budget"]
+    assert b["trained_rows"] == min(b["kept"], m["steps"] * 8)
+    from tuneloop.eval.report import budget_summary
+
+    line = budget_summary({"budget": {"total_s": 60, "wall_s": 61, "eval_estimate_s": 10, "train": b},
+                           "systems": {"tuned": {"accuracy": 0.5}}})
+    if b["trained_rows"] < b["kept"]:
+        assert f"trained on {b['trained_rows']:,} of {b['rows_total']:,} reviews (the plan kept {b['kept']:,}" in line
+    assert f"stopped at step {m['steps']}" in line
 
 
 def test_the_probe_changes_no_weight_and_leaves_no_gradient(tiny_llama_dir):

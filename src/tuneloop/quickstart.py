@@ -172,8 +172,9 @@ def run_quickstart(workspace: Path, overrides: list[str] | None = None, show_pro
                           f"only over {fmt_s(COMPILE_MIN_TRAIN_S)} of training or more "
                           f"(`--set train.compile=true` compiles anyway)", highlight=False)
     run_dir, train_metrics = train_run(recipe, workspace, show_progress)
-    # with a budget that left examples out, say how many were trained on, not how many there were
-    kept = (train_metrics.get("budget") or {}).get("kept", train_metrics["examples"])
+    # with a budget that left examples out or stopped the run early, say how many were trained on
+    b = train_metrics.get("budget") or {}
+    kept = b.get("trained_rows", b.get("kept", train_metrics["examples"]))
     console.print(
         f"trained {train_metrics['steps']} steps on {kept} of {train_metrics['examples']} reviews in "
         f"{train_metrics['train_seconds']:.0f} s ({train_metrics['tokens_per_second']:.0f} tokens/s, "

@@ -289,14 +289,21 @@ def budget_summary(report: dict) -> str:
 
     b, tuned = report["budget"], report["systems"].get("tuned", {})
     t = b.get("train") or {}
-    if t.get("decision") == "fewer examples":
-        cut = f"trained on {t['kept']:,} of {t['rows_total']:,} reviews (the budget left out {t['rows_total'] - t['kept']:,})"
-    elif t.get("decision") == "fewer epochs":
-        cut = f"trained {t['steps']:,} of {t['steps_asked']:,} steps on every review"
+    stopped, trained = t.get("stopped_at_budget"), t.get("trained_rows", t.get("kept"))
+    if stopped and trained is not None and trained < t["kept"]:
+        # slower than the probe measured: the run stopped before it read every review the plan kept
+        cut = (f"trained on {trained:,} of {t['rows_total']:,} reviews (the plan kept {t['kept']:,}; stopped at step "
+               f"{stopped} of {t['steps']} when the training budget ran out)")
     else:
-        cut = "every review trained on, nothing cut"
-    if t.get("stopped_at_budget"):
-        cut += f"; stopped at step {t['stopped_at_budget']} when the training budget ran out"
+        if t.get("decision") == "fewer examples":
+            cut = (f"trained on {t['kept']:,} of {t['rows_total']:,} reviews (the budget left out "
+                   f"{t['rows_total'] - t['kept']:,})")
+        elif t.get("decision") == "fewer epochs":
+            cut = f"trained {t['steps']:,} of {t['steps_asked']:,} steps on every review"
+        else:
+            cut = "every review trained on, nothing cut"
+        if stopped:
+            cut += f"; stopped at step {stopped} when the training budget ran out"
     if b.get("test_sample"):
         cut += f"; evaluated on a stratified {b['test_sample']:,} of the {b['test_total']:,} test reviews"
     acc = f"tuned accuracy {tuned['accuracy']:.3f}" if "accuracy" in tuned else "tuned model evaluated"

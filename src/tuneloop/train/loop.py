@@ -171,8 +171,11 @@ def fit(acc, model, groups: list[dict], tc, lengths: list[int], loss_fn: LossFn,
         "processes": world,
     }
     if plan is not None:
+        # the examples the run really trained on: fewer than the plan kept when the budget stopped it early
+        # (each step reads batch_size x grad_accum of them, the first epoch without repeats)
+        trained = plan.kept if budget_stop is None else min(plan.kept, budget_stop * tc.batch_size * tc.grad_accum)
         metrics["budget"] = {**plan.record(), "rows": None, "stopped_at_budget": budget_stop,
-                             "fit_seconds": round(time.time() - t_fit, 2)}
+                             "trained_rows": trained, "fit_seconds": round(time.time() - t_fit, 2)}
     return Fitted(inner, history, watch.points, metrics)
 
 
