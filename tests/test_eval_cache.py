@@ -273,3 +273,22 @@ def test_dpo_and_reward_base_systems_are_read_back(tmp_path, tiny_llama_dir):
     # the dpo run's base (the policy, adapter off, with its generations) is another entry than the reward's
     # (the base as a zero-shot judge): three files, the dpo base's kept once
     assert len(list(workspace_cache_dir(dpo).glob("base-*.json"))) == 2
+
+
+def test_samples_are_nested_so_a_rerun_with_another_test_sample_reuses_the_prompted_systems():
+    from collections import Counter
+
+    from tuneloop.data.records import Record
+    from tuneloop.eval.compare import _sample_indices
+
+    recs = [Record(text=f"review {i}", label="great" if i % 3 else "other", source=f"t:{i}") for i in range(1000)]
+    seen = []
+    for n_test in (231, 399, 417, 470):  # what the quickstart's budget chose in four runs
+        test = [recs[i] for i in _sample_indices(recs, n_test, 0)]
+        assert len(test) == n_test
+        assert Counter(r.label for r in test)["great"] == round(n_test * 666 / 1000)  # the label shares kept
+        seen.append([r.text for r in (test[i] for i in _sample_indices(test, 100, 0))])
+    assert all(s == seen[0] for s in seen) and len(seen[0]) == 100
+    # a smaller test sample is inside a larger one; another seed is another sample
+    small, large = (set(_sample_indices(recs, n, 0)) for n in (231, 470))
+    assert small <= large and set(_sample_indices(recs, 231, 1)) != small
