@@ -90,13 +90,13 @@ def test_every_part_of_the_key_changes_it(run_dir, tmp_path, tiny_llama_dir):
     labels = run.info.labels
     texts, gold = ["the tea was great", "the jam was awful"], ["good", "bad"]
 
-    def key(name="base", r=run, t=texts, fp="fp", n=32):
-        return _prompted_key(name, r, r.recipe, labels, t, gold, n, fp)
+    def key(name="base", r=run, t=texts, n=32):
+        return _prompted_key(name, r, r.recipe, labels, t, gold, n)
 
     base = key()
     assert base == key() and base is not None
     assert key(t=["the tea was lovely", "the jam was awful"]) != base  # the records scored
-    assert key(fp="other") != base  # the test set
+    assert key(t=texts, n=32) == base  # the records scored decide, not the test set they came from
     assert key(n=16) != base  # reading length
     assert key(name="base_fewshot") != key(name="base")
     run.info.dtype = "bfloat16"
@@ -292,3 +292,21 @@ def test_samples_are_nested_so_a_rerun_with_another_test_sample_reuses_the_promp
     # a smaller test sample is inside a larger one; another seed is another sample
     small, large = (set(_sample_indices(recs, n, 0)) for n in (231, 470))
     assert small <= large and set(_sample_indices(recs, 231, 1)) != small
+
+
+@pytest.mark.slow
+def test_the_prompted_sample_is_read_back_when_only_the_test_sample_size_changed(run_dir):
+    run = open_run(run_dir)
+    run.recipe.eval.prompted_sample = 10
+    run.recipe.eval.test_sample = 16
+    first = evaluate_classify(run, systems=SYSTEMS, show_progress=False, print_results=False)
+    run.recipe.eval.test_sample = 20  # another budget, another test sample: the same 10 prompted records
+    second = evaluate_classify(run, systems=SYSTEMS, show_progress=False, print_results=False)
+    assert first["systems"]["base"]["n"] == second["systems"]["base"]["n"] == 10
+    assert second["systems"]["base"]["cached"] and second["systems"]["base_fewshot"]["cached"]
+    assert second["systems"]["tfidf_logreg"]["cached"] is False  # it scores the whole test sample
+    # the same answers (example ids carry the record's place in its test sample, which moved)
+    def answers(rep):
+        return sorted((v["label"], v["probability"]) for v in rep["predictions"]["base"].values() if v)
+
+    assert answers(second) == answers(first) and len(answers(first)) == 10

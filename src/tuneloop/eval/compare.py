@@ -243,8 +243,8 @@ def evaluate_classify(
                 return {"probs": None if p is None else np.asarray(p, dtype=np.float64).tolist(), "extra": ex,
                         "settings": st, "batches": timer.batches, "seconds": round(time.time() - t, 2)}
 
-            value, hit = store.fetch(name, _prompted_key(name, run, recipe, labels, sub, sub_gold, read_up_to,
-                                                         test.fingerprint), compute_prompted)
+            value, hit = store.fetch(name, _prompted_key(name, run, recipe, labels, sub, sub_gold, read_up_to),
+                                     compute_prompted)
             probs, extra, settings[name] = value["probs"], value["extra"], value["settings"]
             if probs is None:
                 notes.append(f"{name}: {settings.pop(name)['skipped']}")
@@ -335,7 +335,7 @@ def evaluate_classify(
 
 
 def _prompted_key(name: str, run: Run, recipe, labels: list[str], texts: list[str], gold: list[str],
-                  read_up_to: int, test_fingerprint: str) -> dict | None:
+                  read_up_to: int) -> dict | None:
     """Everything that determines `_prompted`'s result (eval/cache.py), or None when the base model has
     no identity to key on (a hub id)."""
     model_path = run.base_model_path()
@@ -343,7 +343,10 @@ def _prompted_key(name: str, run: Run, recipe, labels: list[str], texts: list[st
     if identity is None:
         return None
     dc, ec = recipe.data, recipe.eval
-    parts = {"model": identity, "test": test_fingerprint, "scored": texts_fingerprint(texts, gold),
+    # What was scored, not the test set it was drawn from: a prompted system's answer to a record depends on
+    # the record and the settings alone, so the same sample drawn from a test sample of another size (the
+    # quickstart's budget sizes it by the machine's speed) reads the stored answers back.
+    parts = {"model": identity, "scored": texts_fingerprint(texts, gold),
              "labels": labels, "words": [(ec.verbalizer or {}).get(l, l) for l in labels],
              "prompt": ec.zero_shot_prompt, "system": dc.system_prompt if dc.as_chat else None,
              "max_length": read_up_to, "dtype": run.info.dtype or "float32", "device": device().type,
