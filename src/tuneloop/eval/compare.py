@@ -19,7 +19,8 @@ from ..infer.device import device, set_threads
 from ..infer.encode import load_tokenizer
 from ..infer.predict import predict_classifier
 from ..runs import Run, load_for_inference, open_run
-from .cache import EvalCache, cache_summary, library_versions, model_identity, texts_fingerprint, workspace_cache_dir
+from .cache import (EvalCache, cache_summary, library_versions, model_identity, say_reused, texts_fingerprint,
+                    workspace_cache_dir)
 from .calibration import CONTENT_FREE, calibration_summary, contextual_calibration
 from .cost import BatchTimer, error_cost_matrix, system_cost
 from .forgetting import forgetting_for_head, not_applicable
@@ -271,8 +272,7 @@ def evaluate_classify(
             if hit:
                 # the speed and cost shown are those measured when the result was computed
                 timer.batches = [tuple(b) for b in value["batches"]]
-                console.print(f"{name}: cached result reused (nothing that determines it changed; "
-                              f"--no-cache recomputes)", highlight=False)
+                say_reused(name)
         probs = np.asarray(probs, dtype=np.float64)
         pred = [labels[j] for j in probs.argmax(-1)]
         conf = probs.max(-1)

@@ -2,8 +2,8 @@
 
 Before the first step, the recipe's own forward and backward run on a few real batches (chosen across
 the length distribution, timed after one warm-up batch; a batch during which torch.compile compiled is run
-again and timed then; their gradients are thrown away, no optimizer step is taken). That gives seconds per padded token on this machine, with this model and method, which
-prices every planned batch exactly (the length-bucketed batches are known in advance). What does not fit
+again and timed then; their gradients are thrown away, no optimizer step is taken). That gives seconds per
+padded token on this machine, with this model and method, which prices every planned batch exactly (the length-bucketed batches are known in advance). What does not fit
 is cut in the order a user would cut it: epochs first (down to one), then examples, as a seeded choice
 stratified by label where the task has labels, so the class shares stay as they were. The plan is
 written to the run folder (`budget.json`), so a resumed run follows it instead of measuring again, and
