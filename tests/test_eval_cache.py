@@ -9,7 +9,7 @@ import pytest
 
 from tuneloop.config import recipe_from_dict
 from tuneloop.eval.cache import EvalCache, model_identity, workspace_cache_dir
-from tuneloop.eval.compare import _prompted_key, _tfidf_key, evaluate_classify
+from tuneloop.eval.compare import _prompted_key, _tfidf_key, evaluate_classify, prompted_cache_check
 from tuneloop.runs import open_run
 from tuneloop.train import train_run
 
@@ -91,7 +91,7 @@ def test_every_part_of_the_key_changes_it(run_dir, tmp_path, tiny_llama_dir):
     texts, gold = ["the tea was great", "the jam was awful"], ["good", "bad"]
 
     def key(name="base", r=run, t=texts, n=32):
-        return _prompted_key(name, r, r.recipe, labels, t, gold, n)
+        return _prompted_key(name, r.base_model_path(), r.info.dtype or "float32", r.recipe, labels, t, gold, n)
 
     base = key()
     assert base == key() and base is not None
@@ -310,3 +310,26 @@ def test_the_prompted_sample_is_read_back_when_only_the_test_sample_size_changed
         return sorted((v["label"], v["probability"]) for v in rep["predictions"]["base"].values() if v)
 
     assert answers(second) == answers(first) and len(answers(first)) == 10
+
+
+@pytest.mark.slow
+def test_before_training_the_quickstart_can_tell_which_prompted_samples_are_cached(run_dir):
+    # prompted_cache_check answers with the keys evaluate_classify uses, from the recipe alone (the quickstart
+    # asks it before the run exists): a yes it gives must be a hit, a no a miss.
+    run = open_run(run_dir)
+    ws = run_dir.parent.parent
+    cached = prompted_cache_check(run.recipe, ws, "float32")
+    assert not cached(16, 10)  # nothing evaluated yet
+    run.recipe.eval.prompted_sample, run.recipe.eval.test_sample = 10, 16
+    evaluate_classify(run, systems=SYSTEMS, show_progress=False, print_results=False)
+    assert cached(16, 10) and cached(20, 10) and cached(None, 10)  # nested: any test sample holds the same 10
+    assert not cached(16, 8) and not cached(16, None)  # another prompted sample
+    assert not prompted_cache_check(run.recipe, ws, "bfloat16")(16, 10)  # another dtype: another key
+    run.recipe.eval.systems = ["tuned", "tfidf_logreg"]
+    assert not prompted_cache_check(run.recipe, ws, "float32")(16, 10)  # no prompted system: nothing to save
+    run.recipe.eval.systems = ["base", "tuned"]
+    assert prompted_cache_check(run.recipe, ws, "float32")(16, 10)
+    # what it said is what the evaluation finds
+    run.recipe.eval.test_sample = 20
+    rep = evaluate_classify(run, systems=["base"], show_progress=False, print_results=False)
+    assert rep["systems"]["base"]["cached"] is True

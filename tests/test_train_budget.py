@@ -262,3 +262,33 @@ def test_the_quickstart_cuts_the_evaluation_prompted_sample_first_then_the_test_
     assert (nt, npr) == (TEST_FLOOR, PROMPTED_FLOOR) and s > 60.0
     # a test set smaller than the floors is never sampled above its size
     assert size_evaluation(500.0, 10.0, 150, 150)[:2] == (150, 100)
+
+
+def test_a_cached_prompted_sample_costs_the_quickstart_nothing():
+    from tuneloop.quickstart import PROMPTED_PART, PROMPTED_STEP, size_evaluation
+
+    asked = []
+
+    def cached_at(n):
+        def cached(nt, npr):
+            asked.append((nt, npr))
+            return npr == n
+        return cached
+
+    # the whole evaluation fits once base and few-shot are read back: nothing cut, their share not counted
+    nt, npr, s = size_evaluation(300.0, 250.0, 1000, 200, cached_at(200))
+    assert (nt, npr) == (1000, 200) and s == pytest.approx(300.0 * (1 - PROMPTED_PART))
+    assert size_evaluation(300.0, 250.0, 1000, 200)[:2] != (1000, 200)  # without the cache it is cut
+    # far over: the prompted sample at its floor is cached, so the test sample grows into its time
+    plain = size_evaluation(742.0, 260.0, 1000, 200)
+    nt, npr, s = size_evaluation(742.0, 260.0, 1000, 200, cached_at(100))
+    assert npr == plain[1] == 100 and nt > plain[0] and s <= 260.0
+    # the prompted cut is in whole steps, so a rerun at a slightly different speed draws the same sample
+    cuts = {size_evaluation(300.0 * f, 270.0, 1000, 200)[1] for f in (1.0, 1.03, 1.06)}
+    assert len(cuts) == 1 and all(c % PROMPTED_STEP == 0 for c in cuts)
+    # a cached sample that a differently sized test sample would not draw again is priced as computed
+    def only_full(nt, npr):
+        return npr == 100 and nt == 1000
+
+    nt, npr, s = size_evaluation(742.0, 260.0, 1000, 200, only_full)
+    assert (nt, npr) == plain[:2] and s == pytest.approx(plain[2])

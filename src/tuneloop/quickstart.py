@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from rich.console import Console
@@ -36,6 +37,9 @@ TRAIN_SHARE = 0.5
 PROMPTED_PART, PER_TEST_PART, FIXED_PART = 0.30, 0.65, 0.05
 # Below these a sample's intervals say too little to be worth its time: the evaluation is cut no further.
 PROMPTED_FLOOR, TEST_FLOOR = 100, 200
+# The prompted sample is cut in whole steps so that a rerun, whose measured speed differs a little, draws the
+# same sample and reads base and few-shot back from the eval cache (eval/compare.py `_sample_indices`).
+PROMPTED_STEP = 50
 # The recipe compiles its blocks (train.compile), which pays back only over a long enough run: compiling into a
 # cold Inductor cache costs the budget's probe about 57 s on a 2-core Xeon with AMX (for 46% more tokens/s, 120 s
 # saved over 382) but 120-140 s on a 2-core AMD EPYC with AVX2 only (fp32, for 15-30% more tokens/s): there a
@@ -52,23 +56,37 @@ def compile_pays(train_s: float, overrides: list[str] | None) -> bool:
     return train_s >= COMPILE_MIN_TRAIN_S
 
 
-def size_evaluation(eval_s: float, allowed_s: float, n_test: int, n_prompted: int) -> tuple[int, int, float]:
+def size_evaluation(eval_s: float, allowed_s: float, n_test: int, n_prompted: int,
+                    cached: Callable[[int, int], bool] | None = None) -> tuple[int, int, float]:
     """(test records, prompted records, estimated seconds) for an evaluation that fits `allowed_s`, where all of
     it (`n_test` records, `n_prompted` of them for the prompted systems) takes `eval_s`. The prompted sample is
-    cut first (down to PROMPTED_FLOOR), then every system's test set (a stratified sample, down to TEST_FLOOR):
-    the tuned model's accuracy on as many test records as possible is the figure the quickstart is for."""
+    cut first (down to PROMPTED_FLOOR, in steps of PROMPTED_STEP), then every system's test set (a stratified
+    sample, down to TEST_FLOOR): the tuned model's accuracy on as many test records as possible is the figure
+    the quickstart is for. `cached(test records, prompted records)`: whether the prompted systems' results for
+    those samples are in the eval cache; they then cost nothing, and the test sample grows into their time."""
+    def free(nt: int, npr: int) -> bool:
+        return cached is not None and cached(nt, npr)
+
     def cost(nt: int, npr: int) -> float:
-        return eval_s * (FIXED_PART + PROMPTED_PART * npr / n_prompted + PER_TEST_PART * nt / n_test)
+        prompted = 0.0 if free(nt, npr) else PROMPTED_PART * npr / n_prompted
+        return eval_s * (FIXED_PART + prompted + PER_TEST_PART * nt / n_test)
 
     if cost(n_test, n_prompted) <= allowed_s:
         return n_test, n_prompted, cost(n_test, n_prompted)
     left = allowed_s / eval_s - FIXED_PART - PER_TEST_PART
-    npr = min(n_prompted, max(PROMPTED_FLOOR, int(n_prompted * left / PROMPTED_PART)))
+    npr = int(n_prompted * left / PROMPTED_PART) // PROMPTED_STEP * PROMPTED_STEP
+    npr = min(n_prompted, max(PROMPTED_FLOOR, npr))
     if cost(n_test, npr) <= allowed_s:
         return n_test, npr, cost(n_test, npr)
-    left = allowed_s / eval_s - FIXED_PART - PROMPTED_PART * npr / n_prompted
-    nt = min(n_test, max(TEST_FLOOR, int(n_test * left / PER_TEST_PART)))
+    prompted = 0.0 if free(n_test, npr) else PROMPTED_PART * npr / n_prompted
+    nt = min(n_test, max(TEST_FLOOR, int(n_test * (allowed_s / eval_s - FIXED_PART - prompted) / PER_TEST_PART)))
     npr = min(npr, nt)
+    if prompted == 0.0 and not free(nt, npr):
+        # the cached prompted sample is drawn from a test sample of another size (a label's share rounds the
+        # other way): priced as computed, the test sample as without the cache
+        nt = min(n_test, max(TEST_FLOOR, int(n_test * (allowed_s / eval_s - FIXED_PART - PROMPTED_PART * npr
+                                                       / n_prompted) / PER_TEST_PART)))
+        npr = min(npr, nt)
     return nt, npr, cost(nt, npr)
 
 
@@ -141,22 +159,30 @@ def run_quickstart(workspace: Path, overrides: list[str] | None = None, show_pro
         ec = recipe.eval
         n_prompted = min(ec.prompted_sample or n_test, n_test)
         whole_s = eval_s
-        if avail - eval_s < TRAIN_SHARE * avail:
-            nt, npr, eval_s = size_evaluation(eval_s, (1 - TRAIN_SHARE) * avail, n_test, n_prompted)
-            if nt < n_test:
-                ec.test_sample = nt
-            if npr < n_prompted:
-                ec.prompted_sample = npr
+        from .eval.compare import prompted_cache_check
+
+        # base and few-shot from an earlier run on the same reviews cost nothing: their time goes to the rest
+        cached = prompted_cache_check(recipe, workspace, str(dtype).removeprefix("torch."))
+        nt, npr, eval_s = size_evaluation(whole_s, (1 - TRAIN_SHARE) * avail, n_test, n_prompted, cached)
+        if nt < n_test:
+            ec.test_sample = nt
+        if npr < n_prompted:
+            ec.prompted_sample = npr
+        reused = cached(nt, npr)
         train_s = max(60.0, avail - eval_s)
         recipe.train.time_budget = f"{train_s:.0f}s"
         compiled = recipe.train.compile and compile_pays(train_s, overrides)
         plan = {"total_s": total, "eval_estimate_s": round(eval_s, 1), "forward_tokens_per_s": round(rate, 1),
                 "train_budget_s": round(train_s, 1), "dtype": str(dtype).removeprefix("torch."),
                 "test_total": n_test, "test_sample": ec.test_sample, "prompted_sample": ec.prompted_sample,
-                "compile": compiled}
+                "compile": compiled, "prompted_cached": reused}
         console.print(f"budget {fmt_s(total)}: the evaluation will take about {fmt_s(whole_s)} here (the model reads "
                       f"{rate:,.0f} tokens/s)", highlight=False, end="")
-        if whole_s == eval_s:
+        cut = (nt, npr) != (n_test, n_prompted)
+        if reused:
+            console.print(f"; base and few-shot on {npr:,} reviews are read back from the eval cache (an earlier run)"
+                          + ("" if cut else f", about {fmt_s(eval_s)} left to compute"), highlight=False, end="")
+        if not cut:
             console.print(f", so training gets {fmt_s(train_s)}", highlight=False)
         else:
             # what a budget needs for nothing to be cut: the whole evaluation, and as much again for training

@@ -6,6 +6,7 @@ import hashlib
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -19,8 +20,8 @@ from ..infer.device import device, set_threads
 from ..infer.encode import load_tokenizer
 from ..infer.predict import predict_classifier
 from ..runs import Run, load_for_inference, open_run
-from .cache import (EvalCache, cache_summary, library_versions, model_identity, say_reused, texts_fingerprint,
-                    workspace_cache_dir)
+from .cache import (CACHE_DIR, EvalCache, cache_summary, library_versions, model_identity, say_reused,
+                    texts_fingerprint, workspace_cache_dir)
 from .calibration import CONTENT_FREE, calibration_summary, contextual_calibration
 from .cost import BatchTimer, error_cost_matrix, system_cost
 from .forgetting import forgetting_for_head, not_applicable
@@ -244,8 +245,9 @@ def evaluate_classify(
                 return {"probs": None if p is None else np.asarray(p, dtype=np.float64).tolist(), "extra": ex,
                         "settings": st, "batches": timer.batches, "seconds": round(time.time() - t, 2)}
 
-            value, hit = store.fetch(name, _prompted_key(name, run, recipe, labels, sub, sub_gold, read_up_to),
-                                     compute_prompted)
+            key = _prompted_key(name, run.base_model_path(), run.info.dtype or "float32", recipe, labels, sub,
+                                sub_gold, read_up_to)
+            value, hit = store.fetch(name, key, compute_prompted)
             probs, extra, settings[name] = value["probs"], value["extra"], value["settings"]
             if probs is None:
                 notes.append(f"{name}: {settings.pop(name)['skipped']}")
@@ -334,11 +336,10 @@ def evaluate_classify(
     return report
 
 
-def _prompted_key(name: str, run: Run, recipe, labels: list[str], texts: list[str], gold: list[str],
-                  read_up_to: int) -> dict | None:
+def _prompted_key(name: str, model_path: str, dtype: str, recipe, labels: list[str], texts: list[str],
+                  gold: list[str], read_up_to: int) -> dict | None:
     """Everything that determines `_prompted`'s result (eval/cache.py), or None when the base model has
-    no identity to key on (a hub id)."""
-    model_path = run.base_model_path()
+    no identity to key on (a hub id). `dtype`: the run's, as its info records it ("bfloat16")."""
     identity = model_identity(model_path)
     if identity is None:
         return None
@@ -349,7 +350,7 @@ def _prompted_key(name: str, run: Run, recipe, labels: list[str], texts: list[st
     parts = {"model": identity, "scored": texts_fingerprint(texts, gold),
              "labels": labels, "words": [(ec.verbalizer or {}).get(l, l) for l in labels],
              "prompt": ec.zero_shot_prompt, "system": dc.system_prompt if dc.as_chat else None,
-             "max_length": read_up_to, "dtype": run.info.dtype or "float32", "device": device().type,
+             "max_length": read_up_to, "dtype": dtype, "device": device().type,
              "batch_size": ec.batch_size, "calibrate": ec.calibrate_base,
              "libraries": library_versions("torch", "transformers")}
     if name == "base_fewshot":
@@ -357,6 +358,39 @@ def _prompted_key(name: str, run: Run, recipe, labels: list[str], texts: list[st
         parts["shots"] = {"train": texts_fingerprint([r.text for r in recs], [r.label for r in recs]),
                           "k": ec.fewshot_k, "tokens": ec.fewshot_tokens, "seed": recipe.train.seed}
     return parts
+
+
+def prompted_cache_check(recipe, workspace: Path, dtype: str) -> Callable[[int | None, int | None], bool]:
+    """For a classify recipe not yet trained: a function of (test sample, prompted sample) sizes telling whether
+    every prompted system in its eval.systems (base, base_fewshot) would be read back from `workspace`'s eval
+    cache, with the keys and samples `evaluate_classify` will use (`dtype` as the run will record it). The
+    quickstart's budget prices such an evaluation without their time."""
+    from ..runs import input_spec
+    from ..zoo import resolve_model
+
+    dc, ec = recipe.data, recipe.eval
+    names = [s for s in ec.systems if s in PROMPTED]
+    store = EvalCache(Path(workspace).joinpath(*CACHE_DIR))
+    # the run's labels are its training set's (train/classify.py), and the evaluation reads the test set with them
+    labels = load_classification(recipe.resolve_path(dc.train), dc.text_field, dc.label_field, dc.labels,
+                                 dc.format).labels
+    records = load_classification(recipe.resolve_path(dc.test), dc.text_field, dc.label_field, labels,
+                                  dc.format).records
+    model_path, read_up_to, seed = resolve_model(recipe.model), input_spec(recipe).max_length, recipe.train.seed
+
+    def cached(n_test: int | None, n_prompted: int | None) -> bool:
+        if not names or not store.root.is_dir():
+            return False
+        recs = [records[i] for i in _sample_indices(records, n_test, seed)]
+        sub = [recs[i] for i in _sample_indices(recs, n_prompted, seed)]
+        texts, gold = [r.text for r in sub], [r.label for r in sub]
+        for name in names:
+            key = _prompted_key(name, model_path, dtype, recipe, labels, texts, gold, read_up_to)
+            if key is None or store.get(name, key) is None:
+                return False
+        return True
+
+    return cached
 
 
 def _tfidf_key(recipe, labels: list[str], texts: list[str], test_fingerprint: str, seed: int) -> dict:
