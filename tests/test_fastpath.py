@@ -286,3 +286,66 @@ def test_fused_lora_linears_leave_dropout_and_fp32_layers_alone(tiny_llama_dir):
     attention.bf16_matmuls(m)
     m = get_peft_model(m, LoraConfig(r=4, lora_dropout=0.1, target_modules="all-linear"))
     assert fastpath.fuse_lora_linears(m) == 0  # dropout copies the input: not the fused product
+
+
+def _bf16_lora(path, lean: bool):
+    """The tiny model as the SFT recipe holds it: bf16 throughout, LoRA on every Linear (nonzero B, the same
+    seed each time), adapter inputs kept bf16; `lean`: with fastpath.lean_saves."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="sdpa").train()
+    torch.manual_seed(1)
+    m = get_peft_model(m, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
+                                     init_lora_weights=False))
+    attention.keep_adapter_inputs_bf16(m)
+    if lean:
+        assert fastpath.lean_saves(m) == 2 * 3 + 1  # two norms and the MLP in each block, the final norm
+    return m
+
+
+def _saved_bytes_and_grads(model, ids):
+    storages = {}
+
+    def pack(t):
+        storages.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(input_ids=ids).logits.float()
+    (logits.square().mean()).backward()
+    grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return logits.detach(), grads, sum(storages.values())
+
+
+def test_lean_saves_keep_the_values_and_save_less(tiny_llama_dir):
+    """Same forward values bit for bit, the same adapter gradients up to fp32 rounding in the norm's backward
+    (a wrong RMSNorm or SiLU gradient is off by far more), and per block one MLP-width bf16 tensor and half of
+    two fp32 hidden-width ones fewer bytes kept for backward."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(tiny_llama_dir)
+    torch.manual_seed(0)
+    b, t = 2, 12
+    ids = torch.randint(10, 1000, (b, t))
+    l_ref, g_ref, saved_ref = _saved_bytes_and_grads(_bf16_lora(tiny_llama_dir, lean=False), ids)
+    l_lean, g_lean, saved_lean = _saved_bytes_and_grads(_bf16_lora(tiny_llama_dir, lean=True), ids)
+    assert torch.equal(l_lean, l_ref)
+    assert g_lean.keys() == g_ref.keys() and len(g_ref) == 2 * 2 * 7
+    for name, g in g_ref.items():
+        assert ((g_lean[name] - g).norm() / g.norm()).item() < 0.02, name
+    per_block = b * t * (2 * cfg.intermediate_size + 2 * cfg.hidden_size * (4 - 2) - 2 * 4)  # minus the row scales
+    assert saved_ref - saved_lean >= cfg.num_hidden_layers * per_block
+
+
+def test_lean_saves_step_aside_without_gradients_and_for_other_norms(tiny_llama_dir):
+    m = _bf16_lora(tiny_llama_dir, lean=True)
+    ids = torch.randint(10, 1000, (1, 6))
+    ref = _bf16_lora(tiny_llama_dir, lean=False)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(m(input_ids=ids).logits, ref(input_ids=ids).logits)
+
+    class GemmaRMSNorm(torch.nn.Module):  # scales by (1 + w): a different forward, left alone
+        variance_epsilon = 1e-6
+
+    assert fastpath.lean_saves(torch.nn.Sequential(GemmaRMSNorm())) == 0

@@ -31,7 +31,7 @@ from ..infer.encode import load_tokenizer
 from ..runs import (LOSS_PLOT, MODEL, TEST_RECORDS, Fingerprints, finish_run, start_point, write_data_info,
                     write_history, write_recipe)
 from .common import plot_losses, recipe_for_run, seed_everything
-from .fastpath import compile_blocks
+from .fastpath import compile_blocks, lean_saves
 from .loop import fit
 from .preference import Scorer, answer_hook, encode_pairs, load_policy, read_splits, seqs, too_short
 
@@ -131,6 +131,8 @@ def train_dpo(recipe: Recipe, run_dir: Path, show_progress: bool = True, resume:
         keep_adapter_inputs_bf16(model)
     if tc.compile:
         compile_blocks(base)
+    elif use_autocast:
+        lean_saves(base)  # eager only: compiled blocks choose what to keep for backward themselves
     scorer = Scorer(*answer_hook(base, mc))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total_params = sum(p.numel() for p in model.parameters())

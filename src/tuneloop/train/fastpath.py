@@ -9,6 +9,10 @@
 3. `compile_blocks` (regional torch.compile) and `FrozenPrefixCache` (frozen bottom blocks run once).
 4. `fuse_lora_linears`: each plain LoRA Linear as one autograd function whose LoRA sum happens inside the
    GEMM (eager bf16 classification training; compiled blocks fuse it themselves).
+5. `lean_saves`: RMSNorm and the SwiGLU product as autograd functions that keep fewer bytes for backward
+   (eager bf16 SFT / DPO / KTO). On bench/train_throughput.py's 4 x 512 batches 270 MiB fewer saved
+   tensors (1.49 GiB before); the same speed. Compiled blocks do not use them: Inductor picks its own saves,
+   and with these inside it was 9% slower and no smaller (2-core AMD EPYC, bf16 peak 0.41 TFLOP/s).
 
 Why not a library: Liger-Kernel's fused linear cross-entropy is Triton (GPU only), and transformers has no
 CPU attention that uses the GEMM path for bf16; both are small, and each is checked against the reference
@@ -166,6 +170,88 @@ def fuse_lora_linears(model) -> int:
             continue
         m.forward = _fused_lora_forward.__get__(m)
         n += 1
+    return n
+
+
+# ----------------------------------------------------------------------------------------------------
+# what autograd keeps for backward: the same gradients from fewer saved tensors
+
+
+class _FrozenRMSNorm(torch.autograd.Function):
+    """Llama's RMSNorm, `w * bf16(x32 * rsqrt(mean(x32^2) + eps))`, for a frozen `w`, saving the bf16 input
+    and the fp32 row scale instead of the fp32 copy of the input that autograd keeps (half the bytes: with
+    two norms a block, the largest fp32 tensors of a LoRA step). The forward is the same operations; the
+    backward is the RMSNorm gradient in fp32 from `bf16(g * w)`, which is where autograd's graph casts too."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps: float):
+        x32 = x.float()
+        r = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, r, weight)
+        return weight * (x32 * r).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, r, weight = ctx.saved_tensors
+        gh = (g * weight).float()
+        xh = x.float() * r
+        grad = r * (gh - xh * (gh * xh).mean(-1, keepdim=True))
+        return grad.to(x.dtype), None, None
+
+
+def _frozen_rmsnorm_forward(self, hidden_states):
+    if (self.weight.requires_grad or not hidden_states.requires_grad or not torch.is_grad_enabled()
+            or hidden_states.dtype == torch.float32):
+        return type(self).forward(self, hidden_states)
+    return _FrozenRMSNorm.apply(hidden_states, self.weight, self.variance_epsilon)
+
+
+class _SiluMul(torch.autograd.Function):
+    """`silu(gate) * up`, the SwiGLU product, keeping gate and up for backward and computing silu(gate)
+    again there: autograd keeps silu(gate) as well, a third tensor of the MLP's width (the widest a block
+    has). The gradients are the same operations as autograd's (`silu_backward`), so the same values."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return torch.nn.functional.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, g):
+        gate, up = ctx.saved_tensors
+        grad_up = g * torch.nn.functional.silu(gate) if ctx.needs_input_grad[1] else None
+        grad_gate = torch.ops.aten.silu_backward(g * up, gate) if ctx.needs_input_grad[0] else None
+        return grad_gate, grad_up
+
+
+def _silu_mul_forward(self, x):
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    if not torch.is_grad_enabled() or not (gate.requires_grad or up.requires_grad):
+        return self.down_proj(self.act_fn(gate) * up)
+    return self.down_proj(_SiluMul.apply(gate, up))
+
+
+# The classes whose forward is exactly the one each replacement restates (checked against the original in
+# tests/test_fastpath.py); anything else keeps its own. Gemma's RMSNorm scales by (1 + w): not here.
+LEAN_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MistralRMSNorm")
+LEAN_MLPS = ("LlamaMLP", "Qwen2MLP", "Qwen3MLP", "MistralMLP")
+
+
+def lean_saves(model) -> int:
+    """Route `model`'s RMSNorms and SwiGLU MLPs through the leaner autograd functions above; returns how many.
+
+    Only the saved tensors change, never the forward's values. Why by hand: PyTorch has no CPU fused RMSNorm
+    or SwiGLU with a lean backward, and Liger-Kernel's are Triton (GPU only)."""
+    n = 0
+    for m in model.modules():
+        name = type(m).__name__
+        if name in LEAN_NORMS and hasattr(m, "variance_epsilon"):
+            m.forward = _frozen_rmsnorm_forward.__get__(m)
+            n += 1
+        elif (name in LEAN_MLPS and all(hasattr(m, k) for k in ("gate_proj", "up_proj", "down_proj"))
+              and type(m.act_fn).__name__ in ("SiLU", "SiLUActivation")):
+            m.forward = _silu_mul_forward.__get__(m)
+            n += 1
     return n
 
 

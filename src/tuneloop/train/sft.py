@@ -38,7 +38,7 @@ from ..zoo import resolve_model
 from ..infer.attention import keep_adapter_inputs_bf16
 from ..infer.batching import sorted_batches
 from ..infer.device import pick_dtype, set_threads
-from .fastpath import FinalHidden, compile_blocks, linear_cross_entropy
+from .fastpath import FinalHidden, compile_blocks, lean_saves, linear_cross_entropy
 from .common import load_kwargs, plot_losses, recipe_for_run, seed_everything, wrap_method
 from .loop import fit
 
@@ -233,6 +233,8 @@ def train_sft(recipe: Recipe, run_dir: Path, show_progress: bool = True, resume:
     hidden = None if mc.name in ("prompt_tuning", "prefix_tuning") else FinalHidden(base)
     if tc.compile:
         compile_blocks(base)
+    elif use_autocast:
+        lean_saves(base)  # eager only: compiled blocks choose what to keep for backward themselves
     out_weight = base.get_output_embeddings().weight
 
     groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": tc.lr}]
