@@ -26,6 +26,11 @@ Loss check: every trained adapter is scored on the same 50 held-out answers by o
 held-out losses must agree with tuneloop's within LOSS_TOLERANCE (relative) and be below the untuned
 model's, so speed never comes from doing less work.
 
+Allocator (`--malloc`): by default each run gets the malloc its own tool starts with: the tuneloop runs
+jemalloc where the machine has it, as `tuneloop train` restarts itself on it (src/tuneloop/allocator.py), TRL
+and the base run the system's. `--malloc system` or `--malloc jemalloc` puts every run on the same one, so
+what the allocator gives and what the code gives can be told apart. Each run records which it had.
+
 The last line is `RESULT {json}`; results also go to bench/results/train_throughput.json.
 """
 
@@ -254,6 +259,20 @@ def run_base(args, workdir: Path) -> dict:
             "params": sum(p.numel() for p in model.parameters())}
 
 
+def child_env(env: dict, kind: str, malloc: str) -> dict:
+    """The environment a run starts with: jemalloc preloaded (allocator.restart_env) where `malloc` asks
+    for it for this run, else the system's malloc."""
+    from tuneloop import allocator
+
+    plain = {k: v for k, v in env.items() if k not in (allocator.ENV, "LD_PRELOAD", "MALLOC_CONF")}
+    if malloc == "jemalloc" or (malloc == "tuneloop" and kind.startswith("tuneloop")):
+        library = allocator.find_jemalloc()
+        if library is None:
+            raise SystemExit("--malloc: no libjemalloc2 on this machine (`make jemalloc` installs it)")
+        return allocator.restart_env(plain, library)
+    return dict(plain, **{allocator.ENV: "system"})
+
+
 def child(kind: str, args) -> None:
     import torch
 
@@ -266,6 +285,9 @@ def child(kind: str, args) -> None:
             result = run_tuneloop(args, workdir, compile_blocks=kind == "tuneloop")
         else:
             result = run_trl(kind, args, workdir)
+    from tuneloop.allocator import in_use
+
+    result["malloc"] = in_use()
     print("CHILD " + json.dumps(result), flush=True)
 
 
@@ -281,6 +303,8 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--runs", default=",".join(RUNS), help="which runs, comma-separated")
+    ap.add_argument("--malloc", choices=("tuneloop", "system", "jemalloc"), default="tuneloop",
+                    help="tuneloop: each run on its own tool's malloc (the default); system / jemalloc: all on one")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -315,7 +339,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--child", kind, "--steps", str(args.steps), "--warmup",
                    str(args.warmup), "--batch", str(args.batch), "--max-length", str(args.max_length),
                    "--threads", str(args.threads)]
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
+            proc = subprocess.run(cmd, env=child_env(env, kind, args.malloc), capture_output=True, text=True, cwd=ROOT)
             line = next((l for l in proc.stdout.splitlines() if l.startswith("CHILD ")), None)
             if proc.returncode or line is None:
                 console.print(proc.stdout[-3000:], proc.stderr[-6000:], markup=False)
@@ -330,7 +354,7 @@ def main() -> None:
     params = results["base"]["params"]
     flops_per_token = 4 * params
     table = Table(title="SFT LoRA training, SmolLM2-135M-Instruct, construction FAQ")
-    for col in ("run", "tokens/s", "median step tok/s", "MFU", "peak RSS", "held-out loss", "vs tuneloop"):
+    for col in ("run", "tokens/s", "median step tok/s", "MFU", "peak RSS", "malloc", "held-out loss", "vs tuneloop"):
         table.add_column(col, justify="right" if col != "run" else "left")
     ours = results.get("tuneloop")
     for kind in kinds[1:]:
@@ -340,7 +364,7 @@ def main() -> None:
         r["mfu"] = r["median_step_tokens_per_s"] * flops_per_token / (max(peak.values()) * 1e12)
         ratio = ours["median_step_tokens_per_s"] / r["median_step_tokens_per_s"] if ours else float("nan")
         table.add_row(kind, f"{r['tokens_per_s']:,.0f}", f"{r['median_step_tokens_per_s']:,.0f}", f"{r['mfu']:.1%}",
-                      f"{r['peak_rss_bytes'] / 2**30:.2f} GiB", f"{r['heldout_loss']:.4f}",
+                      f"{r['peak_rss_bytes'] / 2**30:.2f} GiB", r["malloc"], f"{r['heldout_loss']:.4f}",
                       f"{ratio:.2f}x" if kind != "tuneloop" else "")
     console.print(table)
     base_loss = results["base"]["heldout_loss"]
@@ -371,6 +395,7 @@ def main() -> None:
         "trl_best_peak_rss_bytes": results.get("trl_best", {}).get("peak_rss_bytes"),
         "matmul_peak_bf16_tflops": peak["bfloat16"],
         "matmul_peak_fp32_tflops": peak["float32"],
+        "malloc": {k: results[k]["malloc"] for k in kinds[1:]},
         "loss_tolerance": LOSS_TOLERANCE,
         "losses_agree": all(c["agrees"] and c["below_untuned"] for c in checks.values()) if checks else None,
     }

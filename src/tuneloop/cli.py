@@ -753,6 +753,9 @@ def drift_(
 
 
 def main() -> None:
+    from .allocator import maybe_restart
+
+    maybe_restart(sys.argv)  # a training command runs on jemalloc where the machine has it (allocator.py)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     import warnings

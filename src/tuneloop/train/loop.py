@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 from rich.progress import Progress
 
+from .. import allocator
 from ..infer.batching import progress_columns
 from . import budget as budgets
 from .common import LogLines, LoopState, load_trainable_state, plan_steps
@@ -169,6 +170,7 @@ def fit(acc, model, groups: list[dict], tc, lengths: list[int], loss_fn: LossFn,
         "stopped_early": stopped_early,
         "overfit_warning_step": watch.overfit_warned_at,
         "processes": world,
+        "malloc": allocator.in_use(),  # jemalloc or the system's: it moves speed and memory (allocator.py)
     }
     if plan is not None:
         # the examples the run really trained on: fewer than the plan kept when the budget stopped it early
