@@ -33,6 +33,10 @@ bf16 autocast) on the same `--held-out` test reviews (stratified). Each held-out
 LOSS_TOLERANCE (relative) of tuneloop's and below the untrained model's, so speed never comes from less
 work; the plain loop's per-step training losses (same batches) are compared with tuneloop's as well.
 
+Allocator (`--malloc`, as in bench/train_throughput.py): by default tuneloop runs on jemalloc where the machine
+has it (as `tuneloop train` and `quickstart` restart themselves on it) and the others on the system's malloc;
+`--malloc system` / `--malloc jemalloc` puts every run on one. Each run records which it had.
+
 `--quick` (3 steps, 1 warm-up, batches of 2 reviews cut at 48 tokens, 8 held out) only proves the script
 runs. The last line is `RESULT {json}`; results also go to bench/results/classify_throughput.json.
 """
@@ -286,6 +290,9 @@ def child(kind: str, args) -> None:
             result = run_plain(args, workdir)
         else:
             result = run_hf_trainer(kind, args, workdir)
+    from tuneloop.allocator import in_use
+
+    result["malloc"] = in_use()
     print("CHILD " + json.dumps(result), flush=True)
 
 
@@ -301,6 +308,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--runs", default=",".join(RUNS), help="which runs, comma-separated")
     ap.add_argument("--quick", action="store_true", help="3 tiny steps: proves the script runs, measures nothing")
+    ap.add_argument("--malloc", choices=("tuneloop", "system", "jemalloc"), default="tuneloop",
+                    help="tuneloop: tuneloop on jemalloc, the others on the system's (the default); system / jemalloc: all on one")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.quick:
@@ -319,6 +328,8 @@ def main() -> None:
 
     import torch
 
+    from tuneloop import allocator
+
     console = Console()
     torch.set_num_threads(args.threads)
     console.print(f"threads {args.threads} · {args.steps} steps (first {args.warmup} not timed) · "
@@ -333,7 +344,11 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--child", kind, "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--held-out", str(args.held_out), "--threads", str(args.threads)] + (["--quick"] if args.quick else [])
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
+        try:
+            run_env = allocator.child_env(env, args.malloc == "jemalloc" or (args.malloc == "tuneloop" and kind == "tuneloop"))
+        except FileNotFoundError as e:
+            raise SystemExit(f"--malloc: {e}")
+        proc = subprocess.run(cmd, env=run_env, capture_output=True, text=True, cwd=ROOT)
         line = next((l for l in proc.stdout.splitlines() if l.startswith("CHILD ")), None)
         if proc.returncode or line is None:
             console.print(proc.stdout[-3000:], proc.stderr[-6000:], markup=False)
@@ -348,7 +363,8 @@ def main() -> None:
     flops = base["flops_per_token"]
     ours = results.get("tuneloop")
     table = Table(title=f"Classify LoRA training (quickstart recipe), bf16 peak {peak['bfloat16']:.3f} TFLOP/s")
-    for col in ("run", "tokens/s", "median step tok/s", "MFU", "peak RSS", "padding", "held-out loss", "tuneloop is"):
+    for col in ("run", "tokens/s", "median step tok/s", "MFU", "peak RSS", "malloc", "padding", "held-out loss",
+                "tuneloop is"):
         table.add_column(col, justify="left" if col == "run" else "right")
     for kind in kinds[1:]:
         r = results[kind]
@@ -356,7 +372,7 @@ def main() -> None:
         ratio = ours["median_step_tokens_per_s"] / r["median_step_tokens_per_s"] if ours else float("nan")
         pad = r.get("padding_fraction")
         table.add_row(kind, f"{r['tokens_per_s']:,.0f}", f"{r['median_step_tokens_per_s']:,.0f}", f"{r['mfu']:.1%}",
-                      f"{r['peak_rss_bytes'] / 2**30:.2f} GiB", "bucketed" if pad is None else f"{pad:.0%}",
+                      f"{r['peak_rss_bytes'] / 2**30:.2f} GiB", r["malloc"], "bucketed" if pad is None else f"{pad:.0%}",
                       f"{r['heldout_loss']:.4f}", f"{ratio:.2f}x" if kind != "tuneloop" else "")
     console.print(table)
     console.print(f"FLOPs/token {flops / 1e6:.0f}M: forward of {base['blocks']} blocks + backward of "
@@ -402,6 +418,7 @@ def main() -> None:
         "matmul_peak_bf16_tflops": peak["bfloat16"],
         "matmul_peak_fp32_tflops": peak["float32"],
         "flops_per_token": flops,
+        "malloc": {k: results[k]["malloc"] for k in kinds[1:]},
         "loss_tolerance": LOSS_TOLERANCE,
         "losses_agree": all(c["agrees"] and c["below_untrained"] for c in checks.values()) if checks else None,
     }

@@ -260,17 +260,13 @@ def run_base(args, workdir: Path) -> dict:
 
 
 def child_env(env: dict, kind: str, malloc: str) -> dict:
-    """The environment a run starts with: jemalloc preloaded (allocator.restart_env) where `malloc` asks
-    for it for this run, else the system's malloc."""
+    """The environment a run starts with: jemalloc where `malloc` asks for it for this run, else the system's."""
     from tuneloop import allocator
 
-    plain = {k: v for k, v in env.items() if k not in (allocator.ENV, "LD_PRELOAD", "MALLOC_CONF")}
-    if malloc == "jemalloc" or (malloc == "tuneloop" and kind.startswith("tuneloop")):
-        library = allocator.find_jemalloc()
-        if library is None:
-            raise SystemExit("--malloc: no libjemalloc2 on this machine (`make jemalloc` installs it)")
-        return allocator.restart_env(plain, library)
-    return dict(plain, **{allocator.ENV: "system"})
+    try:
+        return allocator.child_env(env, malloc == "jemalloc" or (malloc == "tuneloop" and kind.startswith("tuneloop")))
+    except FileNotFoundError as e:
+        raise SystemExit(f"--malloc: {e}")
 
 
 def child(kind: str, args) -> None:

@@ -54,3 +54,15 @@ def test_a_training_command_runs_on_jemalloc_unless_told_not_to(tmp_path, settin
     out = subprocess.run([sys.executable, str(script), "serve"], env=env, capture_output=True, text=True,
                          timeout=120)
     assert out.stdout.split()[0] == "system"
+
+
+def test_a_bench_child_gets_the_malloc_it_is_given():
+    base = {"PATH": "/bin", "LD_PRELOAD": "/x/libjemalloc.so.2", allocator.ENV: "jemalloc", "MALLOC_CONF": "a:1"}
+    system = allocator.child_env(base, jemalloc=False)
+    assert system == {"PATH": "/bin", allocator.ENV: "system"}  # whatever this process runs on
+    if allocator.find_jemalloc() is None:
+        with pytest.raises(FileNotFoundError, match="make jemalloc"):
+            allocator.child_env(base, jemalloc=True)
+    else:
+        env = allocator.child_env(base, jemalloc=True)
+        assert env["LD_PRELOAD"] == allocator.find_jemalloc() and env["MALLOC_CONF"] == allocator.MALLOC_CONF

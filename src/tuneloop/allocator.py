@@ -49,6 +49,18 @@ def restart_env(environ: dict, library: str | None) -> dict | None:
     return env
 
 
+def child_env(environ: dict, jemalloc: bool) -> dict:
+    """The environment for a child process on jemalloc (preloaded; the library must exist) or on the
+    system's malloc, whatever this process runs on: the benches give each run its own tool's."""
+    plain = {k: v for k, v in environ.items() if k not in (ENV, "LD_PRELOAD", "MALLOC_CONF")}
+    if not jemalloc:
+        return dict(plain, **{ENV: "system"})
+    library = find_jemalloc()
+    if library is None:
+        raise FileNotFoundError("no libjemalloc2 on this machine (`make jemalloc` installs it)")
+    return restart_env(plain, library)
+
+
 def in_use() -> str:
     """'jemalloc' when this process has it mapped, else 'system' (recorded with a run's speed figures)."""
     try:
