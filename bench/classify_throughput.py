@@ -57,7 +57,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from train_throughput import matmul_peak, peak_rss_bytes, throughput  # noqa: E402
+from train_throughput import child_env, matmul_peak, peak_rss_bytes, throughput  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "quickstart-reviews.yaml"
 LOSS_TOLERANCE = 0.05  # relative difference of held-out losses allowed between runs
@@ -328,8 +328,6 @@ def main() -> None:
 
     import torch
 
-    from tuneloop import allocator
-
     console = Console()
     torch.set_num_threads(args.threads)
     console.print(f"threads {args.threads} · {args.steps} steps (first {args.warmup} not timed) · "
@@ -344,11 +342,7 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--child", kind, "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--held-out", str(args.held_out), "--threads", str(args.threads)] + (["--quick"] if args.quick else [])
         t0 = time.perf_counter()
-        try:
-            run_env = allocator.child_env(env, args.malloc == "jemalloc" or (args.malloc == "tuneloop" and kind == "tuneloop"))
-        except FileNotFoundError as e:
-            raise SystemExit(f"--malloc: {e}")
-        proc = subprocess.run(cmd, env=run_env, capture_output=True, text=True, cwd=ROOT)
+        proc = subprocess.run(cmd, env=child_env(env, kind, args.malloc), capture_output=True, text=True, cwd=ROOT)
         line = next((l for l in proc.stdout.splitlines() if l.startswith("CHILD ")), None)
         if proc.returncode or line is None:
             console.print(proc.stdout[-3000:], proc.stderr[-6000:], markup=False)

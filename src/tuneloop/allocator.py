@@ -10,7 +10,7 @@ and 3.24 GiB. Limiting glibc instead (a fixed mmap threshold) cut memory as far 
 
 Why by hand: the allocator is chosen when a process starts (LD_PRELOAD), so a training command starts itself
 again once, before torch is imported, with jemalloc preloaded. Nothing else changes; where the library is
-missing (it comes from Debian's libjemalloc2, which `make setup` installs where it can) or
+missing (it comes from Debian's libjemalloc2, which `make quickstart` and `make test` install where they can) or
 `TUNELOOP_MALLOC=system` is set, the process keeps the system's malloc.
 """
 
